@@ -6,6 +6,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod bundle;
+pub mod check;
+pub mod command;
 pub mod config;
+pub mod daemon;
+pub mod deploy;
 pub mod kind;
+pub mod lock;
+pub mod logging;

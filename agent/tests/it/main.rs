@@ -1,1 +1,17 @@
+//! Integration tests of `certctl-agent`: the real agent binary on a temp
+//! socket, driven by the real `certctl`, deploying to real servers.
+//!
+//! `support/` holds the harness (see its module doc); `harness` tests the
+//! harness itself so that a red test elsewhere is about the agent, not the rig.
 
+// Test support prints skips and child-process logs to stderr on purpose;
+// libtest captures it per test and shows it only on failure.
+#![allow(clippy::print_stderr)]
+// Fixtures are written with std::fs directly; any clippy.toml ban on it is for agent code.
+#![allow(clippy::disallowed_methods)]
+
+// Not every test module uses every helper.
+#[allow(dead_code)]
+mod support;
+
+mod harness;

@@ -1,0 +1,93 @@
+//! The one place where the agent's types become protobuf messages and
+//! errors become `tonic::Status`.
+
+use std::time::SystemTime;
+
+use certctl_proto::agent::v1 as pb;
+use tonic::Status;
+
+use super::auth::AuthError;
+use crate::deploy::event::{Event, FileSummary, Outcome, Report, Stage};
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn stage(s: Stage) -> pb::Stage {
+    match s {
+        Stage::Validated => pb::Stage::Validated,
+        Stage::Planned => pb::Stage::Planned,
+        Stage::Locked => pb::Stage::Locked,
+        Stage::Staged => pb::Stage::Staged,
+        Stage::Committed => pb::Stage::Committed,
+        Stage::ValidateCommand => pb::Stage::ValidateCommand,
+        Stage::Reloaded => pb::Stage::Reloaded,
+        Stage::VerifyAttempt => pb::Stage::VerifyAttempt,
+        Stage::Rollback => pb::Stage::Rollback,
+        Stage::Done => pb::Stage::Done,
+    }
+}
+
+pub fn outcome(o: Outcome) -> pb::Outcome {
+    match o {
+        Outcome::Deployed => pb::Outcome::Deployed,
+        Outcome::Unchanged => pb::Outcome::Unchanged,
+        Outcome::Rejected => pb::Outcome::Rejected,
+        Outcome::ValidateFailed => pb::Outcome::ValidateFailed,
+        Outcome::RolledBack => pb::Outcome::RolledBack,
+        Outcome::RollbackFailed => pb::Outcome::RollbackFailed,
+        Outcome::Busy => pb::Outcome::Busy,
+        Outcome::Internal => pb::Outcome::Internal,
+        Outcome::DryRun => pb::Outcome::DryRun,
+    }
+}
+
+fn file(f: &FileSummary) -> pb::PlannedFile {
+    pb::PlannedFile {
+        path: f.path.display().to_string(),
+        role: f.role.as_str().to_owned(),
+        sha256: hex::encode(f.sha256),
+        mode: f.mode,
+        // u32::MAX: "left as the agent creates it"; documented in the CLI's JSON.
+        uid: f.uid.unwrap_or(u32::MAX),
+        gid: f.gid.unwrap_or(u32::MAX),
+        changed: f.changed,
+        mode_source: f.mode_source.as_str().to_owned(),
+        owner_source: f.owner_source.as_str().to_owned(),
+    }
+}
+
+pub fn report(r: &Report) -> pb::DeployResult {
+    pb::DeployResult {
+        outcome: outcome(r.outcome) as i32,
+        error: r.error.clone(),
+        cert_sha256: r.cert_sha256.clone(),
+        not_after_unix: r.not_after,
+        subject: r.subject.clone(),
+        verification: r.verification.as_str().to_owned(),
+        warnings: r.warnings.clone(),
+        duration_ms: r.duration.as_millis() as i64,
+    }
+}
+
+pub fn event(e: &Event) -> pb::DeployEvent {
+    pb::DeployEvent {
+        deploy_id: e.deploy_id.clone(),
+        target: e.target.clone(),
+        stage: stage(e.stage) as i32,
+        message: e.message.clone(),
+        unix_ms: unix_ms(e.at),
+        files: e.files.iter().map(file).collect(),
+        result: e.report.as_ref().map(report),
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::NoCredentials { .. } => Status::unauthenticated(e.to_string()),
+            AuthError::Denied { .. } => Status::permission_denied(e.to_string()),
+        }
+    }
+}

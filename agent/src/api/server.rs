@@ -1,0 +1,316 @@
+//! The gRPC service: authorizes each call, turns requests into engine calls
+//! and engine events into the response stream.
+//!
+//! A deploy runs in its own task: a client that hangs up mid-deploy does not
+//! abort it (the target must never be left between stages), and shutdown
+//! waits for it (see `daemon`).
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use certctl_proto::agent::v1 as pb;
+use certctl_proto::agent::v1::agent_server::Agent;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::auth::{self, Access, Policy};
+use super::convert;
+use crate::bundle;
+use crate::config::Config;
+use crate::deploy::{Engine, Request as DeployRequest};
+
+/// Largest PEM input accepted in one field of a deploy request.
+pub const MAX_PEM_BYTES: usize = 1024 * 1024;
+
+/// State shared by every call.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    pub engine: Engine,
+    pub started: SystemTime,
+    /// The path the socket was bound at (a config reload cannot move it).
+    pub socket: PathBuf,
+    /// Each running deploy holds a clone; shutdown waits for all to drop.
+    drain: std::sync::Mutex<Option<mpsc::Sender<()>>>,
+    /// Flips to true when the agent shuts down; ends watch streams.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        engine: Engine,
+        socket: PathBuf,
+        drain: mpsc::Sender<()>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            config: RwLock::new(config),
+            engine,
+            started: SystemTime::now(),
+            socket,
+            drain: std::sync::Mutex::new(Some(drain)),
+            shutdown,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a new configuration in force (SIGHUP).
+    pub fn replace_config(&self, config: Arc<Config>) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+
+    /// Stops accepting deploys; running ones keep their guard.
+    pub fn close(&self) {
+        self.drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+
+    fn deploy_guard(&self) -> Option<mpsc::Sender<()>> {
+        self.drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn policy(&self, config: &Config) -> Policy {
+        Policy {
+            socket: self.socket.clone(),
+            deploy_groups: config.agent.deploy_groups.clone(),
+            read_groups: config.agent.read_groups.clone(),
+            agent_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    fn authorize<T>(&self, req: &Request<T>, access: Access) -> Result<(Arc<Config>, auth::Caller), Status> {
+        let config = self.config();
+        let caller = auth::caller(req, &self.socket)?;
+        if let Err(e) = self.policy(&config).authorize(&caller, access) {
+            tracing::warn!(caller = %caller.describe(), "{e}");
+            return Err(e.into());
+        }
+        Ok((config, caller))
+    }
+}
+
+/// The `certctl.agent.v1.Agent` service.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::DeployEvent, Status>> + Send>>;
+
+fn unknown_target(config: &Config, name: &str) -> Status {
+    let names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
+    Status::not_found(if names.is_empty() {
+        format!("unknown target \"{name}\": the agent has no targets configured ({})", config.path.display())
+    } else {
+        format!("unknown target \"{name}\" (configured: {})", names.join(", "))
+    })
+}
+
+fn take_pem(field: &str, flag: &str, bytes: Vec<u8>) -> Result<Option<(String, Zeroizing<Vec<u8>>)>, Status> {
+    let bytes = Zeroizing::new(bytes);
+    if bytes.len() > MAX_PEM_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes, more than the {MAX_PEM_BYTES}-byte limit: a certificate set is a few KiB; check that {flag} names the right file",
+            bytes.len()
+        )));
+    }
+    Ok((!bytes.is_empty()).then(|| (flag.to_owned(), bytes)))
+}
+
+#[tonic::async_trait]
+impl Agent for Service {
+    type DeployStream = EventStream;
+    type WatchStream = EventStream;
+
+    async fn deploy(&self, request: Request<pb::DeployRequest>) -> Result<Response<EventStream>, Status> {
+        let (config, caller) = self.shared.authorize(&request, Access::Deploy)?;
+        let req = request.into_inner();
+        let target = config
+            .target(&req.target)
+            .ok_or_else(|| unknown_target(&config, &req.target))?
+            .clone();
+        let mut sources = Vec::with_capacity(3);
+        let cert = take_pem("cert_pem", "--cert", req.cert_pem)?
+            .ok_or_else(|| Status::invalid_argument("cert_pem is empty: pass the certificate (or a whole bundle) with --cert"))?;
+        sources.push(cert);
+        sources.extend(take_pem("key_pem", "--key", req.key_pem)?);
+        sources.extend(take_pem("chain_pem", "--chain", req.chain_pem)?);
+        let guard = self
+            .shared
+            .deploy_guard()
+            .ok_or_else(|| Status::unavailable("the agent is shutting down: retry when it is back"))?;
+        let deploy = DeployRequest {
+            target,
+            sources,
+            dry_run: req.dry_run,
+            no_verify: req.no_verify,
+            no_wait: req.no_wait,
+            origin: format!("cli {}", caller.describe()),
+            clock_skew_grace: config.agent.clock_skew_grace,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            shared.engine.deploy(deploy, tx).await;
+        });
+        let stream = UnboundedReceiverStream::new(rx).map(|e| Ok(convert::event(&e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let (config, _) = self.shared.authorize(&request, Access::Read)?;
+        let want = request.into_inner().target;
+        let targets: Vec<_> = if want.is_empty() {
+            config.targets.iter().collect()
+        } else {
+            vec![config.target(&want).ok_or_else(|| unknown_target(&config, &want))?]
+        };
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            let path = t.cert_path.clone();
+            let disk = tokio::task::spawn_blocking(move || read_disk_cert(&path))
+                .await
+                .unwrap_or_else(|e| DiskCert::state(format!("cannot read: {e}")));
+            let last = self.shared.engine.last(&t.name).map(|l| pb::LastDeploy {
+                deploy_id: l.deploy_id,
+                outcome: convert::outcome(l.outcome) as i32,
+                finished_unix_ms: convert::unix_ms(l.finished),
+                error: l.error,
+                cert_sha256: l.cert_sha256,
+            });
+            out.push(pb::TargetStatus {
+                name: t.name.clone(),
+                kind: t.kind.as_str().to_owned(),
+                cert_path: t.cert_path.display().to_string(),
+                cert_sha256: disk.sha256,
+                not_after_unix: disk.not_after,
+                subject: disk.subject,
+                disk_state: disk.state,
+                verification: "unverified".to_owned(),
+                busy: self.shared.engine.is_busy(&t.name),
+                last,
+            });
+        }
+        Ok(Response::new(pb::StatusResponse {
+            agent: Some(pb::AgentInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                started_unix: convert::unix_ms(self.shared.started) / 1000,
+                config_path: config.path.display().to_string(),
+                socket: self.shared.socket.display().to_string(),
+            }),
+            targets: out,
+        }))
+    }
+
+    async fn targets(&self, request: Request<pb::TargetsRequest>) -> Result<Response<pb::TargetsResponse>, Status> {
+        let (config, _) = self.shared.authorize(&request, Access::Read)?;
+        let targets = config
+            .targets
+            .iter()
+            .map(|t| pb::TargetInfo {
+                name: t.name.clone(),
+                kind: t.kind.as_str().to_owned(),
+                layout: t.layout.as_str().to_owned(),
+                cert_path: t.cert_path.display().to_string(),
+                key_path: t.key_path.display().to_string(),
+                chain_path: t.chain_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                drop: t.drop.clone(),
+                validate: t.validate.clone(),
+                reload: t.reload.clone(),
+                verify_endpoint: t.verify.as_ref().map(|v| v.endpoint.clone()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::TargetsResponse { targets }))
+    }
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+        self.shared.authorize(&request, Access::Read)?;
+        let events = BroadcastStream::new(self.shared.engine.subscribe()).filter_map(|e| match e {
+            Ok(e) => Some(Ok(convert::event(&e))),
+            // A watcher too slow to keep up misses events rather than
+            // slowing deploys down.
+            Err(_lagged) => None,
+        });
+        // The stream ends when the agent shuts down, so shutdown is not
+        // held up by watchers.
+        let down = WatchStream::new(self.shared.shutdown.clone()).filter_map(|down| down.then_some(None));
+        let stream = events
+            .map(Some)
+            .merge(down)
+            .take_while(Option::is_some)
+            .filter_map(|e| e);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// What `certctl status` says about the certificate on disk.
+struct DiskCert {
+    sha256: String,
+    not_after: i64,
+    subject: String,
+    state: String,
+}
+
+impl DiskCert {
+    fn state(state: String) -> Self {
+        Self {
+            sha256: String::new(),
+            not_after: 0,
+            subject: String::new(),
+            state,
+        }
+    }
+}
+
+fn read_disk_cert(path: &std::path::Path) -> DiskCert {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskCert::state("missing".to_owned()),
+        Err(e) => DiskCert::state(format!("cannot read: {e}")),
+        Ok(bytes) => match bundle::first_cert_in_pem(&bytes) {
+            Ok(Some(c)) => DiskCert {
+                sha256: c.sha256_hex(),
+                not_after: c.not_after,
+                subject: c.subject,
+                state: if c.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
+                    "expired".to_owned()
+                } else {
+                    "ok".to_owned()
+                },
+            },
+            Ok(None) => DiskCert::state("no certificate in the file".to_owned()),
+            Err(e) => DiskCert::state(format!("unreadable: {e}")),
+        },
+    }
+}
+
+/// How long shutdown waits for running deploys before giving up on them.
+/// Each deploy is bounded by its command timeouts; this is a backstop.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);

@@ -1,0 +1,260 @@
+//! Agent configuration: reads the TOML file of the contract, validates it and
+//! resolves it into plain types that the rest of the agent uses.
+//!
+//! Guarantees of a [`Config`] returned by [`load`] or [`parse`]:
+//! - every key was known (unknown keys are errors, with a "did you mean");
+//! - every path is absolute (relative ones are resolved against the config
+//!   file's directory), and every target file's parent directory existed at
+//!   load time; no two targets share a deployed file;
+//! - every user and group named was resolved to an id on this host;
+//! - an explicit private-key mode never has an "other" bit or a special bit;
+//! - kind defaults are already applied: `validate`/`reload` are the effective
+//!   argv, `default_*` hold the kind's fallbacks for this host.
+//!
+//! Nothing outside this module sees TOML. Errors name the file, the key and
+//! the problem; validation collects every problem, not just the first.
+//!
+//! Layout: `raw` (serde shapes), `resolve` (validation and defaults), `error`
+//! (messages), `host` (user and group lookups, replaceable in tests).
+
+mod error;
+mod host;
+mod raw;
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::kind::Kind;
+pub use crate::kind::VerifyProtocol;
+pub use error::{ConfigError, Problem};
+pub use host::{Host, SystemHost};
+
+/// Where the agent looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/certctl/agent.toml";
+
+/// A validated, resolved configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The configuration file, absolute.
+    pub path: PathBuf,
+    /// The `[agent]` table.
+    pub agent: AgentConfig,
+    /// The `[[target]]` tables, in file order. May be empty.
+    pub targets: Vec<Target>,
+}
+
+/// The `[agent]` table, with defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// gRPC control socket.
+    pub socket: PathBuf,
+    /// Watched drop directory.
+    pub drop_dir: PathBuf,
+    /// Journal, history, rejected drops.
+    pub state_dir: PathBuf,
+    /// Groups whose members may deploy, roll back and reload.
+    pub deploy_groups: Vec<Group>,
+    /// Groups whose members may only read status, history and events.
+    pub read_groups: Vec<Group>,
+    /// Quiet time before a file written in place in the drop directory is taken.
+    pub settle: Duration,
+    /// When non-empty, only drops owned by these users or groups are accepted.
+    /// Names as configured; each named an existing user or group at load time.
+    pub drop_owners: Vec<String>,
+    /// Prometheus endpoint; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A certificate whose `not_before` is at most this far in the future is accepted.
+    pub clock_skew_grace: Duration,
+}
+
+/// A group resolved on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Group {
+    /// The group name (or the number as written, when the gid has no name).
+    pub name: String,
+    /// The numeric group id.
+    pub gid: u32,
+}
+
+/// A user or group resolved on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Ident {
+    /// The name (or the number as written, when the id has no name).
+    pub name: String,
+    /// The numeric uid or gid.
+    pub id: u32,
+}
+
+/// How a target's files are replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Each configured file is replaced by its own `rename`.
+    InPlace,
+    /// One `rename` of `<dir>/..data` switches the whole set. Not available yet:
+    /// the configuration rejects it.
+    Generations,
+}
+
+/// One `[[target]]`, with kind defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Unique, `[a-z0-9][a-z0-9._-]{0,62}`.
+    pub name: String,
+    /// The server kind.
+    pub kind: Kind,
+    /// The drop name this target takes (default: `name`). Targets may share one.
+    pub drop: String,
+    /// How files are replaced.
+    pub layout: Layout,
+    /// Certificate file (leaf, plus the chain when `chain_path` is `None` and
+    /// the kind says `fullchain_in_cert`). Absolute.
+    pub cert_path: PathBuf,
+    /// Private key file. Absolute.
+    pub key_path: PathBuf,
+    /// Chain file. Absolute.
+    pub chain_path: Option<PathBuf>,
+    /// Explicit owner of the deployed files.
+    pub owner: Option<Ident>,
+    /// Explicit group of the deployed files.
+    pub group: Option<Ident>,
+    /// The kind's default owner on this host; `None` if the kind has none, none
+    /// of its candidates exists, or the agent is not running as root.
+    pub default_owner: Option<Ident>,
+    /// The kind's default group on this host; same rules as `default_owner`.
+    pub default_group: Option<Ident>,
+    /// Explicit mode of the certificate and chain files.
+    pub cert_mode: Option<u32>,
+    /// Explicit mode of the key file; never has an "other" or special bit.
+    pub key_mode: Option<u32>,
+    /// The kind's certificate mode.
+    pub default_cert_mode: u32,
+    /// The kind's key mode; never has an "other" bit.
+    pub default_key_mode: u32,
+    /// Effective validate argv; empty: no validate command.
+    pub validate: Vec<String>,
+    /// Effective reload argv; empty: no reload command.
+    pub reload: Vec<String>,
+    /// Limit for each validate or reload command.
+    pub command_timeout: Duration,
+    /// Backups (previous generations) kept; at least 1.
+    pub backup_retention: u32,
+    /// Post-deploy verification; `None`: results are "unverified".
+    pub verify: Option<VerifyConfig>,
+}
+
+/// `[target.verify]`, present only when an endpoint is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyConfig {
+    /// `host:port` or `[v6]:port`; the host is a DNS name or an IP address.
+    pub endpoint: String,
+    /// SNI to send; `None`: the first DNS SAN of the deployed certificate.
+    pub server_name: Option<String>,
+    /// What is spoken before the TLS handshake.
+    pub protocol: VerifyProtocol,
+    /// Tries, 1 to 20.
+    pub attempts: u32,
+    /// First wait between tries; doubles each time.
+    pub backoff: Duration,
+    /// Cap on the wait; at least `backoff`.
+    pub max_backoff: Duration,
+    /// Limit per try.
+    pub timeout: Duration,
+    /// Drift watch period; `None`: off.
+    pub interval: Option<Duration>,
+    /// Also require the served intermediates to equal the deployed chain.
+    pub require_chain_match: bool,
+    /// Validate the served chain and name against this CA bundle. Absolute.
+    pub ca_file: Option<PathBuf>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// The target called `name`.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The targets that take drops named `drop`, in file order.
+    pub fn targets_for_drop<'a>(&'a self, drop: &'a str) -> impl Iterator<Item = &'a Target> {
+        self.targets.iter().filter(move |t| t.drop == drop)
+    }
+
+    /// Things that are valid but worth telling the operator (for
+    /// `check-config` and the log at start and reload).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.targets.is_empty() {
+            notes.push(format!(
+                "{}: no [[target]] is configured: every drop will be rejected until one is added",
+                self.path.display()
+            ));
+        }
+        if let Some(addr) = self.agent.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            notes.push(format!(
+                "{}: agent.metrics_listen: {addr} is not a loopback address: the metrics \
+                 endpoint has no authentication, so limit who can reach it with a firewall",
+                self.path.display()
+            ));
+        }
+        notes
+    }
+}
+
+// === impl Target ===
+
+impl Target {
+    /// The files this target deploys, in the order cert, key, chain.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        [
+            Some(self.cert_path.as_path()),
+            Some(self.key_path.as_path()),
+            self.chain_path.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+// === impl Layout ===
+
+impl Layout {
+    /// The name used in the configuration file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Layout::InPlace => "in-place",
+            Layout::Generations => "generations",
+        }
+    }
+}
+
+// === loading ===
+
+/// Reads and parses the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses configuration text. `path` names the file in messages, and its
+/// directory is the base of relative paths. Users and groups are looked up
+/// on this host.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    parse_with(text, path, &SystemHost)
+}
+
+/// [`parse`], looking users and groups up in `host` (a seam for tests).
+pub fn parse_with(text: &str, path: &Path, host: &dyn Host) -> Result<Config, ConfigError> {
+    let path = resolve::absolute(path);
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| error::syntax(&path, text, &e))?;
+    resolve::resolve(raw, path, host)
+}

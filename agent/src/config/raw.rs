@@ -1,0 +1,123 @@
+//! The configuration file's shape, as serde reads it. Values stay as written
+//! (strings, integers) so that `resolve` can report bad values with the key
+//! path, all at once; only the shape (known keys, types) is checked here.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAgent {
+    pub socket: Option<String>,
+    pub drop_dir: Option<String>,
+    pub state_dir: Option<String>,
+    pub deploy_groups: Option<Vec<String>>,
+    pub read_groups: Option<Vec<String>>,
+    pub settle: Option<String>,
+    pub drop_owners: Option<Vec<String>>,
+    pub metrics_listen: Option<String>,
+    pub clock_skew_grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTarget {
+    pub name: String,
+    pub kind: String,
+    pub drop: Option<String>,
+    pub layout: Option<String>,
+    pub cert_path: String,
+    pub key_path: String,
+    pub chain_path: Option<String>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub cert_mode: Option<RawMode>,
+    pub key_mode: Option<RawMode>,
+    pub validate: Option<Vec<String>>,
+    pub reload: Option<Vec<String>>,
+    pub command_timeout: Option<String>,
+    pub backup_retention: Option<i64>,
+    pub verify: Option<RawVerify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVerify {
+    pub endpoint: Option<String>,
+    pub server_name: Option<String>,
+    pub protocol: Option<String>,
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
+    pub max_backoff: Option<String>,
+    pub timeout: Option<String>,
+    pub interval: Option<String>,
+    pub require_chain_match: Option<bool>,
+    pub ca_file: Option<String>,
+}
+
+impl RawVerify {
+    /// The keys set besides `endpoint`, for the "no endpoint" message.
+    pub fn keys_set(&self) -> Vec<&'static str> {
+        [
+            ("server_name", self.server_name.is_some()),
+            ("protocol", self.protocol.is_some()),
+            ("attempts", self.attempts.is_some()),
+            ("backoff", self.backoff.is_some()),
+            ("max_backoff", self.max_backoff.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("interval", self.interval.is_some()),
+            ("require_chain_match", self.require_chain_match.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+}
+
+/// A file mode as written: a string (right) or a number (wrong, but accepted
+/// here so that the error can say "quote it" next to the key path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum RawMode {
+    Text(String),
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for RawMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ModeVisitor;
+
+        impl Visitor<'_> for ModeVisitor {
+            type Value = RawMode;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a quoted octal mode such as \"0640\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawMode, E> {
+                Ok(RawMode::Text(v.to_owned()))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawMode, E> {
+                Ok(RawMode::Number(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawMode, E> {
+                Ok(RawMode::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+
+        deserializer.deserialize_any(ModeVisitor)
+    }
+}

@@ -1,0 +1,642 @@
+//! Executing a deploy: the stages of `DEPLOY-PROTOCOL.md` in order, with
+//! rollback when a later stage fails.
+//!
+//! Guarantees: nothing beside the target is touched before the input has
+//! been checked and the target locked; every file goes through
+//! [`atomic`](super::atomic) (temp, fsync, rename, directory fsync); the
+//! validate command runs against the committed new files and a failure puts
+//! the previous files back without a reload; a failed reload puts them back
+//! and reloads again. Every stage is reported as an [`Event`] to the caller
+//! and to watchers, and the deploy ends with exactly one `Done` event.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, mpsc};
+use tracing::{Instrument, info, warn};
+use zeroize::Zeroizing;
+
+use super::atomic::{self, FsError};
+use super::event::{Event, FileSummary, Outcome, Report, Stage, Verification, new_deploy_id};
+use super::plan::{self, Plan, Policy};
+use crate::bundle::{self, Bundle, CheckOptions, Source};
+use crate::command;
+use crate::config::Target;
+use crate::lock::{LockError, Locks};
+
+/// One deploy as asked for by a client.
+pub struct Request {
+    pub target: Target,
+    /// Named PEM inputs (`--cert`, `--key`, `--chain`, or drop files).
+    pub sources: Vec<(String, Zeroizing<Vec<u8>>)>,
+    pub dry_run: bool,
+    pub no_verify: bool,
+    pub no_wait: bool,
+    /// Who asked, for the log: "cli uid=1000 pid=4242".
+    pub origin: String,
+    pub clock_skew_grace: Duration,
+}
+
+/// The last finished deploy of a target, for `certctl status`.
+#[derive(Debug, Clone)]
+pub struct LastDeploy {
+    pub deploy_id: String,
+    pub outcome: Outcome,
+    pub finished: SystemTime,
+    pub error: String,
+    pub cert_sha256: String,
+}
+
+/// Runs deploys; shared by every API call of one agent.
+#[derive(Debug)]
+pub struct Engine {
+    locks: Locks,
+    events: broadcast::Sender<Event>,
+    last: Mutex<HashMap<String, LastDeploy>>,
+}
+
+impl Engine {
+    /// `lock_dir` holds the per-target `flock` files.
+    pub fn new(lock_dir: PathBuf) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            locks: Locks::new(lock_dir),
+            events,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Every event of every deploy from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// True while a deploy holds `target`.
+    pub fn is_busy(&self, target: &str) -> bool {
+        self.locks.is_busy(target)
+    }
+
+    /// The last finished (not dry-run) deploy of `target` since start.
+    pub fn last(&self, target: &str) -> Option<LastDeploy> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(target)
+            .cloned()
+    }
+
+    /// Runs one deploy to its end, sending each event to `sink` (and to
+    /// watchers). Never panics on bad input; the returned report is the one
+    /// carried by the final `Done` event.
+    pub async fn deploy(&self, req: Request, sink: mpsc::UnboundedSender<Event>) -> Report {
+        let id = new_deploy_id(SystemTime::now());
+        let span = tracing::info_span!("deploy", target = %req.target.name, deploy_id = %id);
+        let mut run = Run {
+            engine: self,
+            id,
+            target: req.target.name.clone(),
+            sink,
+            started: Instant::now(),
+            warnings: Vec::new(),
+            leaf: None,
+        };
+        async move {
+            info!(origin = %req.origin, dry_run = req.dry_run, "deploy requested");
+            let (outcome, error) = match run.execute(&req).await {
+                Ok(outcome) => (outcome, String::new()),
+                Err(failure) => (failure.outcome, failure.message),
+            };
+            run.finish(outcome, error, req.dry_run)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A stage that ended the deploy early.
+struct Failure {
+    outcome: Outcome,
+    message: String,
+}
+
+impl Failure {
+    fn new(outcome: Outcome, message: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            message: message.into(),
+        }
+    }
+}
+
+/// The state of one running deploy.
+struct Run<'e> {
+    engine: &'e Engine,
+    id: String,
+    target: String,
+    sink: mpsc::UnboundedSender<Event>,
+    started: Instant,
+    warnings: Vec<String>,
+    leaf: Option<(String, i64, String)>,
+}
+
+/// Files renamed into place, with what to put back.
+struct Committed {
+    /// (live path, backup of the previous file or None when there was none)
+    files: Vec<(PathBuf, Option<PathBuf>)>,
+    backup_dirs: Vec<PathBuf>,
+}
+
+impl Run<'_> {
+    fn emit(&self, stage: Stage, message: String, files: Vec<FileSummary>, report: Option<Report>) {
+        let event = Event {
+            deploy_id: self.id.clone(),
+            target: self.target.clone(),
+            stage,
+            message,
+            at: SystemTime::now(),
+            files,
+            report,
+        };
+        // A client that hung up does not stop the deploy.
+        let _ = self.sink.send(event.clone());
+        let _ = self.engine.events.send(event);
+    }
+
+    fn stage(&self, stage: Stage, message: impl Into<String>) {
+        let message = message.into();
+        info!(stage = stage.as_str(), "{message}");
+        self.emit(stage, message, Vec::new(), None);
+    }
+
+    async fn execute(&mut self, req: &Request) -> Result<Outcome, Failure> {
+        let target = &req.target;
+        // 1. Parse and check the input.
+        let bundle = self.check(req)?;
+        self.leaf = Some((bundle.leaf.sha256_hex(), bundle.leaf.not_after, bundle.leaf.subject.clone()));
+
+        // 2. Plan (advisory: re-done under the lock).
+        let plan = self.plan(target, &bundle).await?;
+        let changed = plan.files.iter().filter(|f| f.changed).count();
+        let summary = if changed == 0 {
+            "nothing to change: every file already matches".to_owned()
+        } else {
+            format!("{changed} of {} files to write", plan.files.len())
+        };
+        self.warnings.extend(plan.warnings.iter().cloned());
+        for w in &plan.warnings {
+            warn!("{w}");
+        }
+        self.emit(
+            Stage::Planned,
+            summary,
+            plan.files.iter().map(FileSummary::from).collect(),
+            None,
+        );
+        if req.dry_run {
+            return Ok(Outcome::DryRun);
+        }
+
+        // 3. Lock.
+        let waited = Instant::now();
+        let _guard = self
+            .engine
+            .locks
+            .acquire(&target.name, req.no_wait)
+            .await
+            .map_err(|e| match e {
+                LockError::Busy { .. } => Failure::new(Outcome::Busy, e.to_string()),
+                other => Failure::new(Outcome::Internal, other.to_string()),
+            })?;
+        let waited = waited.elapsed();
+        self.stage(
+            Stage::Locked,
+            if waited > Duration::from_millis(50) {
+                format!("target lock acquired after waiting {}", fmt_duration(waited))
+            } else {
+                "target lock acquired".to_owned()
+            },
+        );
+        // What is on disk may have changed while we waited.
+        let plan = Arc::new(self.plan(target, &bundle).await?);
+        if plan.is_noop() {
+            return Ok(Outcome::Unchanged);
+        }
+
+        // 5. Stage.
+        let temps = {
+            let plan = plan.clone();
+            let id = self.id.clone();
+            blocking(move || stage_files(&plan, &id)).await
+        }
+        .map_err(|e| Failure::new(Outcome::Internal, format!("staging failed, nothing changed: {e}")))?;
+        self.stage(
+            Stage::Staged,
+            format!("{} temp file(s) written and synced", temps.len()),
+        );
+
+        // 6. Commit.
+        let committed = {
+            let plan = plan.clone();
+            let id = self.id.clone();
+            let name = target.name.clone();
+            blocking(move || commit(&plan, temps, &name, &id)).await
+        }
+        .map_err(|e| match e {
+            CommitError::Restored(e) => Failure::new(
+                Outcome::Internal,
+                format!("commit failed, previous files restored: {e}"),
+            ),
+            CommitError::NotRestored(e, r) => Failure::new(
+                Outcome::RollbackFailed,
+                format!("commit failed ({e}) and restoring the previous files failed too: {r}"),
+            ),
+        })?;
+        self.stage(Stage::Committed, describe_commit(&committed));
+
+        // 7. Validate against the new files.
+        if !target.validate.is_empty() {
+            match self.run_command(target, "validate", &target.validate).await {
+                Ok(took) => self.stage(
+                    Stage::ValidateCommand,
+                    format!("`{}` ok ({})", command::display_argv(&target.validate), fmt_duration(took)),
+                ),
+                Err(e) => {
+                    self.stage(Stage::Rollback, "restoring the previous files (no reload)");
+                    return Err(match self.undo(committed).await {
+                        Ok(()) => Failure::new(
+                            Outcome::ValidateFailed,
+                            format!("{e}; the previous files are back in place and the server was not reloaded"),
+                        ),
+                        Err(r) => Failure::new(
+                            Outcome::RollbackFailed,
+                            format!("{e}; restoring the previous files failed: {r}"),
+                        ),
+                    });
+                }
+            }
+        }
+
+        // 8. Reload.
+        if !target.reload.is_empty() {
+            match self.run_command(target, "reload", &target.reload).await {
+                Ok(took) => self.stage(
+                    Stage::Reloaded,
+                    format!("`{}` ok ({})", command::display_argv(&target.reload), fmt_duration(took)),
+                ),
+                Err(e) => {
+                    self.stage(Stage::Rollback, "restoring the previous files and reloading");
+                    if let Err(r) = self.undo(committed).await {
+                        return Err(Failure::new(
+                            Outcome::RollbackFailed,
+                            format!("{e}; restoring the previous files failed: {r}"),
+                        ));
+                    }
+                    return Err(match self.run_command(target, "reload", &target.reload).await {
+                        Ok(_) => Failure::new(
+                            Outcome::RolledBack,
+                            format!("{e}; rolled back: the previous files are in place and were reloaded"),
+                        ),
+                        Err(r) => Failure::new(
+                            Outcome::RollbackFailed,
+                            format!(
+                                "{e}; the previous files are back on disk but reloading them failed too: {r}"
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
+
+        // 10. Finish: prune old backups.
+        let dirs: BTreeSet<PathBuf> = plan.files.iter().map(|f| atomic::parent(&f.path).to_owned()).collect();
+        let name = target.name.clone();
+        let keep = target.backup_retention as usize;
+        if let Err(e) = blocking(move || prune(&dirs, &name, keep)).await {
+            let w = format!("could not prune old backups: {e}");
+            warn!("{w}");
+            self.warnings.push(w);
+        }
+        drop(committed);
+        Ok(Outcome::Deployed)
+    }
+
+    fn check(&self, req: &Request) -> Result<Bundle, Failure> {
+        let sources: Vec<Source<'_>> = req
+            .sources
+            .iter()
+            .map(|(name, pem)| Source { name, pem })
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let server_name = req.target.verify.as_ref().and_then(|v| v.server_name.as_deref());
+        let opts = CheckOptions {
+            now_unix: now,
+            clock_skew_grace: req.clock_skew_grace,
+            server_name,
+        };
+        let bundle = bundle::parse_and_check(&sources, &opts)
+            .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?;
+        let leaf = &bundle.leaf;
+        self.stage(
+            Stage::Validated,
+            format!(
+                "leaf {} sha256 {}, valid until {}, {} chain certificate(s), {} key",
+                leaf.subject,
+                short_hex(&leaf.sha256_hex()),
+                fmt_unix(leaf.not_after),
+                bundle.chain.len(),
+                bundle.key.algorithm()
+            ),
+        );
+        Ok(bundle)
+    }
+
+    async fn plan(&self, target: &Target, bundle: &Bundle) -> Result<Plan, Failure> {
+        let outputs = plan::outputs(target, bundle)
+            .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?;
+        let paths: Vec<PathBuf> = outputs.iter().map(|o| o.path.clone()).collect();
+        let existing = blocking(move || paths.iter().map(|p| atomic::observe(p)).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
+        Ok(plan::plan(&Policy::of(target), outputs, existing))
+    }
+
+    async fn run_command(&self, target: &Target, purpose: &str, argv: &[String]) -> Result<Duration, command::CommandError> {
+        let mut env = vec![
+            ("CERTCTL_TARGET".to_owned(), target.name.clone()),
+            ("CERTCTL_DEPLOY_ID".to_owned(), self.id.clone()),
+            ("CERTCTL_STAGE".to_owned(), purpose.to_owned()),
+            ("CERTCTL_CERT_PATH".to_owned(), target.cert_path.display().to_string()),
+            ("CERTCTL_KEY_PATH".to_owned(), target.key_path.display().to_string()),
+        ];
+        if let Some(chain) = &target.chain_path {
+            env.push(("CERTCTL_CHAIN_PATH".to_owned(), chain.display().to_string()));
+        }
+        let spec = command::Spec {
+            purpose,
+            argv,
+            timeout: target.command_timeout,
+            env,
+        };
+        let out = command::run(&spec).await?;
+        Ok(out.duration)
+    }
+
+    async fn undo(&self, committed: Committed) -> Result<(), FsError> {
+        let id = self.id.clone();
+        blocking(move || undo(&committed, &id)).await
+    }
+
+    fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
+        let (cert_sha256, not_after, subject) = self.leaf.clone().unwrap_or_default();
+        let report = Report {
+            outcome,
+            error: error.clone(),
+            cert_sha256: cert_sha256.clone(),
+            not_after,
+            subject,
+            verification: Verification::Unverified,
+            warnings: std::mem::take(&mut self.warnings),
+            duration: self.started.elapsed(),
+        };
+        let message = if error.is_empty() {
+            format!("{} in {}", outcome.as_str(), fmt_duration(report.duration))
+        } else {
+            format!("{}: {error}", outcome.as_str())
+        };
+        match outcome {
+            Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun => {
+                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, "{message}");
+            }
+            _ => warn!(outcome = outcome.as_str(), "{message}"),
+        }
+        if !dry_run {
+            self.engine
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(
+                    self.target.clone(),
+                    LastDeploy {
+                        deploy_id: self.id.clone(),
+                        outcome,
+                        finished: SystemTime::now(),
+                        error,
+                        cert_sha256,
+                    },
+                );
+        }
+        self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
+        report
+    }
+}
+
+// === filesystem phases (blocking) ===
+
+/// Runs filesystem work off the async threads.
+async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(E::from(e)))
+}
+
+impl From<tokio::task::JoinError> for FsError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        FsError {
+            op: "filesystem task failed",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for CommitError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        CommitError::Restored(e.into())
+    }
+}
+
+/// Writes a temp file for every changed file. On error, removes the temps
+/// written so far: nothing is left behind.
+fn stage_files(plan: &Plan, id: &str) -> Result<Vec<(PathBuf, PathBuf)>, FsError> {
+    let mut temps = Vec::new();
+    for f in plan.files.iter().filter(|f| f.changed) {
+        match atomic::write_temp(&f.path, id, &f.bytes, f.mode, f.uid, f.gid) {
+            Ok(tmp) => temps.push((tmp, f.path.clone())),
+            Err(e) => {
+                for (tmp, _) in &temps {
+                    let _ = atomic::remove(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(temps)
+}
+
+enum CommitError {
+    /// The commit failed and every file is as it was.
+    Restored(FsError),
+    /// The commit failed and putting the previous files back failed too.
+    NotRestored(FsError, FsError),
+}
+
+/// Keeps the current files as backups, renames the temps into place and
+/// fsyncs the directories. On failure, undoes what was done.
+fn commit(plan: &Plan, temps: Vec<(PathBuf, PathBuf)>, target: &str, id: &str) -> Result<Committed, CommitError> {
+    let mut committed = Committed {
+        files: Vec::new(),
+        backup_dirs: Vec::new(),
+    };
+    let remove_temps = |from: usize, temps: &[(PathBuf, PathBuf)]| {
+        for (tmp, _) in &temps[from..] {
+            let _ = atomic::remove(tmp);
+        }
+    };
+    // Backups first, all of them, before any rename.
+    let mut backups = Vec::with_capacity(temps.len());
+    for (_, live) in &temps {
+        let existed = plan
+            .files
+            .iter()
+            .any(|f| &f.path == live && f.existing.is_some());
+        if !existed {
+            backups.push(None);
+            continue;
+        }
+        let dir = atomic::parent(live);
+        let bdir = atomic::backup_dir(dir, target, id);
+        let res = atomic::make_private_dir(&bdir).and_then(|()| {
+            let b = bdir.join(live.file_name().unwrap_or_default());
+            atomic::keep_backup(live, &b).map(|()| b)
+        });
+        match res {
+            Ok(b) => {
+                if !committed.backup_dirs.contains(&bdir) {
+                    committed.backup_dirs.push(bdir);
+                }
+                backups.push(Some(b));
+            }
+            Err(e) => {
+                remove_temps(0, &temps);
+                for d in &committed.backup_dirs {
+                    let _ = atomic::remove_tree(d);
+                }
+                return Err(CommitError::Restored(e));
+            }
+        }
+    }
+    for d in &committed.backup_dirs {
+        if let Err(e) = atomic::fsync_dir(d) {
+            remove_temps(0, &temps);
+            return Err(CommitError::Restored(e));
+        }
+    }
+    for (i, ((tmp, live), backup)) in temps.iter().zip(backups).enumerate() {
+        if let Err(e) = atomic::rename(tmp, live) {
+            remove_temps(i, &temps);
+            return Err(match undo(&committed, id) {
+                Ok(()) => CommitError::Restored(e),
+                Err(r) => CommitError::NotRestored(e, r),
+            });
+        }
+        committed.files.push((live.clone(), backup));
+    }
+    let dirs: BTreeSet<PathBuf> = temps.iter().map(|(_, l)| atomic::parent(l).to_owned()).collect();
+    for d in &dirs {
+        if let Err(e) = atomic::fsync_dir(d) {
+            return Err(match undo(&committed, id) {
+                Ok(()) => CommitError::Restored(e),
+                Err(r) => CommitError::NotRestored(e, r),
+            });
+        }
+    }
+    Ok(committed)
+}
+
+/// Puts the previous files back (a file that did not exist is removed),
+/// fsyncs, and drops this deploy's backups.
+fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
+    let mut first_err = None;
+    for (live, backup) in committed.files.iter().rev() {
+        let r = match backup {
+            Some(b) => atomic::restore(b, live, id),
+            None => atomic::remove(live),
+        };
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    let dirs: BTreeSet<PathBuf> = committed
+        .files
+        .iter()
+        .map(|(l, _)| atomic::parent(l).to_owned())
+        .collect();
+    for d in &dirs {
+        if let Err(e) = atomic::fsync_dir(d) {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        // Keep the backups: they are what an operator needs now.
+        return Err(e);
+    }
+    for d in &committed.backup_dirs {
+        let _ = atomic::remove_tree(d);
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` backup generations of `target` in each directory.
+fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
+    for dir in dirs {
+        let ids = atomic::list_backups(dir, target)?;
+        let excess = ids.len().saturating_sub(keep);
+        for id in &ids[..excess] {
+            atomic::remove_tree(&atomic::backup_dir(dir, target, id))?;
+        }
+    }
+    Ok(())
+}
+
+fn describe_commit(c: &Committed) -> String {
+    let kept = c.files.iter().filter(|(_, b)| b.is_some()).count();
+    let new = c.files.len() - kept;
+    let mut s = format!("{} file(s) renamed into place", c.files.len());
+    if kept > 0 {
+        s.push_str(&format!(", {kept} previous file(s) kept as backup"));
+    }
+    if new > 0 {
+        s.push_str(&format!(", {new} new"));
+    }
+    s
+}
+
+// === formatting ===
+
+/// `9f3a…e1c2`: enough of a fingerprint to recognise it.
+pub fn short_hex(hex: &str) -> String {
+    if hex.len() <= 12 {
+        hex.to_owned()
+    } else {
+        format!("{}…{}", &hex[..6], &hex[hex.len() - 4..])
+    }
+}
+
+/// RFC 3339 UTC for Unix seconds.
+pub fn fmt_unix(secs: i64) -> String {
+    let (y, mo, d, h, mi, s) = super::event::civil_from_unix(secs);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+/// `850ms`, `1.2s`.
+pub fn fmt_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

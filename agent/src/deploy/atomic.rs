@@ -1,0 +1,316 @@
+//! The only code that writes, renames or removes files beside a target.
+//!
+//! Every publication follows one order, which crash recovery and the
+//! `strace` test rely on: create a temp file `O_CREAT|O_EXCL` with mode 0600
+//! in the destination directory, `fchown`/`fchmod` it to the final owner and
+//! mode before any byte is written, write, `fsync` it, `rename` it over the
+//! destination, `fsync` the directory. Previous files are kept as backups by
+//! hard link (same inode, so owner and mode come back exactly on restore),
+//! falling back to an fsynced copy where linking is not allowed.
+//!
+//! Names the agent creates beside a target: temp files `.certctl-tmp-*`, and
+//! the directory `.certctl/` holding `backup/<target>/<deploy-id>/`. Backups
+//! live in a subdirectory rather than as loose files so that servers which
+//! load every file of a directory (haproxy's `crt <dir>`) never load one.
+#![allow(clippy::disallowed_methods)] // this module is the sanctioned writer
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::plan::Existing;
+
+/// Prefix of every temp file the agent creates beside a target.
+pub const TEMP_PREFIX: &str = ".certctl-tmp-";
+/// The agent's own directory beside a target's files.
+pub const AGENT_DIR: &str = ".certctl";
+
+/// A filesystem operation that failed, with the path it failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct FsError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl FsError {
+    fn new(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FsError {
+        let path = path.to_owned();
+        move |source| FsError { op, path, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// The parent directory of a target file (configuration guarantees one).
+pub fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("/"))
+}
+
+/// What is at `path` now: `None` when nothing is there. A symlink or
+/// anything but a regular file is an error: replacing it would silently
+/// turn a link (say, into an ACME client's archive) into a plain file.
+pub fn observe(path: &Path) -> Result<Option<Existing>> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FsError::new("cannot inspect", path)(e)),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(FsError {
+            op: "refusing to replace symlink",
+            path: path.to_owned(),
+            source: io::Error::other(
+                "certctl replaces files atomically and would replace the link itself: \
+                 point the target at the real file, or remove the link",
+            ),
+        });
+    }
+    if !meta.is_file() {
+        return Err(FsError {
+            op: "refusing to replace",
+            path: path.to_owned(),
+            source: io::Error::other("not a regular file"),
+        });
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(FsError::new("cannot read", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = file.read(&mut buf).map_err(FsError::new("cannot read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Some(Existing {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+        sha256: hasher.finalize().into(),
+    }))
+}
+
+/// The temp file name for `final_path` in deploy `deploy_id`.
+pub fn temp_path(final_path: &Path, deploy_id: &str) -> PathBuf {
+    let base = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent(final_path).join(format!("{TEMP_PREFIX}{deploy_id}-{base}"))
+}
+
+/// Writes `bytes` to a new temp file beside `final_path`: created 0600 and
+/// exclusive, owner and mode set before the first byte, then fsynced.
+/// Returns the temp path. On error the temp file is removed.
+pub fn write_temp(
+    final_path: &Path,
+    deploy_id: &str,
+    bytes: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<PathBuf> {
+    let tmp = temp_path(final_path, deploy_id);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(FsError::new("cannot create temp file", &tmp))?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&file, uid, gid)
+                .map_err(FsError::new("cannot set owner of", &tmp))?;
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(FsError::new("cannot set mode of", &tmp))?;
+        file.write_all(bytes).map_err(FsError::new("cannot write", &tmp))?;
+        file.sync_all().map_err(FsError::new("cannot fsync", &tmp))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// Atomically replaces `to` with `from` (same directory).
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(FsError::new("cannot rename into place", to))
+}
+
+/// Makes the directory's entries (renames, links, removals) durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(FsError::new("cannot fsync directory", dir))
+}
+
+/// Removes a file; a file that is already gone is fine.
+pub fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::new("cannot remove", path)(e)),
+    }
+}
+
+/// The directory holding one deploy's backups of the files in `dir`.
+pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
+    dir.join(AGENT_DIR).join("backup").join(target).join(deploy_id)
+}
+
+/// Creates a directory (and missing parents) with mode 0700.
+pub fn make_private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(FsError::new("cannot create directory", dir))
+}
+
+/// Keeps the current `live` file as `backup` (a hard link: same inode,
+/// owner and mode; or, where linking is refused, an fsynced copy with the
+/// same owner and mode).
+pub fn keep_backup(live: &Path, backup: &Path) -> Result<()> {
+    remove(backup)?;
+    match fs::hard_link(live, backup) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EXDEV | nix::libc::EMLINK)) =>
+        {
+            copy_preserving(live, backup)
+        }
+        Err(e) => Err(FsError::new("cannot keep backup of", live)(e)),
+    }
+}
+
+fn copy_preserving(from: &Path, to: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(from).map_err(FsError::new("cannot inspect", from))?;
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(from)
+        .map_err(FsError::new("cannot read", from))?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(to)
+        .map_err(FsError::new("cannot create backup", to))?;
+    // Owner may fail for a non-root agent; the mode never widens anyway.
+    let _ = std::os::unix::fs::fchown(&dst, Some(meta.uid()), Some(meta.gid()));
+    dst.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(FsError::new("cannot set mode of", to))?;
+    io::copy(&mut src, &mut dst).map_err(FsError::new("cannot copy to", to))?;
+    dst.sync_all().map_err(FsError::new("cannot fsync", to))
+}
+
+/// Puts `backup` back at `live` atomically: a new link (or copy) under a
+/// temp name, then a rename. The backup itself stays.
+pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
+    let tmp = temp_path(live, &format!("{deploy_id}-restore"));
+    remove(&tmp)?;
+    keep_backup(backup, &tmp)?;
+    if let Err(e) = rename(&tmp, live) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes a directory tree the agent owns (a backup generation).
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::new("cannot remove", dir)(e)),
+    }
+}
+
+/// The deploy ids that have backups for `target` in `dir`, oldest first
+/// (deploy ids sort by time).
+pub fn list_backups(dir: &Path, target: &str) -> Result<Vec<String>> {
+    let root = dir.join(AGENT_DIR).join("backup").join(target);
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(FsError::new("cannot list", &root)(e)),
+    };
+    let mut ids: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_temp_sets_mode_and_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("web.key");
+        let tmp = write_temp(&live, "d1", b"secret", 0o640, None, None).unwrap();
+        assert!(tmp.file_name().unwrap().to_string_lossy().starts_with(TEMP_PREFIX));
+        assert_eq!(fs::metadata(&tmp).unwrap().mode() & 0o777, 0o640);
+        // A second writer with the same id must not clobber it.
+        assert!(write_temp(&live, "d1", b"other", 0o600, None, None).is_err());
+        assert_eq!(fs::read(&tmp).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn backup_and_restore_round_trip_keeps_inode_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("web.crt");
+        fs::write(&live, b"old").unwrap();
+        fs::set_permissions(&live, fs::Permissions::from_mode(0o604)).unwrap();
+        let bdir = backup_dir(dir.path(), "web", "d1");
+        make_private_dir(&bdir).unwrap();
+        let backup = bdir.join("web.crt");
+        keep_backup(&live, &backup).unwrap();
+        let tmp = write_temp(&live, "d1", b"new", 0o644, None, None).unwrap();
+        rename(&tmp, &live).unwrap();
+        assert_eq!(fs::read(&live).unwrap(), b"new");
+        restore(&backup, &live, "d1").unwrap();
+        assert_eq!(fs::read(&live).unwrap(), b"old");
+        assert_eq!(fs::metadata(&live).unwrap().mode() & 0o777, 0o604);
+        assert_eq!(list_backups(dir.path(), "web").unwrap(), vec!["d1".to_owned()]);
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn observe_refuses_symlinks_and_reports_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::write(&real, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = observe(&link).unwrap_err().to_string();
+        assert!(err.contains("symlink"), "{err}");
+        assert!(observe(&dir.path().join("none")).unwrap().is_none());
+        let e = observe(&real).unwrap().unwrap();
+        assert_eq!(e.sha256, <[u8; 32]>::from(Sha256::digest(b"x")));
+    }
+}

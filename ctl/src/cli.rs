@@ -1,0 +1,63 @@
+//! Command-line arguments (clap). `--help` of every command is generated
+//! from these doc comments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Operator CLI of the certctl agent: deploy certificates, inspect targets.
+#[derive(Debug, Parser)]
+#[command(name = "certctl", version)]
+pub struct Cli {
+    /// The agent's control socket.
+    #[arg(long, global = true, env = "CERTCTL_SOCKET", default_value = "/run/certctl/agent.sock")]
+    pub socket: PathBuf,
+    /// Machine output: one JSON document, or one JSON object per line for streams.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Deploy a certificate, its chain and key to a target; streams each stage.
+    Deploy(DeployArgs),
+    /// Agent health and, per target, the certificate on disk and the last result.
+    Status(StatusArgs),
+    /// Configured targets and their kinds, files and commands.
+    Targets,
+    /// Stream every deploy event of the agent until interrupted.
+    Watch,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Target name, as configured in the agent.
+    pub target: String,
+    /// Certificate (PEM): the leaf, optionally followed by its chain; or a
+    /// whole bundle (key, leaf and chain in any order) when --key is omitted.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Intermediate certificates (PEM), in any order.
+    #[arg(long, value_name = "FILE")]
+    pub chain: Option<PathBuf>,
+    /// Check the input and show what would be written; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Skip the TLS check of the served certificate after the reload.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Fail with exit code 8 instead of waiting when the target is busy.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this target.
+    pub target: Option<String>,
+}

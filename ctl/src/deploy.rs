@@ -1,0 +1,112 @@
+//! `certctl deploy`: read the input files, stream the agent's stages as they
+//! happen, exit with the code of the outcome.
+
+use certctl_proto::agent::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::cli::{Cli, DeployArgs};
+use crate::client::{self, CliError};
+use crate::exit;
+use crate::output::{self, event_json, outcome_name, stage_name};
+
+/// Largest input file read (the agent enforces the same limit).
+const MAX_INPUT: u64 = 1024 * 1024;
+
+fn read_input(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))?;
+    if meta.len() > MAX_INPUT {
+        return Err(CliError::Usage(format!(
+            "{flag} {} is {} bytes: that is not a certificate or key file (limit {MAX_INPUT})",
+            path.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read(path).map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
+}
+
+pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
+    let request = pb::DeployRequest {
+        target: args.target.clone(),
+        cert_pem: read_input("--cert", &args.cert)?,
+        key_pem: match &args.key {
+            Some(p) => read_input("--key", p)?,
+            None => Vec::new(),
+        },
+        chain_pem: match &args.chain {
+            Some(p) => read_input("--chain", p)?,
+            None => Vec::new(),
+        },
+        dry_run: args.dry_run,
+        no_verify: args.no_verify,
+        no_wait: args.no_wait,
+    };
+    let mut client = client::connect(&cli.socket).await?;
+    let mut stream = client.deploy(request).await?.into_inner();
+    while let Some(event) = stream.next().await {
+        let event = event?;
+        if cli.json {
+            println!("{}", event_json(&event));
+        } else {
+            print_human(&event);
+        }
+        if let Some(result) = event.result {
+            let outcome = pb::Outcome::try_from(result.outcome).unwrap_or(pb::Outcome::Unspecified);
+            if !result.error.is_empty() && !cli.json {
+                eprintln!("certctl: deploy {}: {}: {}", event.target, outcome_name(result.outcome), result.error);
+            }
+            return Ok(exit::for_outcome(outcome));
+        }
+    }
+    Err(CliError::Internal(format!(
+        "the agent closed the stream before the deploy of {} finished: check `certctl status {}` and the agent's log",
+        args.target, args.target
+    )))
+}
+
+fn print_human(e: &pb::DeployEvent) {
+    let stage = stage_name(e.stage);
+    match &e.result {
+        None => {
+            println!("{}: {stage:<16} {}", e.target, e.message);
+            for f in e.files.iter() {
+                let owner = if f.uid == u32::MAX {
+                    "agent's user".to_owned()
+                } else {
+                    format!("{}:{}", f.uid, f.gid)
+                };
+                println!(
+                    "    {} {:<5} {} mode {:04o} ({}) owner {owner} ({}){}",
+                    if f.changed { "write" } else { "keep " },
+                    f.role,
+                    f.path,
+                    f.mode,
+                    f.mode_source,
+                    f.owner_source,
+                    if f.changed { "" } else { ", already identical" }
+                );
+            }
+        }
+        Some(r) => {
+            for w in &r.warnings {
+                println!("{}: warning          {w}", e.target);
+            }
+            let summary = match pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified) {
+                pb::Outcome::Deployed => format!(
+                    "deployed {} ({}) in {}ms, {}",
+                    output::short(&r.cert_sha256),
+                    r.subject,
+                    r.duration_ms,
+                    r.verification
+                ),
+                pb::Outcome::Unchanged => format!(
+                    "unchanged: {} is already deployed; nothing written, no reload",
+                    output::short(&r.cert_sha256)
+                ),
+                pb::Outcome::DryRun => "dry run: nothing was changed".to_owned(),
+                _ => outcome_name(r.outcome).to_owned(),
+            };
+            println!("{}: {stage:<16} {summary}", e.target);
+        }
+    }
+}

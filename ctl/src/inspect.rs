@@ -1,0 +1,157 @@
+//! `certctl status`, `certctl targets` and `certctl watch`: read-only views.
+
+use certctl_proto::agent::v1 as pb;
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+use crate::cli::{Cli, StatusArgs};
+use crate::client::{self, CliError};
+use crate::exit;
+use crate::output::{self, event_json, outcome_name, relative, stage_name, table};
+
+pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
+    let mut client = client::connect(&cli.socket).await?;
+    let resp = client
+        .status(pb::StatusRequest {
+            target: args.target.clone().unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let agent = resp.agent.unwrap_or_default();
+    if cli.json {
+        let targets: Vec<_> = resp
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "kind": t.kind,
+                    "cert_path": t.cert_path,
+                    "cert_sha256": t.cert_sha256,
+                    "not_after_unix": t.not_after_unix,
+                    "subject": t.subject,
+                    "disk_state": t.disk_state,
+                    "verification": t.verification,
+                    "busy": t.busy,
+                    "last": t.last.as_ref().map(|l| json!({
+                        "deploy_id": l.deploy_id,
+                        "outcome": outcome_name(l.outcome),
+                        "finished_unix_ms": l.finished_unix_ms,
+                        "error": l.error,
+                        "cert_sha256": l.cert_sha256,
+                    })),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "agent": {
+                    "version": agent.version,
+                    "pid": agent.pid,
+                    "started_unix": agent.started_unix,
+                    "config_path": agent.config_path,
+                    "socket": agent.socket,
+                },
+                "targets": targets,
+            })
+        );
+        return Ok(exit::OK);
+    }
+    println!(
+        "agent {} (pid {}), up since {}, config {}, {} target(s)",
+        agent.version,
+        agent.pid,
+        relative(agent.started_unix),
+        agent.config_path,
+        resp.targets.len()
+    );
+    if resp.targets.is_empty() {
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![["TARGET", "KIND", "ON DISK", "EXPIRES", "SERVED", "LAST DEPLOY"]
+        .map(str::to_owned)
+        .to_vec()];
+    for t in &resp.targets {
+        let disk = if t.cert_sha256.is_empty() {
+            t.disk_state.clone()
+        } else {
+            format!("{} {}", output::short(&t.cert_sha256), t.subject)
+        };
+        let expires = if t.not_after_unix == 0 {
+            "-".to_owned()
+        } else {
+            relative(t.not_after_unix)
+        };
+        let mut last = match &t.last {
+            None => "none since agent start".to_owned(),
+            Some(l) => format!("{} {}", outcome_name(l.outcome), relative(l.finished_unix_ms / 1000)),
+        };
+        if t.busy {
+            last = format!("deploying now; {last}");
+        }
+        rows.push(vec![t.name.clone(), t.kind.clone(), disk, expires, t.verification.clone(), last]);
+    }
+    print!("{}", table(&rows));
+    for t in &resp.targets {
+        if let Some(l) = &t.last
+            && !l.error.is_empty()
+        {
+            println!("{}: last error: {}", t.name, l.error);
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
+    let mut client = client::connect(&cli.socket).await?;
+    let resp = client.targets(pb::TargetsRequest {}).await?.into_inner();
+    if cli.json {
+        let targets: Vec<_> = resp
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "kind": t.kind,
+                    "layout": t.layout,
+                    "cert_path": t.cert_path,
+                    "key_path": t.key_path,
+                    "chain_path": (!t.chain_path.is_empty()).then_some(&t.chain_path),
+                    "drop": t.drop,
+                    "validate": t.validate,
+                    "reload": t.reload,
+                    "verify_endpoint": (!t.verify_endpoint.is_empty()).then_some(&t.verify_endpoint),
+                })
+            })
+            .collect();
+        println!("{}", json!({ "targets": targets }));
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![["TARGET", "KIND", "CERT", "KEY", "RELOAD"].map(str::to_owned).to_vec()];
+    for t in &resp.targets {
+        rows.push(vec![
+            t.name.clone(),
+            t.kind.clone(),
+            t.cert_path.clone(),
+            t.key_path.clone(),
+            if t.reload.is_empty() { "-".to_owned() } else { t.reload.join(" ") },
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(exit::OK)
+}
+
+pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
+    let mut client = client::connect(&cli.socket).await?;
+    let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
+    while let Some(event) = stream.next().await {
+        let event = event?;
+        if cli.json {
+            println!("{}", event_json(&event));
+        } else {
+            println!("{} {}: {} {}", event.deploy_id, event.target, stage_name(event.stage), event.message);
+        }
+    }
+    Ok(exit::OK)
+}

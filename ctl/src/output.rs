@@ -1,0 +1,136 @@
+//! Rendering agent messages: short human lines, or JSON with stable field
+//! names (documented in `docs/cli.md`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use certctl_proto::agent::v1 as pb;
+use serde_json::{Value, json};
+
+/// `deployed`, `validate_failed`, … (the JSON and human spelling).
+pub fn outcome_name(o: i32) -> &'static str {
+    match pb::Outcome::try_from(o).unwrap_or(pb::Outcome::Unspecified) {
+        pb::Outcome::Unspecified => "unknown",
+        pb::Outcome::Deployed => "deployed",
+        pb::Outcome::Unchanged => "unchanged",
+        pb::Outcome::Rejected => "rejected",
+        pb::Outcome::ValidateFailed => "validate_failed",
+        pb::Outcome::RolledBack => "rolled_back",
+        pb::Outcome::RollbackFailed => "rollback_failed",
+        pb::Outcome::Busy => "busy",
+        pb::Outcome::Internal => "internal",
+        pb::Outcome::DryRun => "dry_run",
+    }
+}
+
+/// `validated`, `validate-command`, … (the JSON and human spelling).
+pub fn stage_name(s: i32) -> &'static str {
+    match pb::Stage::try_from(s).unwrap_or(pb::Stage::Unspecified) {
+        pb::Stage::Unspecified => "unknown",
+        pb::Stage::Validated => "validated",
+        pb::Stage::Planned => "planned",
+        pb::Stage::Locked => "locked",
+        pb::Stage::Staged => "staged",
+        pb::Stage::Committed => "committed",
+        pb::Stage::ValidateCommand => "validate-command",
+        pb::Stage::Reloaded => "reloaded",
+        pb::Stage::VerifyAttempt => "verify",
+        pb::Stage::Rollback => "rollback",
+        pb::Stage::Done => "done",
+    }
+}
+
+pub fn result_json(r: &pb::DeployResult) -> Value {
+    json!({
+        "outcome": outcome_name(r.outcome),
+        "error": r.error,
+        "cert_sha256": r.cert_sha256,
+        "not_after_unix": r.not_after_unix,
+        "subject": r.subject,
+        "verification": r.verification,
+        "warnings": r.warnings,
+        "duration_ms": r.duration_ms,
+    })
+}
+
+pub fn event_json(e: &pb::DeployEvent) -> Value {
+    let mut v = json!({
+        "deploy_id": e.deploy_id,
+        "target": e.target,
+        "stage": stage_name(e.stage),
+        "message": e.message,
+        "unix_ms": e.unix_ms,
+    });
+    if !e.files.is_empty() {
+        v["files"] = e
+            .files
+            .iter()
+            .map(|f| {
+                json!({
+                    "path": f.path,
+                    "role": f.role,
+                    "sha256": f.sha256,
+                    "mode": format!("{:04o}", f.mode),
+                    "uid": (f.uid != u32::MAX).then_some(f.uid),
+                    "gid": (f.gid != u32::MAX).then_some(f.gid),
+                    "changed": f.changed,
+                    "mode_source": f.mode_source,
+                    "owner_source": f.owner_source,
+                })
+            })
+            .collect();
+    }
+    if let Some(r) = &e.result {
+        v["result"] = result_json(r);
+    }
+    v
+}
+
+/// `9f3a12…e1c2`.
+pub fn short(hex: &str) -> String {
+    if hex.len() <= 12 {
+        hex.to_owned()
+    } else {
+        format!("{}…{}", &hex[..6], &hex[hex.len() - 4..])
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `3m ago`, `in 41d`.
+pub fn relative(unix: i64) -> String {
+    let delta = unix - now_unix();
+    let (n, future) = (delta.unsigned_abs(), delta > 0);
+    let amount = match n {
+        0..=89 => format!("{n}s"),
+        90..=5399 => format!("{}m", n / 60),
+        5400..=172_799 => format!("{}h", n / 3600),
+        _ => format!("{}d", n / 86_400),
+    };
+    if future { format!("in {amount}") } else { format!("{amount} ago") }
+}
+
+/// Prints rows as left-aligned columns separated by two spaces.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs the real servers the
+# integration tests drive (when root and missing), then tests, lints and
+# format check. Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "==> installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "==> missing ${need[*]}: install them (as root: apt-get install ${need[*]}), or set CERTCTL_TEST_ALLOW_MISSING_SERVERS=1 to skip the tests that need them" >&2
+    fi
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+echo "==> cargo test"
+cargo test --workspace --locked
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> all checks passed"
