@@ -166,10 +166,8 @@ pub enum BundleError {
         detail: String,
     },
     /// More than [`MAX_CERTIFICATES`] distinct certificates.
-    #[error(
-        "{count} certificates supplied, at most {max} are accepted: supply the leaf and its chain only"
-    )]
-    TooManyCertificates { count: usize, max: usize },
+    #[error("more than {max} certificates supplied: supply the leaf and its chain only")]
+    TooManyCertificates { max: usize },
     #[error(
         "no private key found in {inputs}: pass the key with --key or include it in the bundle"
     )]
@@ -180,7 +178,8 @@ pub enum BundleError {
     NoCertificate { inputs: String },
     /// No certificate carries the key's public key.
     #[error(
-        "the private key matches none of the {count} certificate(s) ({certs}): a new certificate with the old key? use the key the certificate was issued for"
+        "the private key does not match {} ({certs}): a new certificate with the old key? use the key the certificate was issued for",
+        any_of(*.count)
     )]
     KeyMismatch { count: usize, certs: String },
     /// Several distinct certificates carry the key's public key.
@@ -442,7 +441,7 @@ pub fn parse_and_check(
 ) -> Result<Bundle, BundleError> {
     let inputs = sources
         .iter()
-        .map(|s| s.name)
+        .map(|s| sanitize(s.name))
         .collect::<Vec<_>>()
         .join(", ");
 
@@ -456,6 +455,12 @@ pub fn parse_and_check(
                 cert_index += 1;
                 let der = decode_block(source.name, &block, SectionKind::Certificate)?;
                 if !ders.iter().any(|(_, _, d)| *d == *der) {
+                    // Checked while collecting: deduplicating is quadratic.
+                    if ders.len() == MAX_CERTIFICATES {
+                        return Err(BundleError::TooManyCertificates {
+                            max: MAX_CERTIFICATES,
+                        });
+                    }
                     ders.push((source.name, cert_index, der.to_vec()));
                 }
             } else if let Some(format) = KeyFormat::from_label(block.label) {
@@ -471,12 +476,12 @@ pub fn parse_and_check(
                 ));
             } else if block.label == b"ENCRYPTED PRIVATE KEY" {
                 return Err(BundleError::EncryptedKey {
-                    input: source.name.to_owned(),
+                    input: sanitize(source.name),
                 });
             } else if block.label != b"EC PARAMETERS" {
                 // EC PARAMETERS (from `openssl ecparam -genkey`) repeats what the key says.
                 return Err(BundleError::UnexpectedBlock {
-                    input: source.name.to_owned(),
+                    input: sanitize(source.name),
                     label: printable(block.label),
                 });
             }
@@ -488,7 +493,7 @@ pub fn parse_and_check(
         0 => return Err(BundleError::NoKey { inputs }),
         1 => keys.remove(0),
         count => {
-            let mut names: Vec<&str> = keys.iter().map(|(name, _, _)| *name).collect();
+            let mut names: Vec<String> = keys.iter().map(|(name, _, _)| sanitize(name)).collect();
             names.dedup();
             return Err(BundleError::MultipleKeys {
                 count,
@@ -502,19 +507,13 @@ pub fn parse_and_check(
         algorithm: KeyAlgorithm::Rsa,
     };
     let spki = key_spki(&mut key).ok_or_else(|| BundleError::UnsupportedKey {
-        input: key_source.to_owned(),
+        input: sanitize(key_source),
         label: format.pem_label().to_owned(),
     })?;
 
     // 3. Certificates.
     if ders.is_empty() {
         return Err(BundleError::NoCertificate { inputs });
-    }
-    if ders.len() > MAX_CERTIFICATES {
-        return Err(BundleError::TooManyCertificates {
-            count: ders.len(),
-            max: MAX_CERTIFICATES,
-        });
     }
     let mut certs = Vec::with_capacity(ders.len());
     for (name, index, der) in &ders {
@@ -577,14 +576,14 @@ pub fn parse_and_check(
 
 /// Parse one certificate's facts from DER (e.g. to describe what is on disk).
 pub fn cert_from_der(der: Vec<u8>) -> Result<Cert, BundleError> {
-    let (_, cert) = parse_cert("certificate", 1, &der)?;
+    let (_, cert) = parse_cert("input", 1, &der)?;
     Ok(cert)
 }
 
 /// The first certificate in a PEM text; `Ok(None)` when it holds none.
 /// Other blocks (a key in a combined file, say) are skipped, not decoded.
 pub fn first_cert_in_pem(pem: &[u8]) -> Result<Option<Cert>, BundleError> {
-    let source = Source { name: "PEM", pem };
+    let source = Source { name: "input", pem };
     let blocks = split_pem(&source)?;
     match blocks.iter().find(|b| b.label == b"CERTIFICATE") {
         None => Ok(None),
@@ -630,7 +629,7 @@ struct Block<'a> {
 /// carry surrounding whitespace.
 fn split_pem<'a>(source: &Source<'a>) -> Result<Vec<Block<'a>>, BundleError> {
     let bad = |detail: String| BundleError::BadPem {
-        input: source.name.to_owned(),
+        input: sanitize(source.name),
         detail,
     };
     let mut blocks = Vec::new();
@@ -700,13 +699,13 @@ fn decode_block(
 ) -> Result<Zeroizing<Vec<u8>>, BundleError> {
     let label = printable(block.label);
     let bad = |detail: String| BundleError::BadPem {
-        input: input.to_owned(),
+        input: sanitize(input),
         detail,
     };
     if block.body.iter().any(|l| l.contains(&b':')) {
         if block.body.iter().any(|l| l.starts_with(b"Proc-Type:")) {
             return Err(BundleError::EncryptedKey {
-                input: input.to_owned(),
+                input: sanitize(input),
             });
         }
         return Err(bad(format!(
@@ -774,19 +773,16 @@ fn printable(bytes: &[u8]) -> String {
     out
 }
 
-/// Escape control characters in a string taken from a certificate.
+/// Escape control characters in a string from the input (a certificate
+/// name, a drop file name), so a message stays on one line.
 fn sanitize(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_owned();
     }
     s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
         })
         .collect()
 }
@@ -843,7 +839,7 @@ fn parse_cert<'d>(
     der: &'d [u8],
 ) -> Result<(X509Certificate<'d>, Cert), BundleError> {
     let bad = |detail: String| BundleError::BadCertificate {
-        input: input.to_owned(),
+        input: sanitize(input),
         index,
         detail,
     };
@@ -971,6 +967,14 @@ fn dns_name_matches(pattern: &str, name: &str) -> bool {
             None => false,
         },
         None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
+/// "the certificate" or "any of the 3 certificates".
+fn any_of(count: usize) -> String {
+    match count {
+        1 => "the certificate".to_owned(),
+        n => format!("any of the {n} certificates"),
     }
 }
 
@@ -1587,12 +1591,17 @@ PLR1NGTitwEHbwA=
                     ("--chain", &p.inter.pem),
                 ],
                 "key_mismatch",
-                "the private key matches none of the 2 certificate(s) (CN=a.test ",
+                "the private key does not match any of the 2 certificates (CN=a.test ",
             ),
             (
                 vec![("--cert", &p.leaf), ("--key", &p.key), ("--chain", &twin)],
                 "multiple_leaves",
                 "2 certificates match the private key (CN=a.test ",
+            ),
+            (
+                vec![("--cert", &p.leaf), ("--key", &other_key)],
+                "key_mismatch",
+                "the private key does not match the certificate (CN=a.test ",
             ),
             (
                 vec![("--key", &p.key)],
@@ -2021,8 +2030,20 @@ PLR1NGTitwEHbwA=
             ],
             &opts(),
             "too_many_certificates",
-            "33 certificates supplied, at most 32",
+            "more than 32 certificates supplied",
         );
+    }
+
+    #[test]
+    fn leak_detector_catches_a_leak() {
+        // The hygiene check every error goes through must itself work.
+        let key = KeyPair::generate().expect("key").serialize_pem();
+        let line = key.lines().nth(2).expect("a body line");
+        let text = format!("bad key near {}", &line[20..40]);
+        let caught = std::panic::catch_unwind(|| {
+            assert_no_key_material(&text, &[("--key", key.as_bytes())]);
+        });
+        assert!(caught.is_err());
     }
 
     #[test]

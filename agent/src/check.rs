@@ -17,26 +17,41 @@ pub fn describe(config: &Config) -> String {
         if g.is_empty() {
             "(root only)".to_owned()
         } else {
-            g.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
+            g.iter()
+                .map(|g| g.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     };
     let _ = writeln!(out, "  deploy     {}", names(&a.deploy_groups));
     let _ = writeln!(out, "  read       {}", names(&a.read_groups));
     let _ = writeln!(out, "{} target(s)", config.targets.len());
     for t in &config.targets {
-        let _ = writeln!(out, "  {} ({}, {})", t.name, t.kind.as_str(), t.layout.as_str());
+        let _ = writeln!(
+            out,
+            "  {} ({}, {})",
+            t.name,
+            t.kind.as_str(),
+            t.layout.as_str()
+        );
         let _ = writeln!(out, "    cert      {}", t.cert_path.display());
         let _ = writeln!(out, "    key       {}", t.key_path.display());
         if let Some(c) = &t.chain_path {
             let _ = writeln!(out, "    chain     {}", c.display());
         }
-        let cmd = |argv: &[String]| if argv.is_empty() { "(none)".to_owned() } else { display_argv(argv) };
+        let cmd = |argv: &[String]| {
+            if argv.is_empty() {
+                "(none)".to_owned()
+            } else {
+                display_argv(argv)
+            }
+        };
         let _ = writeln!(out, "    validate  {}", cmd(&t.validate));
         let _ = writeln!(out, "    reload    {}", cmd(&t.reload));
-        let verify = t
-            .verify
-            .as_ref()
-            .map_or_else(|| "(none: deploys report \"unverified\")".to_owned(), |v| v.endpoint.clone());
+        let verify = t.verify.as_ref().map_or_else(
+            || "(none: deploys report \"unverified\")".to_owned(),
+            |v| v.endpoint.clone(),
+        );
         let _ = writeln!(out, "    verify    {verify}");
     }
     for w in config.warnings() {

@@ -317,7 +317,11 @@ mod tests {
 
     #[tokio::test]
     async fn output_is_bounded() {
-        let a = argv(&["sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' x >&2; exit 1"]);
+        let a = argv(&[
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/zero | tr '\\0' x >&2; exit 1",
+        ]);
         let msg = run(&spec(&a, Duration::from_secs(10)))
             .await
             .unwrap_err()

@@ -60,7 +60,13 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
 
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let (down_tx, down_rx) = watch::channel(false);
-    let shared = Arc::new(Shared::new(config.clone(), engine, socket_path.clone(), drain_tx, down_rx));
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        engine,
+        socket_path.clone(),
+        drain_tx,
+        down_rx,
+    ));
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -108,7 +114,10 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
 
     // Every deploy holds a drain sender: recv() returns None when the last
     // one finished.
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain_rx.recv()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain_rx.recv())
+        .await
+        .is_err()
+    {
         error!("deploys still running after {DRAIN_TIMEOUT:?}; exiting anyway");
     }
     info!("stopped");
@@ -128,6 +137,8 @@ fn reload(shared: &Shared, path: &Path) {
             info!(targets = new.targets.len(), "configuration reloaded");
             shared.replace_config(Arc::new(new));
         }
-        Err(e) => error!("configuration reload rejected, the previous configuration stays in force: {e}"),
+        Err(e) => {
+            error!("configuration reload rejected, the previous configuration stays in force: {e}")
+        }
     }
 }

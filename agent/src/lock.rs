@@ -109,7 +109,10 @@ impl Locks {
                     path: p.clone(),
                     source: nix::Error::from_raw(if e.is_cancelled() { 125 } else { 5 }),
                 })?
-                .map_err(|(_, errno)| LockError::Flock { path: p, source: errno })?
+                .map_err(|(_, errno)| LockError::Flock {
+                    path: p,
+                    source: errno,
+                })?
         };
         Ok(TargetGuard {
             _flock: flock,

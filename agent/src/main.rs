@@ -10,10 +10,19 @@ use clap::{Parser, Subcommand};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "certctl-agent", version, about = "Deploys certificates to local servers atomically, reloads and verifies them")]
+#[command(
+    name = "certctl-agent",
+    version,
+    about = "Deploys certificates to local servers atomically, reloads and verifies them"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, default_value = "/etc/certctl/agent.toml", env = "CERTCTL_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/etc/certctl/agent.toml",
+        env = "CERTCTL_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,

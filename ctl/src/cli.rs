@@ -10,7 +10,12 @@ use clap::{Args, Parser, Subcommand};
 #[command(name = "certctl", version)]
 pub struct Cli {
     /// The agent's control socket.
-    #[arg(long, global = true, env = "CERTCTL_SOCKET", default_value = "/run/certctl/agent.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "CERTCTL_SOCKET",
+        default_value = "/run/certctl/agent.sock"
+    )]
     pub socket: PathBuf,
     /// Machine output: one JSON document, or one JSON object per line for streams.
     #[arg(long, global = true)]

@@ -89,11 +89,19 @@ fn unreachable(path: &Path, e: &std::io::Error) -> CliError {
         std::io::ErrorKind::PermissionDenied => {
             let group = std::fs::metadata(path)
                 .ok()
-                .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok().flatten())
+                .and_then(|m| {
+                    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                        .ok()
+                        .flatten()
+                })
                 .map(|g| g.name);
             match group {
-                Some(g) => format!("permission denied: join group {g} (e.g. `sudo usermod -aG {g} $USER`, then log in again)"),
-                None => format!("permission denied ({e}): ask an administrator for access to the socket"),
+                Some(g) => format!(
+                    "permission denied: join group {g} (e.g. `sudo usermod -aG {g} $USER`, then log in again)"
+                ),
+                None => format!(
+                    "permission denied ({e}): ask an administrator for access to the socket"
+                ),
             }
         }
         _ => e.to_string(),

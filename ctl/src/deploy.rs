@@ -22,7 +22,8 @@ fn read_input(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
             meta.len()
         )));
     }
-    std::fs::read(path).map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
 }
 
 pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
@@ -53,7 +54,12 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
         if let Some(result) = event.result {
             let outcome = pb::Outcome::try_from(result.outcome).unwrap_or(pb::Outcome::Unspecified);
             if !result.error.is_empty() && !cli.json {
-                eprintln!("certctl: deploy {}: {}: {}", event.target, outcome_name(result.outcome), result.error);
+                eprintln!(
+                    "certctl: deploy {}: {}: {}",
+                    event.target,
+                    outcome_name(result.outcome),
+                    result.error
+                );
             }
             return Ok(exit::for_outcome(outcome));
         }
@@ -91,7 +97,8 @@ fn print_human(e: &pb::DeployEvent) {
             for w in &r.warnings {
                 println!("{}: warning          {w}", e.target);
             }
-            let summary = match pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified) {
+            let summary = match pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
+            {
                 pb::Outcome::Deployed => format!(
                     "deployed {} ({}) in {}ms, {}",
                     output::short(&r.cert_sha256),

@@ -37,7 +37,9 @@ pub fn for_outcome(outcome: Outcome) -> u8 {
 /// The exit code for an error status returned by the agent.
 pub fn for_status(code: tonic::Code) -> u8 {
     match code {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::Unavailable => UNREACHABLE,
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::Unavailable => {
+            UNREACHABLE
+        }
         tonic::Code::NotFound | tonic::Code::InvalidArgument => REJECTED,
         _ => INTERNAL,
     }

@@ -69,9 +69,18 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
     if resp.targets.is_empty() {
         return Ok(exit::OK);
     }
-    let mut rows = vec![["TARGET", "KIND", "ON DISK", "EXPIRES", "SERVED", "LAST DEPLOY"]
+    let mut rows = vec![
+        [
+            "TARGET",
+            "KIND",
+            "ON DISK",
+            "EXPIRES",
+            "SERVED",
+            "LAST DEPLOY",
+        ]
         .map(str::to_owned)
-        .to_vec()];
+        .to_vec(),
+    ];
     for t in &resp.targets {
         let disk = if t.cert_sha256.is_empty() {
             t.disk_state.clone()
@@ -85,12 +94,23 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         };
         let mut last = match &t.last {
             None => "none since agent start".to_owned(),
-            Some(l) => format!("{} {}", outcome_name(l.outcome), relative(l.finished_unix_ms / 1000)),
+            Some(l) => format!(
+                "{} {}",
+                outcome_name(l.outcome),
+                relative(l.finished_unix_ms / 1000)
+            ),
         };
         if t.busy {
             last = format!("deploying now; {last}");
         }
-        rows.push(vec![t.name.clone(), t.kind.clone(), disk, expires, t.verification.clone(), last]);
+        rows.push(vec![
+            t.name.clone(),
+            t.kind.clone(),
+            disk,
+            expires,
+            t.verification.clone(),
+            last,
+        ]);
     }
     print!("{}", table(&rows));
     for t in &resp.targets {
@@ -128,14 +148,22 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
         println!("{}", json!({ "targets": targets }));
         return Ok(exit::OK);
     }
-    let mut rows = vec![["TARGET", "KIND", "CERT", "KEY", "RELOAD"].map(str::to_owned).to_vec()];
+    let mut rows = vec![
+        ["TARGET", "KIND", "CERT", "KEY", "RELOAD"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
     for t in &resp.targets {
         rows.push(vec![
             t.name.clone(),
             t.kind.clone(),
             t.cert_path.clone(),
             t.key_path.clone(),
-            if t.reload.is_empty() { "-".to_owned() } else { t.reload.join(" ") },
+            if t.reload.is_empty() {
+                "-".to_owned()
+            } else {
+                t.reload.join(" ")
+            },
         ]);
     }
     print!("{}", table(&rows));
@@ -150,7 +178,13 @@ pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
         if cli.json {
             println!("{}", event_json(&event));
         } else {
-            println!("{} {}: {} {}", event.deploy_id, event.target, stage_name(event.stage), event.message);
+            println!(
+                "{} {}: {} {}",
+                event.deploy_id,
+                event.target,
+                stage_name(event.stage),
+                event.message
+            );
         }
     }
     Ok(exit::OK)

@@ -26,7 +26,10 @@ pub async fn run(cli: Cli) -> u8 {
         Ok(code) => code,
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({ "error": e.to_string(), "exit_code": e.code() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string(), "exit_code": e.code() })
+                );
             }
             eprintln!("certctl: {e}");
             e.code()

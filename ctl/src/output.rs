@@ -110,14 +110,24 @@ pub fn relative(unix: i64) -> String {
         5400..=172_799 => format!("{}h", n / 3600),
         _ => format!("{}d", n / 86_400),
     };
-    if future { format!("in {amount}") } else { format!("{amount} ago") }
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
 }
 
 /// Prints rows as left-aligned columns separated by two spaces.
 pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {

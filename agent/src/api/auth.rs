@@ -41,7 +41,11 @@ pub struct Caller {
 impl Caller {
     /// For logs and deploy records: `uid=1000(alice) pid=4242`.
     pub fn describe(&self) -> String {
-        let user = self.user.as_deref().map(|u| format!("({u})")).unwrap_or_default();
+        let user = self
+            .user
+            .as_deref()
+            .map(|u| format!("({u})"))
+            .unwrap_or_default();
         match self.pid {
             Some(pid) => format!("uid={}{user} pid={pid}", self.uid),
             None => format!("uid={}{user}", self.uid),
@@ -132,11 +136,18 @@ impl Policy {
         let remedy = if groups.is_empty() {
             format!(
                 "only root may {what}: no {} is configured in the agent's [agent] section",
-                if access == Access::Deploy { "deploy_groups" } else { "read_groups or deploy_groups" }
+                if access == Access::Deploy {
+                    "deploy_groups"
+                } else {
+                    "read_groups or deploy_groups"
+                }
             )
         } else {
             let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
-            let user = caller.user.clone().unwrap_or_else(|| caller.uid.to_string());
+            let user = caller
+                .user
+                .clone()
+                .unwrap_or_else(|| caller.uid.to_string());
             format!(
                 "join group {} (e.g. `usermod -aG {} {user}`, then log in again)",
                 names.join(" or "),
@@ -159,8 +170,14 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             socket: "/run/certctl/agent.sock".into(),
-            deploy_groups: vec![Group { name: "certctl".into(), gid: 990 }],
-            read_groups: vec![Group { name: "monitor".into(), gid: 991 }],
+            deploy_groups: vec![Group {
+                name: "certctl".into(),
+                gid: 990,
+            }],
+            read_groups: vec![Group {
+                name: "monitor".into(),
+                gid: 991,
+            }],
             agent_uid: 0,
         }
     }

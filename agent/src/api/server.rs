@@ -98,7 +98,11 @@ impl Shared {
         }
     }
 
-    fn authorize<T>(&self, req: &Request<T>, access: Access) -> Result<(Arc<Config>, auth::Caller), Status> {
+    fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        access: Access,
+    ) -> Result<(Arc<Config>, auth::Caller), Status> {
         let config = self.config();
         let caller = auth::caller(req, &self.socket)?;
         if let Err(e) = self.policy(&config).authorize(&caller, access) {
@@ -126,13 +130,22 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::DeployEvent, Status>> + 
 fn unknown_target(config: &Config, name: &str) -> Status {
     let names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
     Status::not_found(if names.is_empty() {
-        format!("unknown target \"{name}\": the agent has no targets configured ({})", config.path.display())
+        format!(
+            "unknown target \"{name}\": the agent has no targets configured ({})",
+            config.path.display()
+        )
     } else {
-        format!("unknown target \"{name}\" (configured: {})", names.join(", "))
+        format!(
+            "unknown target \"{name}\" (configured: {})",
+            names.join(", ")
+        )
     })
 }
 
-fn take_pem(field: &str, flag: &str, bytes: Vec<u8>) -> Result<Option<(String, Zeroizing<Vec<u8>>)>, Status> {
+/// One named PEM input of a deploy request.
+type NamedPem = (String, Zeroizing<Vec<u8>>);
+
+fn take_pem(field: &str, flag: &str, bytes: Vec<u8>) -> Result<Option<NamedPem>, Status> {
     let bytes = Zeroizing::new(bytes);
     if bytes.len() > MAX_PEM_BYTES {
         return Err(Status::invalid_argument(format!(
@@ -148,7 +161,10 @@ impl Agent for Service {
     type DeployStream = EventStream;
     type WatchStream = EventStream;
 
-    async fn deploy(&self, request: Request<pb::DeployRequest>) -> Result<Response<EventStream>, Status> {
+    async fn deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let (config, caller) = self.shared.authorize(&request, Access::Deploy)?;
         let req = request.into_inner();
         let target = config
@@ -156,15 +172,17 @@ impl Agent for Service {
             .ok_or_else(|| unknown_target(&config, &req.target))?
             .clone();
         let mut sources = Vec::with_capacity(3);
-        let cert = take_pem("cert_pem", "--cert", req.cert_pem)?
-            .ok_or_else(|| Status::invalid_argument("cert_pem is empty: pass the certificate (or a whole bundle) with --cert"))?;
+        let cert = take_pem("cert_pem", "--cert", req.cert_pem)?.ok_or_else(|| {
+            Status::invalid_argument(
+                "cert_pem is empty: pass the certificate (or a whole bundle) with --cert",
+            )
+        })?;
         sources.push(cert);
         sources.extend(take_pem("key_pem", "--key", req.key_pem)?);
         sources.extend(take_pem("chain_pem", "--chain", req.chain_pem)?);
-        let guard = self
-            .shared
-            .deploy_guard()
-            .ok_or_else(|| Status::unavailable("the agent is shutting down: retry when it is back"))?;
+        let guard = self.shared.deploy_guard().ok_or_else(|| {
+            Status::unavailable("the agent is shutting down: retry when it is back")
+        })?;
         let deploy = DeployRequest {
             target,
             sources,
@@ -184,13 +202,20 @@ impl Agent for Service {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let (config, _) = self.shared.authorize(&request, Access::Read)?;
         let want = request.into_inner().target;
         let targets: Vec<_> = if want.is_empty() {
             config.targets.iter().collect()
         } else {
-            vec![config.target(&want).ok_or_else(|| unknown_target(&config, &want))?]
+            vec![
+                config
+                    .target(&want)
+                    .ok_or_else(|| unknown_target(&config, &want))?,
+            ]
         };
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
@@ -230,7 +255,10 @@ impl Agent for Service {
         }))
     }
 
-    async fn targets(&self, request: Request<pb::TargetsRequest>) -> Result<Response<pb::TargetsResponse>, Status> {
+    async fn targets(
+        &self,
+        request: Request<pb::TargetsRequest>,
+    ) -> Result<Response<pb::TargetsResponse>, Status> {
         let (config, _) = self.shared.authorize(&request, Access::Read)?;
         let targets = config
             .targets
@@ -241,17 +269,28 @@ impl Agent for Service {
                 layout: t.layout.as_str().to_owned(),
                 cert_path: t.cert_path.display().to_string(),
                 key_path: t.key_path.display().to_string(),
-                chain_path: t.chain_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                chain_path: t
+                    .chain_path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 drop: t.drop.clone(),
                 validate: t.validate.clone(),
                 reload: t.reload.clone(),
-                verify_endpoint: t.verify.as_ref().map(|v| v.endpoint.clone()).unwrap_or_default(),
+                verify_endpoint: t
+                    .verify
+                    .as_ref()
+                    .map(|v| v.endpoint.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::TargetsResponse { targets }))
     }
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         self.shared.authorize(&request, Access::Read)?;
         let events = BroadcastStream::new(self.shared.engine.subscribe()).filter_map(|e| match e {
             Ok(e) => Some(Ok(convert::event(&e))),
@@ -261,7 +300,8 @@ impl Agent for Service {
         });
         // The stream ends when the agent shuts down, so shutdown is not
         // held up by watchers.
-        let down = WatchStream::new(self.shared.shutdown.clone()).filter_map(|down| down.then_some(None));
+        let down =
+            WatchStream::new(self.shared.shutdown.clone()).filter_map(|down| down.then_some(None));
         let stream = events
             .map(Some)
             .merge(down)

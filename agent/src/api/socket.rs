@@ -43,7 +43,12 @@ pub fn bind(path: &Path, groups: &[&Group]) -> Result<tokio::net::UnixListener, 
             .recursive(true)
             .mode(0o755)
             .create(parent)
-            .map_err(|e| err(path, format!("cannot create directory {}: {e}", parent.display())))?;
+            .map_err(|e| {
+                err(
+                    path,
+                    format!("cannot create directory {}: {e}", parent.display()),
+                )
+            })?;
     }
     clear_stale(path)?;
 
@@ -55,22 +60,26 @@ pub fn bind(path: &Path, groups: &[&Group]) -> Result<tokio::net::UnixListener, 
         .map_err(|e| err(path, format!("cannot create {}: {e}", staging.display())))?;
     let result = (|| {
         let tmp = staging.join("agent.sock");
-        let std_listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| err(path, e))?;
+        let std_listener =
+            std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| err(path, e))?;
         let mut distinct: Vec<u32> = groups.iter().map(|g| g.gid).collect();
         distinct.sort_unstable();
         distinct.dedup();
         let mode = match distinct.as_slice() {
             [] => 0o600,
             [gid] => {
-                std::os::unix::fs::chown(&tmp, None, Some(*gid))
-                    .map_err(|e| err(path, format!("cannot give the socket to group {gid}: {e}")))?;
+                std::os::unix::fs::chown(&tmp, None, Some(*gid)).map_err(|e| {
+                    err(path, format!("cannot give the socket to group {gid}: {e}"))
+                })?;
                 0o660
             }
             _ => 0o666,
         };
         fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| err(path, e))?;
         fs::rename(&tmp, path).map_err(|e| err(path, e))?;
-        std_listener.set_nonblocking(true).map_err(|e| err(path, e))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| err(path, e))?;
         tokio::net::UnixListener::from_std(std_listener).map_err(|e| err(path, e))
     })();
     let _ = fs::remove_dir_all(&staging);
@@ -84,14 +93,18 @@ fn clear_stale(path: &Path) -> Result<(), SocketError> {
         Err(e) => return Err(err(path, e)),
     };
     if !meta.file_type().is_socket() {
-        return Err(err(path, "a file that is not a socket is in the way: remove it or choose another agent.socket"));
+        return Err(err(
+            path,
+            "a file that is not a socket is in the way: remove it or choose another agent.socket",
+        ));
     }
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(_) => Err(err(
             path,
             "another agent is already listening there: stop it first, or give this one another agent.socket",
         )),
-        Err(_) => fs::remove_file(path).map_err(|e| err(path, format!("cannot remove the stale socket: {e}"))),
+        Err(_) => fs::remove_file(path)
+            .map_err(|e| err(path, format!("cannot remove the stale socket: {e}"))),
     }
 }
 

@@ -174,7 +174,11 @@ impl Run<'_> {
         let target = &req.target;
         // 1. Parse and check the input.
         let bundle = self.check(req)?;
-        self.leaf = Some((bundle.leaf.sha256_hex(), bundle.leaf.not_after, bundle.leaf.subject.clone()));
+        self.leaf = Some((
+            bundle.leaf.sha256_hex(),
+            bundle.leaf.not_after,
+            bundle.leaf.subject.clone(),
+        ));
 
         // 2. Plan (advisory: re-done under the lock).
         let plan = self.plan(target, &bundle).await?;
@@ -213,7 +217,10 @@ impl Run<'_> {
         self.stage(
             Stage::Locked,
             if waited > Duration::from_millis(50) {
-                format!("target lock acquired after waiting {}", fmt_duration(waited))
+                format!(
+                    "target lock acquired after waiting {}",
+                    fmt_duration(waited)
+                )
             } else {
                 "target lock acquired".to_owned()
             },
@@ -230,7 +237,12 @@ impl Run<'_> {
             let id = self.id.clone();
             blocking(move || stage_files(&plan, &id)).await
         }
-        .map_err(|e| Failure::new(Outcome::Internal, format!("staging failed, nothing changed: {e}")))?;
+        .map_err(|e| {
+            Failure::new(
+                Outcome::Internal,
+                format!("staging failed, nothing changed: {e}"),
+            )
+        })?;
         self.stage(
             Stage::Staged,
             format!("{} temp file(s) written and synced", temps.len()),
@@ -260,14 +272,20 @@ impl Run<'_> {
             match self.run_command(target, "validate", &target.validate).await {
                 Ok(took) => self.stage(
                     Stage::ValidateCommand,
-                    format!("`{}` ok ({})", command::display_argv(&target.validate), fmt_duration(took)),
+                    format!(
+                        "`{}` ok ({})",
+                        command::display_argv(&target.validate),
+                        fmt_duration(took)
+                    ),
                 ),
                 Err(e) => {
                     self.stage(Stage::Rollback, "restoring the previous files (no reload)");
                     return Err(match self.undo(committed).await {
                         Ok(()) => Failure::new(
                             Outcome::ValidateFailed,
-                            format!("{e}; the previous files are back in place and the server was not reloaded"),
+                            format!(
+                                "{e}; the previous files are back in place and the server was not reloaded"
+                            ),
                         ),
                         Err(r) => Failure::new(
                             Outcome::RollbackFailed,
@@ -283,34 +301,49 @@ impl Run<'_> {
             match self.run_command(target, "reload", &target.reload).await {
                 Ok(took) => self.stage(
                     Stage::Reloaded,
-                    format!("`{}` ok ({})", command::display_argv(&target.reload), fmt_duration(took)),
+                    format!(
+                        "`{}` ok ({})",
+                        command::display_argv(&target.reload),
+                        fmt_duration(took)
+                    ),
                 ),
                 Err(e) => {
-                    self.stage(Stage::Rollback, "restoring the previous files and reloading");
+                    self.stage(
+                        Stage::Rollback,
+                        "restoring the previous files and reloading",
+                    );
                     if let Err(r) = self.undo(committed).await {
                         return Err(Failure::new(
                             Outcome::RollbackFailed,
                             format!("{e}; restoring the previous files failed: {r}"),
                         ));
                     }
-                    return Err(match self.run_command(target, "reload", &target.reload).await {
-                        Ok(_) => Failure::new(
-                            Outcome::RolledBack,
-                            format!("{e}; rolled back: the previous files are in place and were reloaded"),
-                        ),
-                        Err(r) => Failure::new(
-                            Outcome::RollbackFailed,
-                            format!(
-                                "{e}; the previous files are back on disk but reloading them failed too: {r}"
+                    return Err(
+                        match self.run_command(target, "reload", &target.reload).await {
+                            Ok(_) => Failure::new(
+                                Outcome::RolledBack,
+                                format!(
+                                    "{e}; rolled back: the previous files are in place and were reloaded"
+                                ),
                             ),
-                        ),
-                    });
+                            Err(r) => Failure::new(
+                                Outcome::RollbackFailed,
+                                format!(
+                                    "{e}; the previous files are back on disk but reloading them failed too: {r}"
+                                ),
+                            ),
+                        },
+                    );
                 }
             }
         }
 
         // 10. Finish: prune old backups.
-        let dirs: BTreeSet<PathBuf> = plan.files.iter().map(|f| atomic::parent(&f.path).to_owned()).collect();
+        let dirs: BTreeSet<PathBuf> = plan
+            .files
+            .iter()
+            .map(|f| atomic::parent(&f.path).to_owned())
+            .collect();
         let name = target.name.clone();
         let keep = target.backup_retention as usize;
         if let Err(e) = blocking(move || prune(&dirs, &name, keep)).await {
@@ -331,7 +364,11 @@ impl Run<'_> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let server_name = req.target.verify.as_ref().and_then(|v| v.server_name.as_deref());
+        let server_name = req
+            .target
+            .verify
+            .as_ref()
+            .and_then(|v| v.server_name.as_deref());
         let opts = CheckOptions {
             now_unix: now,
             clock_skew_grace: req.clock_skew_grace,
@@ -358,19 +395,35 @@ impl Run<'_> {
         let outputs = plan::outputs(target, bundle)
             .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?;
         let paths: Vec<PathBuf> = outputs.iter().map(|o| o.path.clone()).collect();
-        let existing = blocking(move || paths.iter().map(|p| atomic::observe(p)).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
+        let existing = blocking(move || {
+            paths
+                .iter()
+                .map(|p| atomic::observe(p))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
         Ok(plan::plan(&Policy::of(target), outputs, existing))
     }
 
-    async fn run_command(&self, target: &Target, purpose: &str, argv: &[String]) -> Result<Duration, command::CommandError> {
+    async fn run_command(
+        &self,
+        target: &Target,
+        purpose: &str,
+        argv: &[String],
+    ) -> Result<Duration, command::CommandError> {
         let mut env = vec![
             ("CERTCTL_TARGET".to_owned(), target.name.clone()),
             ("CERTCTL_DEPLOY_ID".to_owned(), self.id.clone()),
             ("CERTCTL_STAGE".to_owned(), purpose.to_owned()),
-            ("CERTCTL_CERT_PATH".to_owned(), target.cert_path.display().to_string()),
-            ("CERTCTL_KEY_PATH".to_owned(), target.key_path.display().to_string()),
+            (
+                "CERTCTL_CERT_PATH".to_owned(),
+                target.cert_path.display().to_string(),
+            ),
+            (
+                "CERTCTL_KEY_PATH".to_owned(),
+                target.key_path.display().to_string(),
+            ),
         ];
         if let Some(chain) = &target.chain_path {
             env.push(("CERTCTL_CHAIN_PATH".to_owned(), chain.display().to_string()));
@@ -440,7 +493,9 @@ impl Run<'_> {
 async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(E::from(e)))
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(E::from(e)))
 }
 
 impl From<tokio::task::JoinError> for FsError {
@@ -486,7 +541,12 @@ enum CommitError {
 
 /// Keeps the current files as backups, renames the temps into place and
 /// fsyncs the directories. On failure, undoes what was done.
-fn commit(plan: &Plan, temps: Vec<(PathBuf, PathBuf)>, target: &str, id: &str) -> Result<Committed, CommitError> {
+fn commit(
+    plan: &Plan,
+    temps: Vec<(PathBuf, PathBuf)>,
+    target: &str,
+    id: &str,
+) -> Result<Committed, CommitError> {
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
@@ -545,7 +605,10 @@ fn commit(plan: &Plan, temps: Vec<(PathBuf, PathBuf)>, target: &str, id: &str) -
         }
         committed.files.push((live.clone(), backup));
     }
-    let dirs: BTreeSet<PathBuf> = temps.iter().map(|(_, l)| atomic::parent(l).to_owned()).collect();
+    let dirs: BTreeSet<PathBuf> = temps
+        .iter()
+        .map(|(_, l)| atomic::parent(l).to_owned())
+        .collect();
     for d in &dirs {
         if let Err(e) = atomic::fsync_dir(d) {
             return Err(match undo(&committed, id) {

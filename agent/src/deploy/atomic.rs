@@ -86,7 +86,9 @@ pub fn observe(path: &Path) -> Result<Option<Existing>> {
     let mut hasher = Sha256::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        let n = file.read(&mut buf).map_err(FsError::new("cannot read", path))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(FsError::new("cannot read", path))?;
         if n == 0 {
             break;
         }
@@ -121,22 +123,25 @@ pub fn write_temp(
     gid: Option<u32>,
 ) -> Result<PathBuf> {
     let tmp = temp_path(final_path, deploy_id);
+    // Exclusive create: if the name exists, it is not ours to remove.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(FsError::new("cannot create temp file", &tmp))?;
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(FsError::new("cannot create temp file", &tmp))?;
         if uid.is_some() || gid.is_some() {
             std::os::unix::fs::fchown(&file, uid, gid)
                 .map_err(FsError::new("cannot set owner of", &tmp))?;
         }
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(FsError::new("cannot set mode of", &tmp))?;
-        file.write_all(bytes).map_err(FsError::new("cannot write", &tmp))?;
-        file.sync_all().map_err(FsError::new("cannot fsync", &tmp))?;
+        file.write_all(bytes)
+            .map_err(FsError::new("cannot write", &tmp))?;
+        file.sync_all()
+            .map_err(FsError::new("cannot fsync", &tmp))?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -169,7 +174,10 @@ pub fn remove(path: &Path) -> Result<()> {
 
 /// The directory holding one deploy's backups of the files in `dir`.
 pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
-    dir.join(AGENT_DIR).join("backup").join(target).join(deploy_id)
+    dir.join(AGENT_DIR)
+        .join("backup")
+        .join(target)
+        .join(deploy_id)
 }
 
 /// Creates a directory (and missing parents) with mode 0700.
@@ -189,7 +197,10 @@ pub fn keep_backup(live: &Path, backup: &Path) -> Result<()> {
     match fs::hard_link(live, backup) {
         Ok(()) => Ok(()),
         Err(e)
-            if matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EXDEV | nix::libc::EMLINK)) =>
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EPERM | nix::libc::EXDEV | nix::libc::EMLINK)
+            ) =>
         {
             copy_preserving(live, backup)
         }
@@ -268,7 +279,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("web.key");
         let tmp = write_temp(&live, "d1", b"secret", 0o640, None, None).unwrap();
-        assert!(tmp.file_name().unwrap().to_string_lossy().starts_with(TEMP_PREFIX));
+        assert!(
+            tmp.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(TEMP_PREFIX)
+        );
         assert_eq!(fs::metadata(&tmp).unwrap().mode() & 0o777, 0o640);
         // A second writer with the same id must not clobber it.
         assert!(write_temp(&live, "d1", b"other", 0o600, None, None).is_err());
@@ -291,7 +307,10 @@ mod tests {
         restore(&backup, &live, "d1").unwrap();
         assert_eq!(fs::read(&live).unwrap(), b"old");
         assert_eq!(fs::metadata(&live).unwrap().mode() & 0o777, 0o604);
-        assert_eq!(list_backups(dir.path(), "web").unwrap(), vec!["d1".to_owned()]);
+        assert_eq!(
+            list_backups(dir.path(), "web").unwrap(),
+            vec!["d1".to_owned()]
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())

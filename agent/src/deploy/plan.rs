@@ -136,7 +136,11 @@ pub fn outputs(target: &Target, bundle: &Bundle) -> Result<Vec<Output>, PlanErro
                     path: chain_path.clone(),
                 });
             }
-            out.push(text_output(&target.cert_path, Role::Cert, bundle.leaf_pem()));
+            out.push(text_output(
+                &target.cert_path,
+                Role::Cert,
+                bundle.leaf_pem(),
+            ));
             out.push(text_output(chain_path, Role::Chain, bundle.chain_pem()));
         }
         None => {
@@ -234,8 +238,16 @@ fn resolve(
         mode_source = Source::Default;
     }
 
-    let (uid, uid_source) = pick(policy.owner, existing.as_ref().map(|e| e.uid), policy.default_owner);
-    let (gid, gid_source) = pick(policy.group, existing.as_ref().map(|e| e.gid), policy.default_group);
+    let (uid, uid_source) = pick(
+        policy.owner,
+        existing.as_ref().map(|e| e.uid),
+        policy.default_owner,
+    );
+    let (gid, gid_source) = pick(
+        policy.group,
+        existing.as_ref().map(|e| e.gid),
+        policy.default_group,
+    );
     // One word for both: the stronger source wins the label.
     let owner_source = if uid_source == Source::Explicit || gid_source == Source::Explicit {
         Source::Explicit
@@ -268,7 +280,11 @@ fn resolve(
     }
 }
 
-fn pick(explicit: Option<u32>, existing: Option<u32>, default: Option<u32>) -> (Option<u32>, Source) {
+fn pick(
+    explicit: Option<u32>,
+    existing: Option<u32>,
+    default: Option<u32>,
+) -> (Option<u32>, Source) {
     match (explicit, existing, default) {
         (Some(v), _, _) => (Some(v), Source::Explicit),
         (None, Some(v), _) => (Some(v), Source::Existing),
@@ -288,7 +304,11 @@ impl Source {
     }
 
     fn min_label(self, other: Source) -> Source {
-        if self.rank() <= other.rank() { self } else { other }
+        if self.rank() <= other.rank() {
+            self
+        } else {
+            other
+        }
     }
 }
 
@@ -432,13 +452,32 @@ mod tests {
             },
         ];
         for case in cases {
-            let plan = plan(&case.policy, vec![out(case.role, b"new")], vec![case.existing]);
+            let plan = plan(
+                &case.policy,
+                vec![out(case.role, b"new")],
+                vec![case.existing],
+            );
             let f = &plan.files[0];
             assert_eq!((f.mode, f.mode_source), case.want_mode, "{}", case.name);
-            assert_eq!((f.uid, f.gid, f.owner_source), case.want_owner, "{}", case.name);
+            assert_eq!(
+                (f.uid, f.gid, f.owner_source),
+                case.want_owner,
+                "{}",
+                case.name
+            );
             assert_eq!(f.changed, case.want_changed, "{}", case.name);
-            assert_eq!(!plan.warnings.is_empty(), case.want_warning, "{}", case.name);
-            assert_eq!(f.sha256, <[u8; 32]>::from(Sha256::digest(b"new")), "{}", case.name);
+            assert_eq!(
+                !plan.warnings.is_empty(),
+                case.want_warning,
+                "{}",
+                case.name
+            );
+            assert_eq!(
+                f.sha256,
+                <[u8; 32]>::from(Sha256::digest(b"new")),
+                "{}",
+                case.name
+            );
         }
     }
 
@@ -463,7 +502,11 @@ mod tests {
 
     #[test]
     fn mode_change_alone_is_a_change() {
-        let p = plan(&POLICY, vec![out(Role::Cert, b"x")], vec![Some(existing(b"x", 0, 33, 0o600))]);
+        let p = plan(
+            &POLICY,
+            vec![out(Role::Cert, b"x")],
+            vec![Some(existing(b"x", 0, 33, 0o600))],
+        );
         // The existing mode wins, so nothing changes...
         assert!(p.is_noop());
         let explicit = Policy {
@@ -471,7 +514,11 @@ mod tests {
             ..POLICY
         };
         // ...unless a mode is configured explicitly.
-        let p = plan(&explicit, vec![out(Role::Cert, b"x")], vec![Some(existing(b"x", 0, 33, 0o600))]);
+        let p = plan(
+            &explicit,
+            vec![out(Role::Cert, b"x")],
+            vec![Some(existing(b"x", 0, 33, 0o600))],
+        );
         assert!(!p.is_noop());
     }
 }

@@ -199,7 +199,17 @@ fn nginx_serves_leaf_then_reload_serves_swapped_files() {
     assert_eq!(out.code, 0, "nginx -t: {out:?}");
 
     b.write_files(&dir.path().join("tls"), "live");
+    let old_workers = ngx.worker_pids();
+    assert_eq!(old_workers.len(), 1, "{old_workers:?}");
     ngx.reload();
+    // reload() returns once the old workers are gone: B from the first probe on.
+    assert!(old_workers.iter().all(|p| !pid_alive(*p)));
+    for _ in 0..5 {
+        assert_eq!(
+            served_leaf_sha256(ngx.port(), "a.test"),
+            Ok(b.sha256_hex.clone())
+        );
+    }
     wait_until_served(ngx.port(), "a.test", &b.sha256_hex, RELOAD_TIMEOUT).unwrap_or_else(|e| {
         panic!("{e}\n{}", ngx.error_log());
     });
@@ -307,17 +317,17 @@ fn nginx_processes_are_gone_after_drop_and_after_panic() {
             .expect("getpwnam")
             .expect("www-data exists on Debian")
             .uid;
-        let worker = pids.iter().find(|p| **p != ngx.pid()).expect("a worker");
-        let status = std::fs::read_to_string(format!("/proc/{worker}/status")).expect("status");
-        let uid_line = status
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .expect("Uid line");
-        assert_eq!(
-            uid_line.split_whitespace().nth(1),
-            Some(www_data.to_string().as_str()),
-            "{uid_line}"
-        );
+        let worker = *pids.iter().find(|p| **p != ngx.pid()).expect("a worker");
+        // A fresh worker drops privileges a moment after fork.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc_uid(worker) != Some(www_data.as_raw()) {
+            assert!(
+                Instant::now() < deadline,
+                "worker uid {:?}",
+                proc_uid(worker)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(
             served_leaf_sha256(ngx.port(), "gone.test"),
             Ok(leaf.sha256_hex.clone())
@@ -351,6 +361,13 @@ fn nginx_processes_are_gone_after_drop_and_after_panic() {
             "nginx pid {pid} still exists after panic"
         );
     }
+}
+
+/// Real UID of a process, from `/proc/<pid>/status`.
+fn proc_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The members of process group `pgid` once there are at least `n` (bounded).

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::process::{ChildGuard, read_lossy, run_bounded, tail};
+use super::process::{ChildGuard, group_members, pid_alive, read_lossy, run_bounded, tail};
 
 /// How long nginx may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,8 +190,22 @@ impl Nginx {
         argv
     }
 
-    /// Runs [`Self::reload_argv`] and panics unless it exits 0 (nginx reloads asynchronously after that).
+    /// PIDs of the current worker processes.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let master = self.pid();
+        group_members(master)
+            .into_iter()
+            .filter(|p| *p != master && pid_alive(*p))
+            .collect()
+    }
+
+    /// Runs [`Self::reload_argv`], asserts exit 0 and waits (bounded) until the old workers are gone.
+    ///
+    /// `nginx -s reload` only signals the master; until the old workers have
+    /// shut down, a new connection can still be answered with the old
+    /// certificate. After this returns, only workers with the new config serve.
     pub fn reload(&self) {
+        let old_workers = self.worker_pids();
         let argv = self.reload_argv();
         let out = run_bounded(
             Command::new(&argv[0]).args(&argv[1..]),
@@ -205,6 +219,16 @@ impl Nginx {
             out.stderr,
             self.error_log()
         );
+        let deadline = Instant::now() + START_TIMEOUT;
+        while old_workers.iter().any(|p| pid_alive(*p)) || self.worker_pids().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx old workers {old_workers:?} still running {START_TIMEOUT:?} after reload \
+                 (did the master reject the new config?); logs:\n{}",
+                self.error_log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The content of nginx's error log (and its captured stderr).

@@ -59,7 +59,7 @@ impl ChildGuard {
         }
     }
 
-    /// Prints the tail of `path` to stderr if this guard is dropped while the test panics.
+    /// Prints the tail of `path` to stderr if the child is still running when dropped during a panic.
     pub fn dump_log_on_panic(mut self, path: &Path) -> Self {
         self.log = Some(path.to_owned());
         self
@@ -154,13 +154,12 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let was_running = self.status.is_none();
         let status = self.stop();
-        if thread::panicking() {
-            if was_running {
-                eprintln!(
-                    "support: stopped {} (pid {}): {status}",
-                    self.name, self.pid
-                );
-            }
+        // A child that had already exited was reaped by a caller that reported it.
+        if thread::panicking() && was_running {
+            eprintln!(
+                "support: stopped {} (pid {}): {status}",
+                self.name, self.pid
+            );
             if let Some(log) = &self.log {
                 eprintln!("----- {} ({}) -----", self.name, log.display());
                 eprintln!("{}", tail(&read_lossy(log), 200));
