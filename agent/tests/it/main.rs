@@ -15,3 +15,4 @@
 mod support;
 
 mod harness;
+mod deploy_file;

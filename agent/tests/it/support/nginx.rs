@@ -28,7 +28,11 @@
 //!
 //! Gotchas: nginx resolves relative certificate paths against `<prefix>/conf/`
 //! (absolute paths are written here); `nginx -s reload` re-tests the config and
-//! keeps serving the old certificate when that fails; a bind conflict makes
+//! keeps serving the old certificate when that fails; right after a reload an
+//! old worker can still answer a new connection with the old certificate
+//! ([`Nginx::reload`] waits for the old workers to exit; probes of agent-driven
+//! reloads use [`super::tls::wait_until_served`], which wants 3 matches in a
+//! row); a bind conflict makes
 //! nginx retry for ~2.5 s before exiting, after which [`Nginx::start`] tries a
 //! new port (readiness waits for the pid file, which nginx writes only after
 //! binding, so another process on the port is never mistaken for ours).
