@@ -45,7 +45,11 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
             if meta.is_dir() {
                 stack.push(e.path());
             } else {
-                out.push((e.path(), std::fs::read(e.path()).unwrap(), meta.mode() & 0o7777));
+                out.push((
+                    e.path(),
+                    std::fs::read(e.path()).unwrap(),
+                    meta.mode() & 0o7777,
+                ));
             }
         }
     }
@@ -67,18 +71,42 @@ fn deploy_writes_fullchain_and_key_then_identical_input_is_a_noop() {
     let leaf = pki::issue_cert(&["app.test"]);
     let f = files(&env, &leaf, "app");
 
-    let out = env.ctl(&["--json", "deploy", "app", "--cert", s(&f.cert), "--key", s(&f.key), "--chain", s(&f.chain)]);
+    let out = env.ctl(&[
+        "--json",
+        "deploy",
+        "app",
+        "--cert",
+        s(&f.cert),
+        "--key",
+        s(&f.key),
+        "--chain",
+        s(&f.chain),
+    ]);
     out.assert_code(0);
     let lines = out.json_lines();
     let stages: Vec<&str> = lines.iter().map(|l| l["stage"].as_str().unwrap()).collect();
-    assert_eq!(stages, ["validated", "planned", "locked", "staged", "committed", "done"], "{out}");
+    assert_eq!(
+        stages,
+        [
+            "validated",
+            "planned",
+            "locked",
+            "staged",
+            "committed",
+            "done"
+        ],
+        "{out}"
+    );
     let result = done(&lines);
     assert_eq!(result["outcome"], "deployed");
     assert_eq!(result["cert_sha256"], leaf.sha256_hex.clone());
     assert_eq!(result["verification"], "unverified");
 
     // No chain_path: the cert file holds leaf + chain; the key its own file.
-    assert_eq!(std::fs::read_to_string(&cert).unwrap(), leaf.fullchain_pem());
+    assert_eq!(
+        std::fs::read_to_string(&cert).unwrap(),
+        leaf.fullchain_pem()
+    );
     assert_eq!(std::fs::read_to_string(&key).unwrap(), leaf.key_pem);
     assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o777, 0o644);
     assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
@@ -112,8 +140,12 @@ fn a_new_certificate_replaces_the_old_and_keeps_a_backup() {
     for i in 0..4 {
         let leaf = ca.leaf(&["app.test"]).issue();
         let f = files(&env, &leaf, &format!("v{i}"));
-        env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]).assert_code(0);
-        assert_eq!(std::fs::read_to_string(&cert).unwrap(), leaf.fullchain_pem());
+        env.ctl(&["deploy", "app", "--cert", s(&f.bundle)])
+            .assert_code(0);
+        assert_eq!(
+            std::fs::read_to_string(&cert).unwrap(),
+            leaf.fullchain_pem()
+        );
         shas.push(leaf.sha256_hex.clone());
     }
     // Three deploys replaced something; retention keeps the newest two.
@@ -135,10 +167,20 @@ fn dry_run_reports_the_plan_and_changes_nothing() {
     let _agent = env.spawn_agent();
     let f = files(&env, &pki::issue_cert(&["app.test"]), "app");
     let before = snapshot(&env.target_dir("app"));
-    let out = env.ctl(&["--json", "deploy", "app", "--cert", s(&f.bundle), "--dry-run"]);
+    let out = env.ctl(&[
+        "--json",
+        "deploy",
+        "app",
+        "--cert",
+        s(&f.bundle),
+        "--dry-run",
+    ]);
     out.assert_code(0);
     let lines = out.json_lines();
-    let planned = lines.iter().find(|l| l["stage"] == "planned").expect("planned event");
+    let planned = lines
+        .iter()
+        .find(|l| l["stage"] == "planned")
+        .expect("planned event");
     let files = planned["files"].as_array().unwrap();
     assert_eq!(files.len(), 2);
     assert!(files.iter().all(|f| f["changed"] == true));
@@ -150,7 +192,10 @@ fn dry_run_reports_the_plan_and_changes_nothing() {
     let human = env.ctl(&["deploy", "app", "--cert", s(&f.bundle), "--dry-run"]);
     human.assert_code(0);
     assert!(human.stdout.contains("write key"), "{human}");
-    assert!(human.stdout.contains("dry run: nothing was changed"), "{human}");
+    assert!(
+        human.stdout.contains("dry run: nothing was changed"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -160,36 +205,88 @@ fn bad_input_is_rejected_with_exit_3_and_the_target_untouched() {
     let _agent = env.spawn_agent();
     let good = pki::issue_cert(&["app.test"]);
     let gf = files(&env, &good, "good");
-    env.ctl(&["deploy", "app", "--cert", s(&gf.bundle)]).assert_code(0);
+    env.ctl(&["deploy", "app", "--cert", s(&gf.bundle)])
+        .assert_code(0);
     let before = snapshot(&env.target_dir("app"));
 
     let other = pki::issue_cert(&["app.test"]);
     let of = files(&env, &other, "other");
-    let expired = Ca::root("r").intermediate("i").leaf(&["app.test"]).expired().issue();
+    let expired = Ca::root("r")
+        .intermediate("i")
+        .leaf(&["app.test"])
+        .expired()
+        .issue();
     let ef = files(&env, &expired, "expired");
     let garbage = env.path().join("input/garbage.pem");
-    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let unrelated = pki::issue_cert(&["x.test"]);
     let with_unrelated = env.path().join("input/unrelated.pem");
-    std::fs::write(&with_unrelated, format!("{}{}", good.bundle_pem(), unrelated.cert_pem)).unwrap();
+    std::fs::write(
+        &with_unrelated,
+        format!("{}{}", good.bundle_pem(), unrelated.cert_pem),
+    )
+    .unwrap();
 
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
-        ("new cert with the old key", vec!["deploy", "app", "--cert", s(&gf.cert), "--key", s(&of.key)], "does not match"),
-        ("expired leaf", vec!["deploy", "app", "--cert", s(&ef.bundle)], "expired"),
-        ("garbage PEM", vec!["deploy", "app", "--cert", s(&garbage), "--key", s(&gf.key)], "--cert"),
-        ("no key", vec!["deploy", "app", "--cert", s(&gf.cert)], "no private key"),
-        ("unrelated extra certificate", vec!["deploy", "app", "--cert", s(&with_unrelated)], "not part of the chain"),
-        ("unknown target", vec!["deploy", "nope", "--cert", s(&gf.bundle)], "unknown target \"nope\" (configured: app)"),
+        (
+            "new cert with the old key",
+            vec!["deploy", "app", "--cert", s(&gf.cert), "--key", s(&of.key)],
+            "does not match",
+        ),
+        (
+            "expired leaf",
+            vec!["deploy", "app", "--cert", s(&ef.bundle)],
+            "expired",
+        ),
+        (
+            "garbage PEM",
+            vec!["deploy", "app", "--cert", s(&garbage), "--key", s(&gf.key)],
+            "--cert",
+        ),
+        (
+            "no key",
+            vec!["deploy", "app", "--cert", s(&gf.cert)],
+            "no private key",
+        ),
+        (
+            "unrelated extra certificate",
+            vec!["deploy", "app", "--cert", s(&with_unrelated)],
+            "not part of the chain",
+        ),
+        (
+            "unknown target",
+            vec!["deploy", "nope", "--cert", s(&gf.bundle)],
+            "unknown target \"nope\" (configured: app)",
+        ),
     ];
     for (name, args, needle) in cases {
         let out = env.ctl(&args);
         assert_eq!(out.code, 3, "{name}\n{out}");
-        assert!(out.stderr.contains(needle), "{name}: want {needle:?}\n{out}");
+        assert!(
+            out.stderr.contains(needle),
+            "{name}: want {needle:?}\n{out}"
+        );
         // Never any key material in what the user sees.
-        for line in good.key_pem.lines().chain(other.key_pem.lines()).filter(|l| !l.starts_with("-----")) {
-            assert!(!out.stdout.contains(line) && !out.stderr.contains(line), "{name} leaked key material\n{out}");
+        for line in good
+            .key_pem
+            .lines()
+            .chain(other.key_pem.lines())
+            .filter(|l| !l.starts_with("-----"))
+        {
+            assert!(
+                !out.stdout.contains(line) && !out.stderr.contains(line),
+                "{name} leaked key material\n{out}"
+            );
         }
-        assert_eq!(snapshot(&env.target_dir("app")), before, "{name} changed the target");
+        assert_eq!(
+            snapshot(&env.target_dir("app")),
+            before,
+            "{name} changed the target"
+        );
     }
 }
 
@@ -206,7 +303,11 @@ fn usage_errors_exit_2_and_an_absent_agent_exits_7() {
 
     let out = env.ctl(&["deploy", "app", "--cert", "/nonexistent/cert.pem"]);
     out.assert_code(2);
-    assert!(out.stderr.contains("cannot read --cert /nonexistent/cert.pem"), "{out}");
+    assert!(
+        out.stderr
+            .contains("cannot read --cert /nonexistent/cert.pem"),
+        "{out}"
+    );
     env.ctl(&["deploy", "app"]).assert_code(2);
     env.ctl(&["frobnicate"]).assert_code(2);
 }
@@ -245,7 +346,11 @@ fn reload_failure_rolls_back_and_reloads_the_old_files() {
         "n=$(cat {p} 2>/dev/null || echo 0); echo $((n+1)) > {p}; [ \"$n\" -ge 1 ] || {{ echo 'reload refused' >&2; exit 1; }}",
         p = state.display()
     );
-    let (cert, key) = file_target(&mut env, "app", &format!("reload = {}\n", toml_array(&["sh", "-c", &script])));
+    let (cert, key) = file_target(
+        &mut env,
+        "app",
+        &format!("reload = {}\n", toml_array(&["sh", "-c", &script])),
+    );
     let old = pki::issue_cert(&["app.test"]);
     pki::write_mode(&cert, &old.fullchain_pem(), 0o644);
     pki::write_mode(&key, &old.key_pem, 0o600);
@@ -256,7 +361,13 @@ fn reload_failure_rolls_back_and_reloads_the_old_files() {
     out.assert_code(5);
     let lines = out.json_lines();
     assert_eq!(done(&lines)["outcome"], "rolled_back");
-    assert!(done(&lines)["error"].as_str().unwrap().contains("reload refused"), "{out}");
+    assert!(
+        done(&lines)["error"]
+            .as_str()
+            .unwrap()
+            .contains("reload refused"),
+        "{out}"
+    );
     assert!(lines.iter().any(|l| l["stage"] == "rollback"), "{out}");
     assert_eq!(snapshot(&env.target_dir("app")), before);
     // Reloaded once for the new files, once more for the old ones.
@@ -266,7 +377,11 @@ fn reload_failure_rolls_back_and_reloads_the_old_files() {
 #[test]
 fn a_reload_that_always_fails_is_rollback_failed_exit_6() {
     let mut env = TestEnv::new();
-    let (cert, key) = file_target(&mut env, "app", "reload = [\"sh\", \"-c\", \"echo down >&2; exit 7\"]\n");
+    let (cert, key) = file_target(
+        &mut env,
+        "app",
+        "reload = [\"sh\", \"-c\", \"echo down >&2; exit 7\"]\n",
+    );
     let old = pki::issue_cert(&["app.test"]);
     pki::write_mode(&cert, &old.fullchain_pem(), 0o644);
     pki::write_mode(&key, &old.key_pem, 0o600);
@@ -274,7 +389,11 @@ fn a_reload_that_always_fails_is_rollback_failed_exit_6() {
     let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
     let out = env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]);
     out.assert_code(6);
-    assert!(out.stderr.contains("previous files are back on disk but reloading them failed"), "{out}");
+    assert!(
+        out.stderr
+            .contains("previous files are back on disk but reloading them failed"),
+        "{out}"
+    );
     // The old files are on disk: the operator only has to fix the server.
     assert_eq!(std::fs::read_to_string(&cert).unwrap(), old.fullchain_pem());
 }
@@ -292,9 +411,20 @@ fn owner_and_mode_follow_existing_files_and_loose_keys_are_tightened() {
     out.assert_code(0);
     let lines = out.json_lines();
     let warnings = done(&lines)["warnings"].as_array().unwrap().clone();
-    assert!(warnings.iter().any(|w| w.as_str().unwrap().contains("tightened to 0600")), "{out}");
-    assert_eq!(std::fs::metadata(&cert).unwrap().permissions().mode() & 0o777, 0o604);
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("tightened to 0600")),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::metadata(&cert).unwrap().permissions().mode() & 0o777,
+        0o604
+    );
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // Explicit modes win over the existing ones.
     let mut env2 = TestEnv::new();
@@ -302,8 +432,12 @@ fn owner_and_mode_follow_existing_files_and_loose_keys_are_tightened() {
     pki::write_mode(&cert2, "old", 0o604);
     let _agent2 = env2.spawn_agent();
     let f2 = files(&env2, &pki::issue_cert(&["app.test"]), "new");
-    env2.ctl(&["deploy", "app", "--cert", s(&f2.bundle)]).assert_code(0);
-    assert_eq!(std::fs::metadata(&cert2).unwrap().permissions().mode() & 0o777, 0o640);
+    env2.ctl(&["deploy", "app", "--cert", s(&f2.bundle)])
+        .assert_code(0);
+    assert_eq!(
+        std::fs::metadata(&cert2).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
 }
 
 #[test]
@@ -319,5 +453,10 @@ fn a_symlinked_target_file_is_refused() {
     out.assert_code(1);
     assert!(out.stderr.contains("symlink"), "{out}");
     assert_eq!(std::fs::read_to_string(&real).unwrap(), "operator's file");
-    assert!(std::fs::symlink_metadata(&cert).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(&cert)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
