@@ -9,6 +9,8 @@
 #![allow(clippy::print_stderr)]
 // Fixtures are written with std::fs directly; any clippy.toml ban on it is for agent code.
 #![allow(clippy::disallowed_methods)]
+// Test helpers fail loudly on a broken fixture: unwrap is the point.
+#![allow(clippy::unwrap_used)]
 
 // Not every test module uses every helper.
 #[allow(dead_code)]
@@ -16,3 +18,4 @@ mod support;
 
 mod harness;
 mod deploy_file;
+mod agent_lifecycle;
