@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::support::process::run_bounded;
-use crate::support::{TestEnv, agent_bin, pki, toml_array, toml_path};
+use crate::support::{TestEnv, agent_bin, pki, toml_array};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,20 +24,6 @@ fn check_config(path: &Path) -> (i32, String, String) {
     cmd.arg("check-config").arg("--config").arg(path);
     let out = run_bounded(&mut cmd, Duration::from_secs(30));
     (out.code, out.stdout, out.stderr)
-}
-
-fn file_target(env: &mut TestEnv, name: &str, extra: &str) -> PathBuf {
-    let dir = env.target_dir(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    env.target(
-        name,
-        &format!(
-            "kind = \"file\"\ncert_path = {}\nkey_path = {}\n{extra}",
-            toml_path(&dir.join("cert.pem")),
-            toml_path(&dir.join("key.pem"))
-        ),
-    );
-    dir
 }
 
 fn bundle(env: &TestEnv, stem: &str) -> String {
@@ -79,9 +65,9 @@ fn a_bad_config_exits_64_naming_file_and_key() {
 #[test]
 fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad() {
     let mut env = TestEnv::new();
-    file_target(&mut env, "one", "");
+    env.file_target("one", "");
     let agent = env.spawn_agent();
-    file_target(&mut env, "two", "");
+    env.file_target("two", "");
     env.write_config();
     agent.signal(Signal::SIGHUP);
     agent.wait_for_log("configuration reloaded", Duration::from_secs(10));
@@ -110,7 +96,7 @@ fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad() {
 #[test]
 fn sigterm_waits_for_a_running_deploy_then_exits_0_and_removes_the_socket() {
     let mut env = TestEnv::new();
-    let dir = file_target(&mut env, "slow", "reload = [\"sleep\", \"1\"]\n");
+    let dir = env.file_target("slow", "reload = [\"sleep\", \"1\"]\n");
     let mut agent = env.spawn_agent();
     let b = bundle(&env, "slow");
     let (deploy, out) = env.ctl_spawn(&["--json", "deploy", "slow", "--cert", &b], "deploy.out");
@@ -172,8 +158,8 @@ fn slow_reload(log: &Path) -> String {
 fn deploys_to_one_target_serialize_and_to_two_targets_overlap() {
     let mut env = TestEnv::new();
     let log = env.path().join("reloads.log");
-    file_target(&mut env, "a", &slow_reload(&log));
-    file_target(&mut env, "b", &slow_reload(&log));
+    env.file_target("a", &slow_reload(&log));
+    env.file_target("b", &slow_reload(&log));
     let _agent = env.spawn_agent();
     let inputs: Vec<String> = (0..4).map(|i| bundle(&env, &format!("in{i}"))).collect();
 
@@ -227,7 +213,7 @@ fn deploys_to_one_target_serialize_and_to_two_targets_overlap() {
 #[test]
 fn no_wait_on_a_busy_target_exits_8() {
     let mut env = TestEnv::new();
-    file_target(&mut env, "a", "reload = [\"sleep\", \"2\"]\n");
+    env.file_target("a", "reload = [\"sleep\", \"2\"]\n");
     let _agent = env.spawn_agent();
     let first = bundle(&env, "first");
     let second = bundle(&env, "second");
@@ -249,7 +235,7 @@ fn no_wait_on_a_busy_target_exits_8() {
 #[test]
 fn access_is_decided_per_call_from_peer_credentials() {
     let mut env = TestEnv::new();
-    let dir = file_target(&mut env, "app", "");
+    let dir = env.file_target("app", "");
     // Two groups: the socket is 0666 and the per-call check decides.
     env.deploy_groups(&["root"]).read_groups(&["nogroup"]);
     let _agent = env.spawn_agent();
@@ -284,7 +270,7 @@ fn access_is_decided_per_call_from_peer_credentials() {
 #[test]
 fn with_no_groups_the_socket_is_private() {
     let mut env = TestEnv::new();
-    file_target(&mut env, "app", "");
+    env.file_target("app", "");
     let _agent = env.spawn_agent();
     assert_eq!(
         std::fs::metadata(env.socket()).unwrap().mode() & 0o777,
@@ -300,7 +286,7 @@ fn with_no_groups_the_socket_is_private() {
 #[test]
 fn watch_streams_every_stage_of_a_deploy() {
     let mut env = TestEnv::new();
-    file_target(&mut env, "app", "");
+    env.file_target("app", "");
     let _agent = env.spawn_agent();
     let (guard, out) = env.ctl_spawn(&["--json", "watch"], "watch.out");
     // Give the watcher time to subscribe before the deploy starts.

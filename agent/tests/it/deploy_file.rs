@@ -6,23 +6,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::support::pki::{self, Ca, LeafFiles};
-use crate::support::{TestEnv, toml_array, toml_path};
+use crate::support::{TestEnv, toml_array};
 
-/// A `file` target named `name` under the env's target dir, with `extra` keys.
+/// A `file` target named `name` with `extra` keys: its cert and key paths.
 fn file_target(env: &mut TestEnv, name: &str, extra: &str) -> (PathBuf, PathBuf) {
-    let dir = env.target_dir(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    env.target(
-        name,
-        &format!(
-            "kind = \"file\"\ncert_path = {}\nkey_path = {}\n{extra}",
-            toml_path(&cert),
-            toml_path(&key)
-        ),
-    );
-    (cert, key)
+    let dir = env.file_target(name, extra);
+    (dir.join("cert.pem"), dir.join("key.pem"))
 }
 
 fn files(env: &TestEnv, leaf: &pki::Leaf, stem: &str) -> LeafFiles {

@@ -206,6 +206,20 @@ impl TestEnv {
         self
     }
 
+    /// Adds a `kind = "file"` target whose `cert.pem`/`key.pem` live in a fresh
+    /// [`Self::target_dir`], plus `extra` TOML keys; returns that directory.
+    pub fn file_target(&mut self, name: &str, extra: &str) -> PathBuf {
+        let dir = self.target_dir(name);
+        std::fs::create_dir_all(&dir).expect("create target dir");
+        let body = format!(
+            "kind = \"file\"\ncert_path = {}\nkey_path = {}\n{extra}",
+            toml_path(&dir.join("cert.pem")),
+            toml_path(&dir.join("key.pem"))
+        );
+        self.target(name, &body);
+        dir
+    }
+
     /// Adds a `kind = "nginx"` target for `nginx`'s vhost `server_name`, with its paths, validate/reload argv and verify endpoint, plus `extra` TOML keys.
     pub fn nginx_target(
         &mut self,
