@@ -16,6 +16,7 @@
 #[allow(dead_code)]
 mod support;
 
-mod harness;
-mod deploy_file;
 mod agent_lifecycle;
+mod deploy_file;
+mod harness;
+mod nginx;

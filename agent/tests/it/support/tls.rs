@@ -70,7 +70,9 @@ pub fn served_leaf_sha256(port: u16, sni: &str) -> Result<String, String> {
     Ok(sha256_hex(&chain[0]))
 }
 
-/// Polls (bounded by `timeout`) until the served leaf has this SHA-256; Err says what was served last.
+/// Polls (bounded by `timeout`) until three probes in a row serve this SHA-256
+/// (right after a reload an old worker can still answer with the old leaf);
+/// Err says what was served last.
 pub fn wait_until_served(
     port: u16,
     sni: &str,
@@ -78,11 +80,17 @@ pub fn wait_until_served(
     timeout: Duration,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let mut in_a_row = 0;
     loop {
         let last = served_leaf_sha256(port, sni);
         if last.as_deref() == Ok(sha256) {
-            return Ok(());
+            in_a_row += 1;
+            if in_a_row == 3 {
+                return Ok(());
+            }
+            continue;
         }
+        in_a_row = 0;
         if Instant::now() >= deadline {
             return Err(format!(
                 "127.0.0.1:{port} ({sni}) still serves {last:?} after {timeout:?}, want {sha256}"
