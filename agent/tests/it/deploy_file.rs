@@ -3,9 +3,10 @@
 //! precedence. Nothing here needs a server.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::support::pki::{self, Ca, LeafFiles};
+use crate::support::assert::{arg, done, snapshot};
+use crate::support::pki::{self, Ca};
 use crate::support::{TestEnv, toml_array};
 
 /// A `file` target named `name` with `extra` keys: its cert and key paths.
@@ -14,62 +15,24 @@ fn file_target(env: &mut TestEnv, name: &str, extra: &str) -> (PathBuf, PathBuf)
     (dir.join("cert.pem"), dir.join("key.pem"))
 }
 
-fn files(env: &TestEnv, leaf: &pki::Leaf, stem: &str) -> LeafFiles {
-    leaf.write_files(&env.path().join("input"), stem)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Every file under `dir` (recursively) with its bytes and mode, for
-/// "nothing changed" assertions.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push((
-                    e.path(),
-                    std::fs::read(e.path()).unwrap(),
-                    meta.mode() & 0o7777,
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn done(lines: &[serde_json::Value]) -> &serde_json::Value {
-    let last = lines.last().expect("at least one event");
-    assert_eq!(last["stage"], "done", "{lines:#?}");
-    &last["result"]
-}
-
 #[test]
 fn deploy_writes_fullchain_and_key_then_identical_input_is_a_noop() {
     let mut env = TestEnv::new();
     let (cert, key) = file_target(&mut env, "app", "");
     let _agent = env.spawn_agent();
     let leaf = pki::issue_cert(&["app.test"]);
-    let f = files(&env, &leaf, "app");
+    let f = env.inputs(&leaf, "app");
 
     let out = env.ctl(&[
         "--json",
         "deploy",
         "app",
         "--cert",
-        s(&f.cert),
+        arg(&f.cert),
         "--key",
-        s(&f.key),
+        arg(&f.key),
         "--chain",
-        s(&f.chain),
+        arg(&f.chain),
     ]);
     out.assert_code(0);
     let lines = out.json_lines();
@@ -102,7 +65,7 @@ fn deploy_writes_fullchain_and_key_then_identical_input_is_a_noop() {
 
     // The same material again, this time as one bundle: nothing to do.
     let before = snapshot(&env.target_dir("app"));
-    let out = env.ctl(&["--json", "deploy", "app", "--cert", s(&f.bundle)]);
+    let out = env.ctl(&["--json", "deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(0);
     let lines = out.json_lines();
     assert_eq!(done(&lines)["outcome"], "unchanged", "{out}");
@@ -128,8 +91,8 @@ fn a_new_certificate_replaces_the_old_and_keeps_a_backup() {
     let mut shas = Vec::new();
     for i in 0..4 {
         let leaf = ca.leaf(&["app.test"]).issue();
-        let f = files(&env, &leaf, &format!("v{i}"));
-        env.ctl(&["deploy", "app", "--cert", s(&f.bundle)])
+        let f = env.inputs(&leaf, &format!("v{i}"));
+        env.ctl(&["deploy", "app", "--cert", arg(&f.bundle)])
             .assert_code(0);
         assert_eq!(
             std::fs::read_to_string(&cert).unwrap(),
@@ -154,14 +117,14 @@ fn dry_run_reports_the_plan_and_changes_nothing() {
     let mut env = TestEnv::new();
     file_target(&mut env, "app", "");
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "app");
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "app");
     let before = snapshot(&env.target_dir("app"));
     let out = env.ctl(&[
         "--json",
         "deploy",
         "app",
         "--cert",
-        s(&f.bundle),
+        arg(&f.bundle),
         "--dry-run",
     ]);
     out.assert_code(0);
@@ -178,7 +141,7 @@ fn dry_run_reports_the_plan_and_changes_nothing() {
     assert_eq!(done(&lines)["outcome"], "dry_run");
     assert_eq!(snapshot(&env.target_dir("app")), before);
     // Human output lists the files too.
-    let human = env.ctl(&["deploy", "app", "--cert", s(&f.bundle), "--dry-run"]);
+    let human = env.ctl(&["deploy", "app", "--cert", arg(&f.bundle), "--dry-run"]);
     human.assert_code(0);
     assert!(human.stdout.contains("write key"), "{human}");
     assert!(
@@ -193,19 +156,19 @@ fn bad_input_is_rejected_with_exit_3_and_the_target_untouched() {
     file_target(&mut env, "app", "");
     let _agent = env.spawn_agent();
     let good = pki::issue_cert(&["app.test"]);
-    let gf = files(&env, &good, "good");
-    env.ctl(&["deploy", "app", "--cert", s(&gf.bundle)])
+    let gf = env.inputs(&good, "good");
+    env.ctl(&["deploy", "app", "--cert", arg(&gf.bundle)])
         .assert_code(0);
     let before = snapshot(&env.target_dir("app"));
 
     let other = pki::issue_cert(&["app.test"]);
-    let of = files(&env, &other, "other");
+    let of = env.inputs(&other, "other");
     let expired = Ca::root("r")
         .intermediate("i")
         .leaf(&["app.test"])
         .expired()
         .issue();
-    let ef = files(&env, &expired, "expired");
+    let ef = env.inputs(&expired, "expired");
     let garbage = env.path().join("input/garbage.pem");
     std::fs::write(
         &garbage,
@@ -223,32 +186,46 @@ fn bad_input_is_rejected_with_exit_3_and_the_target_untouched() {
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         (
             "new cert with the old key",
-            vec!["deploy", "app", "--cert", s(&gf.cert), "--key", s(&of.key)],
+            vec![
+                "deploy",
+                "app",
+                "--cert",
+                arg(&gf.cert),
+                "--key",
+                arg(&of.key),
+            ],
             "does not match",
         ),
         (
             "expired leaf",
-            vec!["deploy", "app", "--cert", s(&ef.bundle)],
+            vec!["deploy", "app", "--cert", arg(&ef.bundle)],
             "expired",
         ),
         (
             "garbage PEM",
-            vec!["deploy", "app", "--cert", s(&garbage), "--key", s(&gf.key)],
+            vec![
+                "deploy",
+                "app",
+                "--cert",
+                arg(&garbage),
+                "--key",
+                arg(&gf.key),
+            ],
             "--cert",
         ),
         (
             "no key",
-            vec!["deploy", "app", "--cert", s(&gf.cert)],
+            vec!["deploy", "app", "--cert", arg(&gf.cert)],
             "no private key",
         ),
         (
             "unrelated extra certificate",
-            vec!["deploy", "app", "--cert", s(&with_unrelated)],
+            vec!["deploy", "app", "--cert", arg(&with_unrelated)],
             "not part of the chain",
         ),
         (
             "unknown target",
-            vec!["deploy", "nope", "--cert", s(&gf.bundle)],
+            vec!["deploy", "nope", "--cert", arg(&gf.bundle)],
             "unknown target \"nope\" (configured: app)",
         ),
     ];
@@ -284,8 +261,8 @@ fn usage_errors_exit_2_and_an_absent_agent_exits_7() {
     let mut env = TestEnv::new();
     file_target(&mut env, "app", "");
     // No agent running.
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "app");
-    let out = env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "app");
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(7);
     assert!(out.stderr.contains("cannot reach the agent"), "{out}");
     assert!(out.stderr.contains("is certctl-agent running?"), "{out}");
@@ -316,8 +293,8 @@ fn validate_failure_restores_the_previous_files_byte_for_byte() {
     pki::write_mode(&env.target_dir("app").join("key.pem"), &old.key_pem, 0o600);
     let before = snapshot(&env.target_dir("app"));
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
-    let out = env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "new");
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(4);
     assert!(out.stderr.contains("validate command"), "{out}");
     assert!(out.stderr.contains("bad cert in"), "{out}");
@@ -345,8 +322,8 @@ fn reload_failure_rolls_back_and_reloads_the_old_files() {
     pki::write_mode(&key, &old.key_pem, 0o600);
     let before = snapshot(&env.target_dir("app"));
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
-    let out = env.ctl(&["--json", "deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "new");
+    let out = env.ctl(&["--json", "deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(5);
     let lines = out.json_lines();
     assert_eq!(done(&lines)["outcome"], "rolled_back");
@@ -375,8 +352,8 @@ fn a_reload_that_always_fails_is_rollback_failed_exit_6() {
     pki::write_mode(&cert, &old.fullchain_pem(), 0o644);
     pki::write_mode(&key, &old.key_pem, 0o600);
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
-    let out = env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "new");
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(6);
     assert!(
         out.stderr
@@ -395,8 +372,8 @@ fn owner_and_mode_follow_existing_files_and_loose_keys_are_tightened() {
     pki::write_mode(&cert, &old.fullchain_pem(), 0o604);
     pki::write_mode(&key, &old.key_pem, 0o644);
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
-    let out = env.ctl(&["--json", "deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "new");
+    let out = env.ctl(&["--json", "deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(0);
     let lines = out.json_lines();
     let warnings = done(&lines)["warnings"].as_array().unwrap().clone();
@@ -420,8 +397,8 @@ fn owner_and_mode_follow_existing_files_and_loose_keys_are_tightened() {
     let (cert2, _) = file_target(&mut env2, "app", "cert_mode = \"0640\"\n");
     pki::write_mode(&cert2, "old", 0o604);
     let _agent2 = env2.spawn_agent();
-    let f2 = files(&env2, &pki::issue_cert(&["app.test"]), "new");
-    env2.ctl(&["deploy", "app", "--cert", s(&f2.bundle)])
+    let f2 = env2.inputs(&pki::issue_cert(&["app.test"]), "new");
+    env2.ctl(&["deploy", "app", "--cert", arg(&f2.bundle)])
         .assert_code(0);
     assert_eq!(
         std::fs::metadata(&cert2).unwrap().permissions().mode() & 0o777,
@@ -437,8 +414,8 @@ fn a_symlinked_target_file_is_refused() {
     std::fs::write(&real, "operator's file").unwrap();
     std::os::unix::fs::symlink(&real, &cert).unwrap();
     let _agent = env.spawn_agent();
-    let f = files(&env, &pki::issue_cert(&["app.test"]), "new");
-    let out = env.ctl(&["deploy", "app", "--cert", s(&f.bundle)]);
+    let f = env.inputs(&pki::issue_cert(&["app.test"]), "new");
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&f.bundle)]);
     out.assert_code(1);
     assert!(out.stderr.contains("symlink"), "{out}");
     assert_eq!(std::fs::read_to_string(&real).unwrap(), "operator's file");

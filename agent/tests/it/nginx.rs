@@ -11,9 +11,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::assert::{arg, done, snapshot, stages, temp_files};
 use crate::support::nginx::{Nginx, nginx_available};
-use crate::support::pki::{self, Leaf, LeafFiles};
-use crate::support::{TestEnv, tls, toml_array, toml_path, toml_str};
+use crate::support::pki::{self, Leaf};
+use crate::support::{TestEnv, tls};
 
 /// The vhost's server name and the SNI the probes send.
 const SNI: &str = "web.test";
@@ -42,25 +43,12 @@ fn start_site(env: &TestEnv, leaf: &Leaf) -> Site {
     Site { nginx, cert, key }
 }
 
-/// Adds target `web` of kind `nginx` on the site's files: no `chain_path`
-/// (the cert file gets leaf + chain), nginx's own validate argv, `reload` or
-/// nginx's reload argv, and no `[target.verify]`.
-fn nginx_target(env: &mut TestEnv, site: &Site, reload: Option<&[String]>) {
-    let reload = reload.map_or_else(|| site.nginx.reload_argv(), <[String]>::to_vec);
-    let body = format!(
-        "kind = \"nginx\"\n\
-         cert_path = {cert}\n\
-         key_path = {key}\n\
-         validate = {validate}\n\
-         reload = {reload}\n\
-         command_timeout = {timeout}\n",
-        cert = toml_path(&site.cert),
-        key = toml_path(&site.key),
-        validate = toml_array(&site.nginx.validate_argv()),
-        reload = toml_array(&reload),
-        timeout = toml_str("30s"),
-    );
-    env.target(TARGET, &body);
+/// A reload argv that appends a line to the returned file, then runs nginx's
+/// real reload: the file counts the reloads.
+fn counting_reload(env: &TestEnv, site: &Site) -> (PathBuf, Vec<String>) {
+    let reloads = env.path().join("reloads");
+    let script = format!("echo reload >> {}; exec \"$@\"", sh_quote(&reloads));
+    (reloads, sh_wrapper(site, &script))
 }
 
 /// `sh -c SCRIPT sh NGINX-RELOAD-ARGV...`: `SCRIPT` runs the real reload with `exec "$@"`.
@@ -81,67 +69,6 @@ fn sh_quote(p: &Path) -> String {
         "'{}'",
         p.to_str().expect("utf-8 path").replace('\'', r"'\''")
     )
-}
-
-/// Every input form of `leaf` under `<root>/input`.
-fn files(env: &TestEnv, leaf: &Leaf, stem: &str) -> LeafFiles {
-    leaf.write_files(&env.path().join("input"), stem)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// One file of a snapshot: path, bytes, mode, uid, gid.
-type FileState = (PathBuf, Vec<u8>, u32, u32, u32);
-
-/// Every file under `dir` (recursively) with bytes, mode and owner, for
-/// "nothing changed" assertions.
-fn snapshot(dir: &Path) -> Vec<FileState> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let path = e.expect("dir entry").path();
-            let meta = std::fs::symlink_metadata(&path).expect("lstat");
-            if meta.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).expect("read");
-                out.push((path, bytes, meta.mode() & 0o7777, meta.uid(), meta.gid()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Names of `.certctl-tmp-*` files directly in `dir`.
-fn temp_files(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| n.starts_with(".certctl-tmp-"))
-        .collect()
-}
-
-/// The `result` of the final `done` event.
-fn done(lines: &[serde_json::Value]) -> &serde_json::Value {
-    let last = lines.last().expect("at least one event");
-    assert_eq!(last["stage"], "done", "{lines:#?}");
-    &last["result"]
-}
-
-fn stages(lines: &[serde_json::Value]) -> Vec<&str> {
-    lines
-        .iter()
-        .map(|l| l["stage"].as_str().expect("stage is a string"))
-        .collect()
 }
 
 /// nginx serves `leaf` (three probes in a row, bounded), or the test fails
@@ -168,19 +95,19 @@ fn deploy_to_nginx_serves_the_new_certificate() {
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
-    nginx_target(&mut env, &site, None);
+    env.nginx_target(TARGET, &site.nginx, SNI, None);
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
+    let f = env.inputs(&b, "b");
     let out = env.ctl(&[
         "--json",
         "deploy",
         TARGET,
         "--cert",
-        s(&f.fullchain),
+        arg(&f.fullchain),
         "--key",
-        s(&f.key),
+        arg(&f.key),
     ]);
     out.assert_code(0);
     let lines = out.json_lines();
@@ -233,12 +160,12 @@ fn a_first_deploy_creates_the_files_with_the_nginx_defaults() {
     // nginx holds A in memory; the files are gone, so the deploy creates them.
     std::fs::remove_file(&site.cert).unwrap();
     std::fs::remove_file(&site.key).unwrap();
-    nginx_target(&mut env, &site, None);
+    env.nginx_target(TARGET, &site.nginx, SNI, None);
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
-    let out = env.ctl(&["--json", "deploy", TARGET, "--cert", s(&f.bundle)]);
+    let f = env.inputs(&b, "b");
+    let out = env.ctl(&["--json", "deploy", TARGET, "--cert", arg(&f.bundle)]);
     out.assert_code(0);
     assert_eq!(done(&out.json_lines())["outcome"], "deployed", "{out}");
     assert_served(&site.nginx, &b);
@@ -265,27 +192,23 @@ fn mismatched_key_is_rejected_and_nothing_changes() {
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
-    let reloads = env.path().join("reloads");
-    let wrapper = sh_wrapper(
-        &site,
-        &format!("echo reload >> {}; exec \"$@\"", sh_quote(&reloads)),
-    );
-    nginx_target(&mut env, &site, Some(&wrapper));
+    let (reloads, wrapper) = counting_reload(&env, &site);
+    env.nginx_target(TARGET, &site.nginx, SNI, Some(&wrapper));
     let _agent = env.spawn_agent();
     let before = snapshot(&env.target_dir(TARGET));
 
     let b = pki::issue_cert(&[SNI]);
     let c = pki::issue_cert(&[SNI]);
-    let fb = files(&env, &b, "b");
-    let fc = files(&env, &c, "c");
+    let fb = env.inputs(&b, "b");
+    let fc = env.inputs(&c, "c");
     let out = env.ctl(&[
         "--json",
         "deploy",
         TARGET,
         "--cert",
-        s(&fb.fullchain),
+        arg(&fb.fullchain),
         "--key",
-        s(&fc.key),
+        arg(&fc.key),
     ]);
     out.assert_code(3);
     let lines = out.json_lines();
@@ -309,12 +232,8 @@ fn nginx_t_failure_restores_the_old_files() {
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
-    let reloads = env.path().join("reloads");
-    let wrapper = sh_wrapper(
-        &site,
-        &format!("echo reload >> {}; exec \"$@\"", sh_quote(&reloads)),
-    );
-    nginx_target(&mut env, &site, Some(&wrapper));
+    let (reloads, wrapper) = counting_reload(&env, &site);
+    env.nginx_target(TARGET, &site.nginx, SNI, Some(&wrapper));
     let _agent = env.spawn_agent();
 
     // Break the config on disk; the running nginx keeps the one it loaded.
@@ -325,8 +244,8 @@ fn nginx_t_failure_restores_the_old_files() {
     let before = snapshot(&env.target_dir(TARGET));
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
-    let out = env.ctl(&["deploy", TARGET, "--cert", s(&f.bundle)]);
+    let f = env.inputs(&b, "b");
+    let out = env.ctl(&["deploy", TARGET, "--cert", arg(&f.bundle)]);
     out.assert_code(4);
     let validate = site.nginx.validate_argv();
     assert!(out.stderr.contains("validate command"), "{out}");
@@ -370,13 +289,13 @@ fn failed_reload_rolls_back_to_the_old_certificate() {
         c = sh_quote(&counter)
     );
     let wrapper = sh_wrapper(&site, &script);
-    nginx_target(&mut env, &site, Some(&wrapper));
+    env.nginx_target(TARGET, &site.nginx, SNI, Some(&wrapper));
     let _agent = env.spawn_agent();
     let before = snapshot(&env.target_dir(TARGET));
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
-    let out = env.ctl(&["--json", "deploy", TARGET, "--cert", s(&f.bundle)]);
+    let f = env.inputs(&b, "b");
+    let out = env.ctl(&["--json", "deploy", TARGET, "--cert", arg(&f.bundle)]);
     out.assert_code(5);
     let lines = out.json_lines();
     let result = done(&lines);
@@ -412,17 +331,13 @@ fn identical_material_twice_is_a_noop_without_reload() {
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
-    let reloads = env.path().join("reloads");
-    let wrapper = sh_wrapper(
-        &site,
-        &format!("echo reload >> {}; exec \"$@\"", sh_quote(&reloads)),
-    );
-    nginx_target(&mut env, &site, Some(&wrapper));
+    let (reloads, wrapper) = counting_reload(&env, &site);
+    env.nginx_target(TARGET, &site.nginx, SNI, Some(&wrapper));
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
-    let first = env.ctl(&["--json", "deploy", TARGET, "--cert", s(&f.bundle)]);
+    let f = env.inputs(&b, "b");
+    let first = env.ctl(&["--json", "deploy", TARGET, "--cert", arg(&f.bundle)]);
     first.assert_code(0);
     assert_eq!(done(&first.json_lines())["outcome"], "deployed", "{first}");
     assert_served(&site.nginx, &b);
@@ -434,11 +349,11 @@ fn identical_material_twice_is_a_noop_without_reload() {
         "deploy",
         TARGET,
         "--cert",
-        s(&f.cert),
+        arg(&f.cert),
         "--key",
-        s(&f.key),
+        arg(&f.key),
         "--chain",
-        s(&f.chain),
+        arg(&f.chain),
     ]);
     second.assert_code(0);
     let lines = second.json_lines();
@@ -462,13 +377,13 @@ fn deploy_as_a_user_outside_the_allowed_groups_exits_7() {
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
-    nginx_target(&mut env, &site, None);
+    env.nginx_target(TARGET, &site.nginx, SNI, None);
     // Two groups: the socket is 0666, so only the per-call check can refuse.
     env.deploy_groups(&["root"]).read_groups(&["nogroup"]);
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
-    let f = files(&env, &b, "b");
+    let f = env.inputs(&b, "b");
     // Readable by uid 65534, so the refusal is the agent's, not a read error.
     let input = env.path().join("input");
     std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -477,7 +392,7 @@ fn deploy_as_a_user_outside_the_allowed_groups_exits_7() {
     }
     let before = snapshot(&env.target_dir(TARGET));
 
-    let Some(out) = env.ctl_as(65534, 65534, &["deploy", TARGET, "--cert", s(&f.bundle)]) else {
+    let Some(out) = env.ctl_as(65534, 65534, &["deploy", TARGET, "--cert", arg(&f.bundle)]) else {
         return;
     };
     out.assert_code(7);

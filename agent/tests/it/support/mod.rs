@@ -13,6 +13,7 @@
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
+pub mod assert;
 pub mod nginx;
 pub mod pki;
 pub mod process;
@@ -206,6 +207,11 @@ impl TestEnv {
         self
     }
 
+    /// Writes every input form of `leaf` under `<root>/input` as `<stem>.*`.
+    pub fn inputs(&self, leaf: &pki::Leaf, stem: &str) -> pki::LeafFiles {
+        leaf.write_files(&self.path().join("input"), stem)
+    }
+
     /// Adds a `kind = "file"` target whose `cert.pem`/`key.pem` live in a fresh
     /// [`Self::target_dir`], plus `extra` TOML keys; returns that directory.
     pub fn file_target(&mut self, name: &str, extra: &str) -> PathBuf {
@@ -220,40 +226,33 @@ impl TestEnv {
         dir
     }
 
-    /// Adds a `kind = "nginx"` target for `nginx`'s vhost `server_name`, with its paths, validate/reload argv and verify endpoint, plus `extra` TOML keys.
+    /// Adds a `kind = "nginx"` target on `nginx`'s vhost `server_name`: its
+    /// files (no `chain_path`: the cert file gets leaf + chain), nginx's
+    /// validate argv, and `reload` or nginx's own reload argv.
     pub fn nginx_target(
         &mut self,
         name: &str,
         nginx: &nginx::Nginx,
         server_name: &str,
-        extra: &str,
+        reload: Option<&[String]>,
     ) -> &mut Self {
         let vhost = nginx
             .vhosts()
             .iter()
             .find(|v| v.server_name == server_name)
             .unwrap_or_else(|| panic!("nginx has no vhost {server_name}"));
+        let reload = reload.map_or_else(|| nginx.reload_argv(), <[String]>::to_vec);
         let body = format!(
             "kind = \"nginx\"\n\
              cert_path = {cert}\n\
              key_path = {key}\n\
              validate = {validate}\n\
              reload = {reload}\n\
-             command_timeout = \"30s\"\n\
-             {extra}\n\
-             [target.verify]\n\
-             endpoint = {endpoint}\n\
-             server_name = {sni}\n\
-             attempts = 5\n\
-             backoff = \"200ms\"\n\
-             max_backoff = \"1s\"\n\
-             timeout = \"5s\"\n",
+             command_timeout = \"30s\"\n",
             cert = toml_path(&vhost.cert),
             key = toml_path(&vhost.key),
             validate = toml_array(&nginx.validate_argv()),
-            reload = toml_array(&nginx.reload_argv()),
-            endpoint = toml_str(nginx.endpoint()),
-            sni = toml_str(server_name),
+            reload = toml_array(&reload),
         );
         self.target(name, &body)
     }
