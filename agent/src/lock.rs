@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +23,9 @@ pub enum LockError {
     /// `no_wait` was asked and another deploy holds the target.
     #[error("target {target} is busy: another deploy holds it{by}")]
     Busy { target: String, by: &'static str },
-    #[error("cannot open lock file {path}: {source}")]
+    #[error(
+        "cannot open lock file {path}: {source}: the agent needs write access to its state_dir"
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -34,6 +36,13 @@ pub enum LockError {
         path: PathBuf,
         #[source]
         source: nix::Error,
+    },
+    /// The task waiting for the `flock` ended abnormally (runtime shutdown).
+    #[error("waiting for the lock on {path} was interrupted: {source}")]
+    Interrupted {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
     },
 }
 
@@ -105,9 +114,9 @@ impl Locks {
             let p = path.clone();
             tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
                 .await
-                .map_err(|e| LockError::Flock {
+                .map_err(|source| LockError::Interrupted {
                     path: p.clone(),
-                    source: nix::Error::from_raw(if e.is_cancelled() { 125 } else { 5 }),
+                    source,
                 })?
                 .map_err(|(_, errno)| LockError::Flock {
                     path: p,
@@ -141,8 +150,6 @@ fn open_lock_file(dir: &Path, path: &Path) -> Result<File, LockError> {
         .open(path)
         .map_err(open_err)
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 #[cfg(test)]
 mod tests {

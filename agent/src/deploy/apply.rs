@@ -250,10 +250,9 @@ impl Run<'_> {
 
         // 6. Commit.
         let committed = {
-            let plan = plan.clone();
             let id = self.id.clone();
             let name = target.name.clone();
-            blocking(move || commit(&plan, temps, &name, &id)).await
+            blocking(move || commit(temps, &name, &id)).await
         }
         .map_err(|e| match e {
             CommitError::Restored(e) => Failure::new(
@@ -339,11 +338,7 @@ impl Run<'_> {
         }
 
         // 10. Finish: prune old backups.
-        let dirs: BTreeSet<PathBuf> = plan
-            .files
-            .iter()
-            .map(|f| atomic::parent(&f.path).to_owned())
-            .collect();
+        let dirs = dirs_of(plan.files.iter().map(|f| &f.path));
         let name = target.name.clone();
         let keep = target.backup_retention as usize;
         if let Err(e) = blocking(move || prune(&dirs, &name, keep)).await {
@@ -383,7 +378,7 @@ impl Run<'_> {
                 "leaf {} sha256 {}, valid until {}, {} chain certificate(s), {} key",
                 leaf.subject,
                 short_hex(&leaf.sha256_hex()),
-                fmt_unix(leaf.not_after),
+                bundle::rfc3339(leaf.not_after),
                 bundle.chain.len(),
                 bundle.key.algorithm()
             ),
@@ -514,22 +509,42 @@ impl From<tokio::task::JoinError> for CommitError {
     }
 }
 
+/// A changed file written to its temp name, ready to be renamed into place.
+struct Staged {
+    tmp: PathBuf,
+    live: PathBuf,
+    /// Something was at `live` before: it is kept as a backup.
+    existed: bool,
+}
+
+/// The directories holding `paths`, each once.
+fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTreeSet<PathBuf> {
+    paths
+        .into_iter()
+        .map(|p| atomic::parent(p).to_owned())
+        .collect()
+}
+
 /// Writes a temp file for every changed file. On error, removes the temps
 /// written so far: nothing is left behind.
-fn stage_files(plan: &Plan, id: &str) -> Result<Vec<(PathBuf, PathBuf)>, FsError> {
-    let mut temps = Vec::new();
+fn stage_files(plan: &Plan, id: &str) -> Result<Vec<Staged>, FsError> {
+    let mut staged: Vec<Staged> = Vec::new();
     for f in plan.files.iter().filter(|f| f.changed) {
         match atomic::write_temp(&f.path, id, &f.bytes, f.mode, f.uid, f.gid) {
-            Ok(tmp) => temps.push((tmp, f.path.clone())),
+            Ok(tmp) => staged.push(Staged {
+                tmp,
+                live: f.path.clone(),
+                existed: f.existing.is_some(),
+            }),
             Err(e) => {
-                for (tmp, _) in &temps {
-                    let _ = atomic::remove(tmp);
+                for s in &staged {
+                    let _ = atomic::remove(&s.tmp);
                 }
                 return Err(e);
             }
         }
     }
-    Ok(temps)
+    Ok(staged)
 }
 
 enum CommitError {
@@ -541,75 +556,59 @@ enum CommitError {
 
 /// Keeps the current files as backups, renames the temps into place and
 /// fsyncs the directories. On failure, undoes what was done.
-fn commit(
-    plan: &Plan,
-    temps: Vec<(PathBuf, PathBuf)>,
-    target: &str,
-    id: &str,
-) -> Result<Committed, CommitError> {
+fn commit(staged: Vec<Staged>, target: &str, id: &str) -> Result<Committed, CommitError> {
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
     };
-    let remove_temps = |from: usize, temps: &[(PathBuf, PathBuf)]| {
-        for (tmp, _) in &temps[from..] {
-            let _ = atomic::remove(tmp);
+    let remove_temps = |from: usize| {
+        for s in &staged[from..] {
+            let _ = atomic::remove(&s.tmp);
         }
     };
+    // Before any rename: drop every temp and backup this commit made.
+    let abandon = |backup_dirs: &[PathBuf], e: FsError| {
+        remove_temps(0);
+        for d in backup_dirs {
+            let _ = atomic::remove_tree(d);
+        }
+        CommitError::Restored(e)
+    };
     // Backups first, all of them, before any rename.
-    let mut backups = Vec::with_capacity(temps.len());
-    for (_, live) in &temps {
-        let existed = plan
-            .files
-            .iter()
-            .any(|f| &f.path == live && f.existing.is_some());
-        if !existed {
+    let mut backups = Vec::with_capacity(staged.len());
+    for s in &staged {
+        if !s.existed {
             backups.push(None);
             continue;
         }
-        let dir = atomic::parent(live);
-        let bdir = atomic::backup_dir(dir, target, id);
-        let res = atomic::make_private_dir(&bdir).and_then(|()| {
-            let b = bdir.join(live.file_name().unwrap_or_default());
-            atomic::keep_backup(live, &b).map(|()| b)
-        });
-        match res {
-            Ok(b) => {
-                if !committed.backup_dirs.contains(&bdir) {
-                    committed.backup_dirs.push(bdir);
-                }
-                backups.push(Some(b));
-            }
-            Err(e) => {
-                remove_temps(0, &temps);
-                for d in &committed.backup_dirs {
-                    let _ = atomic::remove_tree(d);
-                }
-                return Err(CommitError::Restored(e));
-            }
+        let bdir = atomic::backup_dir(atomic::parent(&s.live), target, id);
+        if !committed.backup_dirs.contains(&bdir) {
+            committed.backup_dirs.push(bdir.clone());
         }
+        let backup = bdir.join(s.live.file_name().unwrap_or_default());
+        let kept =
+            atomic::make_private_dir(&bdir).and_then(|()| atomic::keep_backup(&s.live, &backup));
+        if let Err(e) = kept {
+            return Err(abandon(&committed.backup_dirs, e));
+        }
+        backups.push(Some(backup));
     }
     for d in &committed.backup_dirs {
         if let Err(e) = atomic::fsync_dir(d) {
-            remove_temps(0, &temps);
-            return Err(CommitError::Restored(e));
+            return Err(abandon(&committed.backup_dirs, e));
         }
     }
-    for (i, ((tmp, live), backup)) in temps.iter().zip(backups).enumerate() {
-        if let Err(e) = atomic::rename(tmp, live) {
-            remove_temps(i, &temps);
+    for (i, (s, backup)) in staged.iter().zip(backups).enumerate() {
+        if let Err(e) = atomic::rename(&s.tmp, &s.live) {
+            remove_temps(i);
             return Err(match undo(&committed, id) {
                 Ok(()) => CommitError::Restored(e),
                 Err(r) => CommitError::NotRestored(e, r),
             });
         }
-        committed.files.push((live.clone(), backup));
+        committed.files.push((s.live.clone(), backup));
     }
-    let dirs: BTreeSet<PathBuf> = temps
-        .iter()
-        .map(|(_, l)| atomic::parent(l).to_owned())
-        .collect();
-    for d in &dirs {
+    for d in &dirs_of(staged.iter().map(|s| &s.live)) {
         if let Err(e) = atomic::fsync_dir(d) {
             return Err(match undo(&committed, id) {
                 Ok(()) => CommitError::Restored(e),
@@ -633,12 +632,7 @@ fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
             first_err.get_or_insert(e);
         }
     }
-    let dirs: BTreeSet<PathBuf> = committed
-        .files
-        .iter()
-        .map(|(l, _)| atomic::parent(l).to_owned())
-        .collect();
-    for d in &dirs {
+    for d in &dirs_of(committed.files.iter().map(|(l, _)| l)) {
         if let Err(e) = atomic::fsync_dir(d) {
             first_err.get_or_insert(e);
         }
@@ -687,12 +681,6 @@ pub fn short_hex(hex: &str) -> String {
     } else {
         format!("{}…{}", &hex[..6], &hex[hex.len() - 4..])
     }
-}
-
-/// RFC 3339 UTC for Unix seconds.
-pub fn fmt_unix(secs: i64) -> String {
-    let (y, mo, d, h, mi, s) = super::event::civil_from_unix(secs);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
 /// `850ms`, `1.2s`.

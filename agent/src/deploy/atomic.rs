@@ -28,14 +28,31 @@ pub const TEMP_PREFIX: &str = ".certctl-tmp-";
 /// The agent's own directory beside a target's files.
 pub const AGENT_DIR: &str = ".certctl";
 
-/// A filesystem operation that failed, with the path it failed on.
+/// A filesystem operation that failed, with the path it failed on and, for
+/// the failures an operator can fix, what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
+#[error("{op} {path}: {source}{}", remedy(.source))]
 pub struct FsError {
     pub op: &'static str,
     pub path: PathBuf,
     #[source]
     pub source: io::Error,
+}
+
+/// What an operator can do about an I/O error, as a message suffix.
+fn remedy(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(nix::libc::EACCES | nix::libc::EPERM) => {
+            " (the agent may not change this directory: run it as root or give it write access)"
+        }
+        Some(nix::libc::EROFS) => {
+            " (read-only filesystem: under systemd, add the directory to ReadWritePaths= of certctl-agent.service)"
+        }
+        Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => {
+            " (no space left: free some and deploy again)"
+        }
+        _ => "",
+    }
 }
 
 impl FsError {
@@ -317,6 +334,22 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn errors_an_operator_can_fix_say_how() {
+        let e = FsError {
+            op: "cannot create temp file",
+            path: PathBuf::from("/etc/nginx/tls/.certctl-tmp-x"),
+            source: io::Error::from_raw_os_error(nix::libc::EROFS),
+        };
+        assert!(e.to_string().contains("ReadWritePaths="), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no/such/dir/cert.pem");
+        let msg = write_temp(&missing, "d1", b"x", 0o644, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("cannot create temp file"), "{msg}");
     }
 
     #[test]
