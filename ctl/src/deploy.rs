@@ -76,10 +76,11 @@ fn print_human(e: &pb::DeployEvent) {
         None => {
             println!("{}: {stage:<16} {}", e.target, e.message);
             for f in e.files.iter() {
-                let owner = if f.uid == u32::MAX {
-                    "agent's user".to_owned()
-                } else {
-                    format!("{}:{}", f.uid, f.gid)
+                let owner = match (f.uid, f.gid) {
+                    (Some(u), Some(g)) => format!("{u}:{g}"),
+                    (Some(u), None) => u.to_string(),
+                    (None, Some(g)) => format!(":{g}"),
+                    (None, None) => "agent's user".to_owned(),
                 };
                 println!(
                     "    {} {:<5} {} mode {:04o} ({}) owner {owner} ({}){}",

@@ -49,9 +49,8 @@ fn file(f: &FileSummary) -> pb::PlannedFile {
         role: f.role.as_str().to_owned(),
         sha256: hex::encode(f.sha256),
         mode: f.mode,
-        // u32::MAX: "left as the agent creates it"; documented in the CLI's JSON.
-        uid: f.uid.unwrap_or(u32::MAX),
-        gid: f.gid.unwrap_or(u32::MAX),
+        uid: f.uid,
+        gid: f.gid,
         changed: f.changed,
         mode_source: f.mode_source.as_str().to_owned(),
         owner_source: f.owner_source.as_str().to_owned(),

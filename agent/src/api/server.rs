@@ -354,3 +354,29 @@ fn read_disk_cert(path: &std::path::Path) -> DiskCert {
 /// How long shutdown waits for running deploys before giving up on them.
 /// Each deploy is bounded by its command timeouts; this is a backstop.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_fields_are_bounded_and_empty_ones_dropped() {
+        let err = take_pem("key_pem", "--key", vec![b'A'; MAX_PEM_BYTES + 1]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .contains("check that --key names the right file"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            take_pem("chain_pem", "--chain", Vec::new())
+                .unwrap()
+                .is_none()
+        );
+        let (name, bytes) = take_pem("cert_pem", "--cert", b"pem".to_vec())
+            .unwrap()
+            .unwrap();
+        assert_eq!((name.as_str(), bytes.as_slice()), ("--cert", &b"pem"[..]));
+    }
+}
