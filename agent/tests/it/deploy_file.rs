@@ -426,3 +426,30 @@ fn a_symlinked_target_file_is_refused() {
             .is_symlink()
     );
 }
+
+#[test]
+fn oversized_and_empty_input_files_are_refused_before_anything_runs() {
+    let mut env = TestEnv::new();
+    let (cert, _) = file_target(&mut env, "app", "");
+    let _agent = env.spawn_agent();
+    let big = env.path().join("big.pem");
+    std::fs::write(&big, vec![b'A'; 2 * 1024 * 1024]).unwrap();
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&big)]);
+    out.assert_code(2);
+    assert!(
+        out.stderr
+            .contains("is 2097152 bytes: that is not a certificate or key file"),
+        "{out}"
+    );
+
+    let empty = env.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let out = env.ctl(&["deploy", "app", "--cert", arg(&empty)]);
+    out.assert_code(3);
+    assert!(
+        out.stderr
+            .contains("cert_pem is empty: pass the certificate"),
+        "{out}"
+    );
+    assert!(!cert.exists());
+}
