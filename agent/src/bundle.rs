@@ -987,7 +987,7 @@ fn list_certs<'c>(certs: impl Iterator<Item = &'c Cert>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
@@ -1026,7 +1026,8 @@ a5pYggM+qB3bJPQxgCYkV6CSPXQlbUQRSWpaXrbeiNfAM8ToGLAQedW1SRWt7J0B
 +puMFQ5xokj+diSf4dctj40Dk+97by9EoZ/VuI9tfAHbGJqLuql+
 -----END RSA PRIVATE KEY-----
 ";
-    const RSA_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
+    /// Also the RSA key of the verification tests (ring cannot generate one).
+    pub(crate) const RSA_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
 MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCtcM2nIj0/7oZl
 Ja4UyxtztnrRVCMWF0i4KjPQ8PcRjrkhgUI7Vjn0zsN5KG7XRCXXYVmzdE4UK0kF
 HjYB2T6ObLOzYCeD1y2LCWcj0uSzt0CaJ8Rg2ZqRc3C6lSV7aUGBj5SnNAr0LNwb

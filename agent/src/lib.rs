@@ -19,3 +19,4 @@ pub mod deploy;
 pub mod kind;
 pub mod lock;
 pub mod logging;
+pub mod verify;
