@@ -595,6 +595,21 @@ pub fn first_cert_in_pem(pem: &[u8]) -> Result<Option<Cert>, BundleError> {
     }
 }
 
+/// Every certificate in a PEM text, in file order (other blocks skipped).
+pub fn certs_in_pem(pem: &[u8]) -> Result<Vec<Cert>, BundleError> {
+    let source = Source { name: "input", pem };
+    let mut certs = Vec::new();
+    for (i, block) in split_pem(&source)?
+        .iter()
+        .filter(|b| b.label == b"CERTIFICATE")
+        .enumerate()
+    {
+        let der = decode_block(source.name, block, SectionKind::Certificate)?;
+        certs.push(parse_cert(source.name, i + 1, &der)?.1);
+    }
+    Ok(certs)
+}
+
 /// Unix seconds as RFC 3339 UTC, e.g. `2025-01-01T00:00:00Z`.
 pub fn rfc3339(unix: i64) -> String {
     match ASN1Time::from_timestamp(unix) {

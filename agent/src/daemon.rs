@@ -2,9 +2,10 @@
 //!
 //! Start-up creates the state directory, binds the control socket and only
 //! then serves. `SIGHUP` re-reads the configuration: a bad new one is logged
-//! and the old one stays in force. `SIGTERM`/`SIGINT` stop accepting calls,
-//! end watch streams, wait for running deploys to finish (a deploy is never
-//! abandoned between stages) and remove the socket.
+//! and the old one stays in force. The drift watch ([`crate::drift`]) runs
+//! beside the server. `SIGTERM`/`SIGINT` stop accepting calls, cut pending
+//! verification waits short, end watch streams, wait for running deploys to
+//! finish (a deploy is never abandoned between stages) and remove the socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,9 +91,11 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
                 _ = int.recv() => info!("SIGINT: shutting down"),
             }
             shared.close();
+            shared.engine.shut_down();
             let _ = down_tx.send(true);
         }
     };
+    tokio::spawn(crate::drift::run(shared.clone(), shared.shutdown_signal()));
 
     info!(
         socket = %socket_path.display(),

@@ -34,6 +34,29 @@ pub enum Command {
     Targets,
     /// Stream every deploy event of the agent until interrupted.
     Watch,
+    /// Put the previous certificate set back, reload, and verify it is served.
+    Rollback(RollbackArgs),
+    /// Probe the target's endpoint now and compare what it serves with the
+    /// certificate on disk (exit 0 match, 5 mismatch or unreachable).
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Target name, as configured in the agent.
+    pub target: String,
+    /// Skip the TLS check of the served certificate after the reload.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Fail with exit code 8 instead of waiting when the target is busy.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Target name, as configured in the agent.
+    pub target: String,
 }
 
 #[derive(Debug, Args)]

@@ -43,7 +43,18 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
         no_wait: args.no_wait,
     };
     let mut client = client::connect(&cli.socket).await?;
-    let mut stream = client.deploy(request).await?.into_inner();
+    let stream = client.deploy(request).await?.into_inner();
+    follow(cli, "deploy", &args.target, stream).await
+}
+
+/// Prints the events of a deploy or rollback as they arrive and returns the
+/// exit code of its outcome.
+pub async fn follow(
+    cli: &Cli,
+    what: &str,
+    target: &str,
+    mut stream: tonic::Streaming<pb::DeployEvent>,
+) -> Result<u8, CliError> {
     while let Some(event) = stream.next().await {
         let event = event?;
         if cli.json {
@@ -55,7 +66,7 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
             let outcome = pb::Outcome::try_from(result.outcome).unwrap_or(pb::Outcome::Unspecified);
             if !result.error.is_empty() && !cli.json {
                 eprintln!(
-                    "certctl: deploy {}: {}: {}",
+                    "certctl: {what} {}: {}: {}",
                     event.target,
                     outcome_name(result.outcome),
                     result.error
@@ -65,8 +76,7 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
         }
     }
     Err(CliError::Internal(format!(
-        "the agent closed the stream before the deploy of {} finished: check `certctl status {}` and the agent's log",
-        args.target, args.target
+        "the agent closed the stream before the {what} of {target} finished: check `certctl status {target}` and the agent's log"
     )))
 }
 
@@ -108,10 +118,18 @@ fn print_human(e: &pb::DeployEvent) {
                     r.verification
                 ),
                 pb::Outcome::Unchanged => format!(
-                    "unchanged: {} is already deployed; nothing written, no reload",
-                    output::short(&r.cert_sha256)
+                    "unchanged: {} is already deployed; nothing written, no reload, {}",
+                    output::short(&r.cert_sha256),
+                    r.verification
                 ),
                 pb::Outcome::DryRun => "dry run: nothing was changed".to_owned(),
+                pb::Outcome::Restored => format!(
+                    "restored {} ({}) in {}ms, {}",
+                    output::short(&r.cert_sha256),
+                    r.subject,
+                    r.duration_ms,
+                    r.verification
+                ),
                 _ => outcome_name(r.outcome).to_owned(),
             };
             println!("{}: {stage:<16} {summary}", e.target);

@@ -24,7 +24,7 @@ pub const BUSY: u8 = 8;
 /// The exit code for a deploy's outcome.
 pub fn for_outcome(outcome: Outcome) -> u8 {
     match outcome {
-        Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun => OK,
+        Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun | Outcome::Restored => OK,
         Outcome::Rejected => REJECTED,
         Outcome::ValidateFailed => VALIDATE_FAILED,
         Outcome::RolledBack => ROLLED_BACK,
@@ -40,7 +40,9 @@ pub fn for_status(code: tonic::Code) -> u8 {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::Unavailable => {
             UNREACHABLE
         }
-        tonic::Code::NotFound | tonic::Code::InvalidArgument => REJECTED,
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            REJECTED
+        }
         _ => INTERNAL,
     }
 }

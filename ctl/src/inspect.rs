@@ -7,7 +7,7 @@ use tokio_stream::StreamExt;
 use crate::cli::{Cli, StatusArgs};
 use crate::client::{self, CliError};
 use crate::exit;
-use crate::output::{self, event_json, outcome_name, relative, stage_name, table};
+use crate::output::{self, event_json, outcome_name, relative, served_json, stage_name, table};
 
 pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
     let mut client = client::connect(&cli.socket).await?;
@@ -33,6 +33,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "disk_state": t.disk_state,
                     "verification": t.verification,
                     "busy": t.busy,
+                    "served": t.served.as_ref().map(served_json),
                     "last": t.last.as_ref().map(|l| json!({
                         "deploy_id": l.deploy_id,
                         "outcome": outcome_name(l.outcome),
@@ -119,6 +120,17 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         {
             println!("{}: last error: {}", t.name, l.error);
         }
+        if let Some(c) = &t.served
+            && !c.error.is_empty()
+        {
+            println!(
+                "{}: {} at the last probe ({}): {}",
+                t.name,
+                c.state,
+                relative(c.checked_unix_ms / 1000),
+                c.error
+            );
+        }
     }
     Ok(exit::OK)
 }
@@ -180,7 +192,11 @@ pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
         } else {
             println!(
                 "{} {}: {} {}",
-                event.deploy_id,
+                if event.deploy_id.is_empty() {
+                    "-"
+                } else {
+                    &event.deploy_id
+                },
                 event.target,
                 stage_name(event.stage),
                 event.message

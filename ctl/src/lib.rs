@@ -11,6 +11,8 @@ pub mod deploy;
 pub mod exit;
 pub mod inspect;
 pub mod output;
+pub mod rollback;
+pub mod verify;
 
 pub use cli::Cli;
 
@@ -21,6 +23,8 @@ pub async fn run(cli: Cli) -> u8 {
         cli::Command::Status(args) => inspect::status(&cli, args).await,
         cli::Command::Targets => inspect::targets(&cli).await,
         cli::Command::Watch => inspect::watch(&cli).await,
+        cli::Command::Rollback(args) => rollback::run(&cli, args).await,
+        cli::Command::Verify(args) => verify::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,7 @@ pub fn outcome_name(o: i32) -> &'static str {
         pb::Outcome::Busy => "busy",
         pb::Outcome::Internal => "internal",
         pb::Outcome::DryRun => "dry_run",
+        pb::Outcome::Restored => "restored",
     }
 }
 
@@ -36,6 +37,7 @@ pub fn stage_name(s: i32) -> &'static str {
         pb::Stage::VerifyAttempt => "verify",
         pb::Stage::Rollback => "rollback",
         pb::Stage::Done => "done",
+        pb::Stage::Drift => "drift",
     }
 }
 
@@ -49,6 +51,40 @@ pub fn result_json(r: &pb::DeployResult) -> Value {
         "verification": r.verification,
         "warnings": r.warnings,
         "duration_ms": r.duration_ms,
+        "disk_sha256": r.disk_sha256,
+        "served_sha256": r.served_sha256,
+    })
+}
+
+pub fn served_json(c: &pb::ServedCheck) -> Value {
+    json!({
+        "endpoint": c.endpoint,
+        "server_name": c.server_name,
+        "protocol": c.protocol,
+        "state": c.state,
+        "error": c.error,
+        "disk_sha256": c.disk_sha256,
+        "served_sha256": c.served_sha256,
+        "served_chain_sha256": c.served_chain_sha256,
+        "served_subject": c.served_subject,
+        "served_not_after_unix": c.served_not_after_unix,
+        "tls_version": c.tls_version,
+        "ca_validated": c.ca_validated,
+        "checked_unix_ms": c.checked_unix_ms,
+    })
+}
+
+fn attempt_json(a: &pb::VerifyAttempt) -> Value {
+    json!({
+        "attempt": a.attempt,
+        "attempts": a.attempts,
+        "ok": a.ok,
+        "served_sha256": a.served_sha256,
+        "want_sha256": a.want_sha256,
+        "error": a.error,
+        "reason": a.reason,
+        "next_in_ms": a.next_in_ms,
+        "rollback": a.rollback,
     })
 }
 
@@ -81,6 +117,12 @@ pub fn event_json(e: &pb::DeployEvent) -> Value {
     }
     if let Some(r) = &e.result {
         v["result"] = result_json(r);
+    }
+    if let Some(a) = &e.attempt {
+        v["attempt"] = attempt_json(a);
+    }
+    if let Some(c) = &e.served {
+        v["served"] = served_json(c);
     }
     v
 }

@@ -8,6 +8,7 @@ use tonic::Status;
 
 use super::auth::AuthError;
 use crate::deploy::event::{Event, FileSummary, Outcome, Report, Stage};
+use crate::deploy::verify::{Attempt, ServedCheck};
 
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -26,6 +27,7 @@ pub fn stage(s: Stage) -> pb::Stage {
         Stage::VerifyAttempt => pb::Stage::VerifyAttempt,
         Stage::Rollback => pb::Stage::Rollback,
         Stage::Done => pb::Stage::Done,
+        Stage::Drift => pb::Stage::Drift,
     }
 }
 
@@ -40,6 +42,7 @@ pub fn outcome(o: Outcome) -> pb::Outcome {
         Outcome::Busy => pb::Outcome::Busy,
         Outcome::Internal => pb::Outcome::Internal,
         Outcome::DryRun => pb::Outcome::DryRun,
+        Outcome::Restored => pb::Outcome::Restored,
     }
 }
 
@@ -67,6 +70,40 @@ pub fn report(r: &Report) -> pb::DeployResult {
         verification: r.verification.as_str().to_owned(),
         warnings: r.warnings.clone(),
         duration_ms: r.duration.as_millis() as i64,
+        disk_sha256: r.disk_sha256.clone(),
+        served_sha256: r.served_sha256.clone(),
+    }
+}
+
+pub fn served(c: &ServedCheck) -> pb::ServedCheck {
+    pb::ServedCheck {
+        endpoint: c.endpoint.clone(),
+        server_name: c.server_name.clone(),
+        protocol: c.protocol.as_str().to_owned(),
+        disk_sha256: c.want_sha256.clone(),
+        served_sha256: c.served_sha256.clone(),
+        served_chain_sha256: c.served_chain_sha256.clone(),
+        served_subject: c.served_subject.clone(),
+        served_not_after_unix: c.served_not_after,
+        state: c.state.as_str().to_owned(),
+        error: c.error.clone(),
+        checked_unix_ms: unix_ms(c.checked),
+        tls_version: c.tls_version.clone(),
+        ca_validated: c.ca_validated,
+    }
+}
+
+fn attempt(a: &Attempt) -> pb::VerifyAttempt {
+    pb::VerifyAttempt {
+        attempt: a.attempt,
+        attempts: a.attempts,
+        ok: a.check.ok(),
+        served_sha256: a.check.served_sha256.clone(),
+        want_sha256: a.check.want_sha256.clone(),
+        error: a.check.error.clone(),
+        reason: a.check.reason.to_owned(),
+        next_in_ms: a.next_in.map_or(0, |d| d.as_millis() as i64),
+        rollback: a.rollback,
     }
 }
 
@@ -79,6 +116,8 @@ pub fn event(e: &Event) -> pb::DeployEvent {
         unix_ms: unix_ms(e.at),
         files: e.files.iter().map(file).collect(),
         result: e.report.as_ref().map(report),
+        attempt: e.attempt.as_ref().map(attempt),
+        served: e.served.as_ref().map(served),
     }
 }
 

@@ -22,6 +22,8 @@ use super::auth::{self, Access, Policy};
 use super::convert;
 use crate::bundle;
 use crate::config::Config;
+use crate::deploy::rollback::RollbackRequest;
+use crate::deploy::verify::{self, Expect};
 use crate::deploy::{Engine, Request as DeployRequest};
 
 /// Largest PEM input accepted in one field of a deploy request.
@@ -38,6 +40,8 @@ pub struct Shared {
     drain: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     /// Flips to true when the agent shuts down; ends watch streams.
     shutdown: watch::Receiver<bool>,
+    /// Notified after each configuration reload.
+    pub reloaded: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -55,6 +59,7 @@ impl Shared {
             socket,
             drain: std::sync::Mutex::new(Some(drain)),
             shutdown,
+            reloaded: tokio::sync::Notify::new(),
         }
     }
 
@@ -72,6 +77,7 @@ impl Shared {
             .config
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        self.reloaded.notify_waiters();
     }
 
     /// Stops accepting deploys; running ones keep their guard.
@@ -80,6 +86,11 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
+    }
+
+    /// Turns true when the agent shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
     }
 
     fn deploy_guard(&self) -> Option<mpsc::Sender<()>> {
@@ -160,6 +171,7 @@ fn take_pem(field: &str, flag: &str, bytes: Vec<u8>) -> Result<Option<NamedPem>,
 impl Agent for Service {
     type DeployStream = EventStream;
     type WatchStream = EventStream;
+    type RollbackStream = EventStream;
 
     async fn deploy(
         &self,
@@ -202,6 +214,79 @@ impl Agent for Service {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let (config, caller) = self.shared.authorize(&request, Access::Deploy)?;
+        let req = request.into_inner();
+        let target = config
+            .target(&req.target)
+            .ok_or_else(|| unknown_target(&config, &req.target))?
+            .clone();
+        let guard = self.shared.deploy_guard().ok_or_else(|| {
+            Status::unavailable("the agent is shutting down: retry when it is back")
+        })?;
+        let rollback = RollbackRequest {
+            target,
+            no_verify: req.no_verify,
+            no_wait: req.no_wait,
+            origin: format!("cli {}", caller.describe()),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            shared.engine.rollback(rollback, tx).await;
+        });
+        let stream = UnboundedReceiverStream::new(rx).map(|e| Ok(convert::event(&e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let (config, _) = self.shared.authorize(&request, Access::Read)?;
+        let want = request.into_inner().target;
+        let target = config
+            .target(&want)
+            .ok_or_else(|| unknown_target(&config, &want))?
+            .clone();
+        let Some(v) = target.verify.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "target {} has no verify endpoint: add a [target.verify] table with \
+                 endpoint = \"HOST:PORT\" to {} to probe it",
+                target.name,
+                config.path.display()
+            )));
+        };
+        let t = target.clone();
+        let disk = tokio::task::spawn_blocking(move || verify::on_disk(&t))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                Status::failed_precondition(format!("cannot tell what should be served: {e}"))
+            })?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "target {} has no certificate on disk yet ({} is missing): deploy one first",
+                    target.name,
+                    target.cert_path.display()
+                ))
+            })?;
+        let expect = Expect::of(&v, &disk.leaf, &disk.chain);
+        let check = verify::check_once(&v, &expect).await;
+        let check = verify::with_expiry(check, SystemTime::now());
+        self.shared
+            .engine
+            .record_served(&target.name, check.clone());
+        Ok(Response::new(pb::VerifyResponse {
+            target: target.name,
+            check: Some(convert::served(&check)),
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,
@@ -223,6 +308,7 @@ impl Agent for Service {
             let disk = tokio::task::spawn_blocking(move || read_disk_cert(&path))
                 .await
                 .unwrap_or_else(|e| DiskCert::state(format!("cannot read: {e}")));
+            let served = self.shared.engine.served(&t.name);
             let last = self.shared.engine.last(&t.name).map(|l| pb::LastDeploy {
                 deploy_id: l.deploy_id,
                 outcome: convert::outcome(l.outcome) as i32,
@@ -230,6 +316,7 @@ impl Agent for Service {
                 error: l.error,
                 cert_sha256: l.cert_sha256,
             });
+            let verification = verification(served.as_ref(), &disk.sha256).to_owned();
             out.push(pb::TargetStatus {
                 name: t.name.clone(),
                 kind: t.kind.as_str().to_owned(),
@@ -238,9 +325,10 @@ impl Agent for Service {
                 not_after_unix: disk.not_after,
                 subject: disk.subject,
                 disk_state: disk.state,
-                verification: "unverified".to_owned(),
+                verification,
                 busy: self.shared.engine.is_busy(&t.name),
                 last,
+                served: served.as_ref().map(convert::served),
             });
         }
         Ok(Response::new(pb::StatusResponse {
@@ -308,6 +396,17 @@ impl Agent for Service {
             .take_while(Option::is_some)
             .filter_map(|e| e);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The verification column of `certctl status`: what the last probe said,
+/// as long as it was about the certificate that is on disk now.
+fn verification(served: Option<&verify::ServedCheck>, disk_sha256: &str) -> &'static str {
+    match served {
+        Some(c) if !disk_sha256.is_empty() && c.want_sha256 == disk_sha256 => {
+            c.state.verification()
+        }
+        _ => "unverified",
     }
 }
 

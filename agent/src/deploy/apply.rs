@@ -5,9 +5,11 @@
 //! been checked and the target locked; every file goes through
 //! [`atomic`](super::atomic) (temp, fsync, rename, directory fsync); the
 //! validate command runs against the committed new files and a failure puts
-//! the previous files back without a reload; a failed reload puts them back
-//! and reloads again. Every stage is reported as an [`Event`] to the caller
-//! and to watchers, and the deploy ends with exactly one `Done` event.
+//! the previous files back without a reload; a failed reload or a failed
+//! verification puts them back, reloads again and verifies that the previous
+//! certificate is served again (see [`verify`](super::verify)). Every stage
+//! is reported as an [`Event`] to the caller and to watchers, and the deploy
+//! ends with exactly one `Done` event.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -15,16 +17,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 use zeroize::Zeroizing;
 
 use super::atomic::{self, FsError};
 use super::event::{Event, FileSummary, Outcome, Report, Stage, Verification, new_deploy_id};
 use super::plan::{self, Plan, Policy};
+use super::verify::{self, Attempt, Expect, OnDisk, ServedCheck};
 use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
-use crate::config::Target;
-use crate::lock::{LockError, Locks};
+use crate::config::{Target, VerifyConfig};
+use crate::lock::{LockError, Locks, TargetGuard};
 
 /// One deploy as asked for by a client.
 pub struct Request {
@@ -55,6 +59,14 @@ pub struct Engine {
     locks: Locks,
     events: broadcast::Sender<Event>,
     last: Mutex<HashMap<String, LastDeploy>>,
+    /// The last probe of each target's verify endpoint.
+    served: Mutex<HashMap<String, ServedCheck>>,
+    /// Fires at shutdown: verification waits end early.
+    shutdown: CancellationToken,
+    /// Per target, the token of the deploy holding it. A deploy that has to
+    /// wait for the lock fires it, so the holder's verification waits end
+    /// early instead of holding the newer deploy up.
+    hurry: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Engine {
@@ -65,7 +77,37 @@ impl Engine {
             locks: Locks::new(lock_dir),
             events,
             last: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            hurry: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The agent is stopping: pending verification waits end now (each
+    /// deploy still makes one last attempt and rolls back when it fails).
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Cancelled when the agent stops.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Sends an event to watchers (for events that are not part of a
+    /// deploy, like drift).
+    pub fn publish(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Remembers the latest probe of `target` for `certctl status`.
+    pub fn record_served(&self, target: &str, check: ServedCheck) {
+        lock(&self.served).insert(target.to_owned(), check);
+    }
+
+    /// The latest probe of `target`'s verify endpoint since start.
+    pub fn served(&self, target: &str) -> Option<ServedCheck> {
+        lock(&self.served).get(target).cloned()
     }
 
     /// Every event of every deploy from now on.
@@ -80,11 +122,27 @@ impl Engine {
 
     /// The last finished (not dry-run) deploy of `target` since start.
     pub fn last(&self, target: &str) -> Option<LastDeploy> {
-        self.last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(target)
-            .cloned()
+        lock(&self.last).get(target).cloned()
+    }
+
+    /// Takes `target`'s lock. A deploy that has to wait hurries the holder
+    /// along (its verification waits end early). The returned token fires
+    /// when the next deploy starts waiting or the agent stops.
+    pub(super) async fn lock_target(
+        &self,
+        target: &str,
+        no_wait: bool,
+    ) -> Result<(TargetGuard, CancellationToken), LockError> {
+        if !no_wait
+            && self.locks.is_busy(target)
+            && let Some(holder) = lock(&self.hurry).get(target)
+        {
+            holder.cancel();
+        }
+        let guard = self.locks.acquire(target, no_wait).await?;
+        let token = self.shutdown.child_token();
+        lock(&self.hurry).insert(target.to_owned(), token.clone());
+        Ok((guard, token))
     }
 
     /// Runs one deploy to its end, sending each event to `sink` (and to
@@ -93,21 +151,16 @@ impl Engine {
     pub async fn deploy(&self, req: Request, sink: mpsc::UnboundedSender<Event>) -> Report {
         let id = new_deploy_id(SystemTime::now());
         let span = tracing::info_span!("deploy", target = %req.target.name, deploy_id = %id);
-        let mut run = Run {
-            engine: self,
-            id,
-            target: req.target.name.clone(),
-            sink,
-            started: Instant::now(),
-            warnings: Vec::new(),
-            leaf: None,
-        };
+        let mut run = Run::new(self, id, &req.target.name, sink);
         async move {
             info!(origin = %req.origin, dry_run = req.dry_run, "deploy requested");
             let (outcome, error) = match run.execute(&req).await {
                 Ok(outcome) => (outcome, String::new()),
                 Err(failure) => (failure.outcome, failure.message),
             };
+            if !req.dry_run {
+                run.look_at_disk(&req.target).await;
+            }
             run.finish(outcome, error, req.dry_run)
         }
         .instrument(span)
@@ -115,14 +168,18 @@ impl Engine {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A stage that ended the deploy early.
-struct Failure {
-    outcome: Outcome,
-    message: String,
+pub(super) struct Failure {
+    pub(super) outcome: Outcome,
+    pub(super) message: String,
 }
 
 impl Failure {
-    fn new(outcome: Outcome, message: impl Into<String>) -> Self {
+    pub(super) fn new(outcome: Outcome, message: impl Into<String>) -> Self {
         Self {
             outcome,
             message: message.into(),
@@ -130,44 +187,118 @@ impl Failure {
     }
 }
 
-/// The state of one running deploy.
-struct Run<'e> {
-    engine: &'e Engine,
-    id: String,
+/// The state of one running deploy (or rollback).
+pub(super) struct Run<'e> {
+    pub(super) engine: &'e Engine,
+    pub(super) id: String,
     target: String,
     sink: mpsc::UnboundedSender<Event>,
     started: Instant,
-    warnings: Vec<String>,
-    leaf: Option<(String, i64, String)>,
+    pub(super) warnings: Vec<String>,
+    /// The certificate this run puts in place: (sha256, not_after, subject).
+    pub(super) leaf: Option<(String, i64, String)>,
+    /// Fires when a newer deploy waits for this target or the agent stops.
+    pub(super) cancel: CancellationToken,
+    pub(super) verification: Verification,
+    /// The last probe this run made.
+    served: Option<ServedCheck>,
+    /// Leaf on `cert_path` when the run ended.
+    disk_sha256: String,
 }
 
 /// Files renamed into place, with what to put back.
-struct Committed {
+pub(super) struct Committed {
     /// (live path, backup of the previous file or None when there was none)
-    files: Vec<(PathBuf, Option<PathBuf>)>,
-    backup_dirs: Vec<PathBuf>,
+    pub(super) files: Vec<(PathBuf, Option<PathBuf>)>,
+    pub(super) backup_dirs: Vec<PathBuf>,
 }
 
-impl Run<'_> {
-    fn emit(&self, stage: Stage, message: String, files: Vec<FileSummary>, report: Option<Report>) {
-        let event = Event {
-            deploy_id: self.id.clone(),
-            target: self.target.clone(),
-            stage,
-            message,
-            at: SystemTime::now(),
-            files,
-            report,
-        };
+impl<'e> Run<'e> {
+    pub(super) fn new(
+        engine: &'e Engine,
+        id: String,
+        target: &str,
+        sink: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            engine,
+            id,
+            target: target.to_owned(),
+            sink,
+            started: Instant::now(),
+            warnings: Vec::new(),
+            leaf: None,
+            cancel: CancellationToken::new(),
+            verification: Verification::Unverified,
+            served: None,
+            disk_sha256: String::new(),
+        }
+    }
+
+    fn send(&self, event: Event) {
         // A client that hung up does not stop the deploy.
         let _ = self.sink.send(event.clone());
         let _ = self.engine.events.send(event);
     }
 
-    fn stage(&self, stage: Stage, message: impl Into<String>) {
+    fn emit(&self, stage: Stage, message: String, files: Vec<FileSummary>, report: Option<Report>) {
+        self.send(Event {
+            files,
+            report,
+            ..Event::new(&self.id, &self.target, stage, message)
+        });
+    }
+
+    pub(super) fn stage(&self, stage: Stage, message: impl Into<String>) {
         let message = message.into();
         info!(stage = stage.as_str(), "{message}");
         self.emit(stage, message, Vec::new(), None);
+    }
+
+    fn attempt(&self, a: &Attempt) {
+        let message = a.describe();
+        if a.check.ok() {
+            info!(stage = "verify", served = %a.check.served_sha256, "{message}");
+        } else {
+            warn!(stage = "verify", reason = a.check.reason, "{message}");
+        }
+        self.send(Event {
+            attempt: Some(a.clone()),
+            ..Event::new(&self.id, &self.target, Stage::VerifyAttempt, message)
+        });
+    }
+
+    /// Probes `v` until `expect` is served (stage 9), reporting each
+    /// attempt. The last check is recorded for `certctl status`.
+    pub(super) async fn verify(
+        &mut self,
+        v: &VerifyConfig,
+        expect: &Expect,
+        rollback: bool,
+    ) -> Result<ServedCheck, ServedCheck> {
+        let cancel = self.cancel.clone();
+        let result = {
+            let this = &*self;
+            verify::until_served(v, expect, &cancel, rollback, |a| this.attempt(a)).await
+        };
+        let check = match &result {
+            Ok(c) | Err(c) => c.clone(),
+        };
+        self.engine.record_served(&self.target, check.clone());
+        self.served = Some(check);
+        result
+    }
+
+    /// Notes the leaf on disk at the end, for the report.
+    pub(super) async fn look_at_disk(&mut self, target: &Target) {
+        let t = target.clone();
+        self.disk_sha256 = tokio::task::spawn_blocking(move || verify::on_disk(&t))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .map(|d| d.leaf.sha256_hex())
+            .unwrap_or_default();
     }
 
     async fn execute(&mut self, req: &Request) -> Result<Outcome, Failure> {
@@ -203,33 +334,18 @@ impl Run<'_> {
         }
 
         // 3. Lock.
-        let waited = Instant::now();
-        let _guard = self
-            .engine
-            .locks
-            .acquire(&target.name, req.no_wait)
-            .await
-            .map_err(|e| match e {
-                LockError::Busy { .. } => Failure::new(Outcome::Busy, e.to_string()),
-                other => Failure::new(Outcome::Internal, other.to_string()),
-            })?;
-        let waited = waited.elapsed();
-        self.stage(
-            Stage::Locked,
-            if waited > Duration::from_millis(50) {
-                format!(
-                    "target lock acquired after waiting {}",
-                    fmt_duration(waited)
-                )
-            } else {
-                "target lock acquired".to_owned()
-            },
-        );
+        let _guard = self.lock(target, req.no_wait).await?;
         // What is on disk may have changed while we waited.
         let plan = Arc::new(self.plan(target, &bundle).await?);
+        let verify = target.verify.as_ref().filter(|_| !req.no_verify);
         if plan.is_noop() {
-            return Ok(Outcome::Unchanged);
+            return match verify {
+                None => Ok(Outcome::Unchanged),
+                Some(v) => self.verify_unchanged(target, v, &bundle).await,
+            };
         }
+        // What a rollback must find served again.
+        let previous = self.previous(target).await;
 
         // 5. Stage.
         let temps = {
@@ -307,32 +423,26 @@ impl Run<'_> {
                     ),
                 ),
                 Err(e) => {
-                    self.stage(
-                        Stage::Rollback,
-                        "restoring the previous files and reloading",
+                    return Err(self
+                        .roll_back(target, committed, previous.as_ref(), e.to_string(), verify)
+                        .await);
+                }
+            }
+        }
+
+        // 9. Verify.
+        if let Some(v) = verify {
+            let expect = Expect::of(v, &bundle.leaf, &bundle.chain);
+            match self.verify(v, &expect, false).await {
+                Ok(_) => self.verification = Verification::Verified,
+                Err(check) => {
+                    let why = format!(
+                        "verification failed after {} attempt(s): {}",
+                        v.attempts, check.error
                     );
-                    if let Err(r) = self.undo(committed).await {
-                        return Err(Failure::new(
-                            Outcome::RollbackFailed,
-                            format!("{e}; restoring the previous files failed: {r}"),
-                        ));
-                    }
-                    return Err(
-                        match self.run_command(target, "reload", &target.reload).await {
-                            Ok(_) => Failure::new(
-                                Outcome::RolledBack,
-                                format!(
-                                    "{e}; rolled back: the previous files are in place and were reloaded"
-                                ),
-                            ),
-                            Err(r) => Failure::new(
-                                Outcome::RollbackFailed,
-                                format!(
-                                    "{e}; the previous files are back on disk but reloading them failed too: {r}"
-                                ),
-                            ),
-                        },
-                    );
+                    return Err(self
+                        .roll_back(target, committed, previous.as_ref(), why, verify)
+                        .await);
                 }
             }
         }
@@ -348,6 +458,200 @@ impl Run<'_> {
         }
         drop(committed);
         Ok(Outcome::Deployed)
+    }
+
+    /// Stage 3: takes the target's lock and reports how long that took.
+    pub(super) async fn lock(
+        &mut self,
+        target: &Target,
+        no_wait: bool,
+    ) -> Result<TargetGuard, Failure> {
+        let waited = Instant::now();
+        let (guard, cancel) = self
+            .engine
+            .lock_target(&target.name, no_wait)
+            .await
+            .map_err(|e| match e {
+                LockError::Busy { .. } => Failure::new(Outcome::Busy, e.to_string()),
+                other => Failure::new(Outcome::Internal, other.to_string()),
+            })?;
+        self.cancel = cancel;
+        let waited = waited.elapsed();
+        self.stage(
+            Stage::Locked,
+            if waited > Duration::from_millis(50) {
+                format!(
+                    "target lock acquired after waiting {}",
+                    fmt_duration(waited)
+                )
+            } else {
+                "target lock acquired".to_owned()
+            },
+        );
+        Ok(guard)
+    }
+
+    /// The certificate set on disk before this deploy; `None` when there is
+    /// none or it cannot be read (then a rollback cannot verify it).
+    async fn previous(&mut self, target: &Target) -> Option<OnDisk> {
+        let t = target.clone();
+        match tokio::task::spawn_blocking(move || verify::on_disk(&t)).await {
+            Ok(Ok(previous)) => previous,
+            Ok(Err(e)) => {
+                let w = format!(
+                    "the certificate on disk cannot be read ({e}): a rollback could not verify it"
+                );
+                warn!("{w}");
+                self.warnings.push(w);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The files already hold this certificate: make sure it is served. If
+    /// it is not (a reload was missed), reload and look again.
+    async fn verify_unchanged(
+        &mut self,
+        target: &Target,
+        v: &VerifyConfig,
+        bundle: &Bundle,
+    ) -> Result<Outcome, Failure> {
+        let expect = Expect::of(v, &bundle.leaf, &bundle.chain);
+        let first = verify::check_once(v, &expect).await;
+        if first.ok() {
+            self.stage(
+                Stage::VerifyAttempt,
+                format!(
+                    "the files already hold this certificate and {} serves it",
+                    v.endpoint
+                ),
+            );
+            self.engine.record_served(&self.target, first.clone());
+            self.served = Some(first);
+            self.verification = Verification::Verified;
+            return Ok(Outcome::Unchanged);
+        }
+        if target.reload.is_empty() {
+            self.stage(
+                Stage::VerifyAttempt,
+                format!(
+                    "the files already hold this certificate, but {}",
+                    first.error
+                ),
+            );
+        } else {
+            match self.run_command(target, "reload", &target.reload).await {
+                Ok(took) => self.stage(
+                    Stage::Reloaded,
+                    format!(
+                        "the files already hold this certificate, but {}: reloaded with `{}` ({})",
+                        first.error,
+                        command::display_argv(&target.reload),
+                        fmt_duration(took)
+                    ),
+                ),
+                Err(e) => {
+                    return Err(Failure::new(
+                        Outcome::Internal,
+                        format!(
+                            "the files already hold this certificate, but {}; reloading failed: {e}",
+                            first.error
+                        ),
+                    ));
+                }
+            }
+        }
+        match self.verify(v, &expect, false).await {
+            Ok(_) => {
+                self.verification = Verification::Verified;
+                Ok(Outcome::Deployed)
+            }
+            Err(check) => Err(Failure::new(
+                Outcome::Internal,
+                format!(
+                    "the files already hold this certificate, but it is not served: {}; \
+                     check that the server reads {}",
+                    check.error,
+                    target.cert_path.display()
+                ),
+            )),
+        }
+    }
+
+    /// Rollback after the new files were committed: put the previous files
+    /// back, reload, and verify that the previous certificate is served
+    /// again. `why` says what failed; the result is `rolled_back` or
+    /// `rollback_failed` with what is on disk and what is served.
+    async fn roll_back(
+        &mut self,
+        target: &Target,
+        committed: Committed,
+        previous: Option<&OnDisk>,
+        why: String,
+        verify: Option<&VerifyConfig>,
+    ) -> Failure {
+        self.stage(
+            Stage::Rollback,
+            if target.reload.is_empty() {
+                "restoring the previous files"
+            } else {
+                "restoring the previous files and reloading"
+            },
+        );
+        if let Err(r) = self.undo(committed).await {
+            return Failure::new(
+                Outcome::RollbackFailed,
+                format!(
+                    "{why}; restoring the previous files failed: {r}; the backups are kept in {}",
+                    atomic::parent(&atomic::backup_dir(
+                        atomic::parent(&target.cert_path),
+                        &target.name,
+                        &self.id
+                    ))
+                    .display()
+                ),
+            );
+        }
+        if !target.reload.is_empty()
+            && let Err(r) = self.run_command(target, "reload", &target.reload).await
+        {
+            return Failure::new(
+                Outcome::RollbackFailed,
+                format!(
+                    "{why}; the previous files are back on disk but reloading them failed: {r}"
+                ),
+            );
+        }
+        let (Some(v), Some(previous)) = (verify, previous) else {
+            let what = if previous.is_none() && verify.is_some() {
+                "there was no previous certificate: the new files were removed"
+            } else if target.reload.is_empty() {
+                "the previous files are in place (not verified: no verify endpoint)"
+            } else {
+                "the previous files are in place and were reloaded (not verified: no verify endpoint)"
+            };
+            return Failure::new(Outcome::RolledBack, format!("{why}; rolled back: {what}"));
+        };
+        let expect = Expect::of(v, &previous.leaf, &previous.chain);
+        match self.verify(v, &expect, true).await {
+            Ok(_) => Failure::new(
+                Outcome::RolledBack,
+                format!(
+                    "{why}; rolled back: the previous certificate {} is on disk and {} serves it again",
+                    short_hex(&expect.leaf_sha256),
+                    v.endpoint
+                ),
+            ),
+            Err(check) => Failure::new(
+                Outcome::RollbackFailed,
+                format!(
+                    "{why}; the previous files are back on disk (leaf {}) but {}",
+                    short_hex(&expect.leaf_sha256),
+                    check.error
+                ),
+            ),
+        }
     }
 
     fn check(&self, req: &Request) -> Result<Bundle, Failure> {
@@ -401,7 +705,7 @@ impl Run<'_> {
         Ok(plan::plan(&Policy::of(target), outputs, existing))
     }
 
-    async fn run_command(
+    pub(super) async fn run_command(
         &self,
         target: &Target,
         purpose: &str,
@@ -433,12 +737,12 @@ impl Run<'_> {
         Ok(out.duration)
     }
 
-    async fn undo(&self, committed: Committed) -> Result<(), FsError> {
+    pub(super) async fn undo(&self, committed: Committed) -> Result<(), FsError> {
         let id = self.id.clone();
         blocking(move || undo(&committed, &id)).await
     }
 
-    fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
+    pub(super) fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
         let (cert_sha256, not_after, subject) = self.leaf.clone().unwrap_or_default();
         let report = Report {
             outcome,
@@ -446,9 +750,15 @@ impl Run<'_> {
             cert_sha256: cert_sha256.clone(),
             not_after,
             subject,
-            verification: Verification::Unverified,
+            verification: self.verification,
             warnings: std::mem::take(&mut self.warnings),
             duration: self.started.elapsed(),
+            disk_sha256: std::mem::take(&mut self.disk_sha256),
+            served_sha256: self
+                .served
+                .as_ref()
+                .map(|c| c.served_sha256.clone())
+                .unwrap_or_default(),
         };
         let message = if error.is_empty() {
             format!("{} in {}", outcome.as_str(), fmt_duration(report.duration))
@@ -456,26 +766,22 @@ impl Run<'_> {
             format!("{}: {error}", outcome.as_str())
         };
         match outcome {
-            Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun => {
-                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, "{message}");
+            Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun | Outcome::Restored => {
+                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, verification = self.verification.as_str(), "{message}");
             }
             _ => warn!(outcome = outcome.as_str(), "{message}"),
         }
         if !dry_run {
-            self.engine
-                .last
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(
-                    self.target.clone(),
-                    LastDeploy {
-                        deploy_id: self.id.clone(),
-                        outcome,
-                        finished: SystemTime::now(),
-                        error,
-                        cert_sha256,
-                    },
-                );
+            lock(&self.engine.last).insert(
+                self.target.clone(),
+                LastDeploy {
+                    deploy_id: self.id.clone(),
+                    outcome,
+                    finished: SystemTime::now(),
+                    error,
+                    cert_sha256,
+                },
+            );
         }
         self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
         report
@@ -485,7 +791,10 @@ impl Run<'_> {
 // === filesystem phases (blocking) ===
 
 /// Runs filesystem work off the async threads.
-async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
+pub(super) async fn blocking<
+    T: Send + 'static,
+    E: From<tokio::task::JoinError> + Send + 'static,
+>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
     tokio::task::spawn_blocking(f)
@@ -518,7 +827,7 @@ struct Staged {
 }
 
 /// The directories holding `paths`, each once.
-fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTreeSet<PathBuf> {
+pub(super) fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTreeSet<PathBuf> {
     paths
         .into_iter()
         .map(|p| atomic::parent(p).to_owned())
@@ -621,7 +930,7 @@ fn commit(staged: Vec<Staged>, target: &str, id: &str) -> Result<Committed, Comm
 
 /// Puts the previous files back (a file that did not exist is removed),
 /// fsyncs, and drops this deploy's backups.
-fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
+pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
     let mut first_err = None;
     for (live, backup) in committed.files.iter().rev() {
         let r = match backup {
@@ -648,7 +957,7 @@ fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
 }
 
 /// Keeps the newest `keep` backup generations of `target` in each directory.
-fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
+pub(super) fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
     for dir in dirs {
         let ids = atomic::list_backups(dir, target)?;
         let excess = ids.len().saturating_sub(keep);

@@ -6,6 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::plan::{PlannedFile, Role, Source};
+use super::verify::{Attempt, ServedCheck};
 
 /// The stages of `DEPLOY-PROTOCOL.md`, in the order a deploy reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub enum Stage {
     VerifyAttempt,
     Rollback,
     Done,
+    /// Not part of a deploy: the drift watch noticed a change in what is
+    /// served.
+    Drift,
 }
 
 impl Stage {
@@ -35,6 +39,7 @@ impl Stage {
             Stage::VerifyAttempt => "verify",
             Stage::Rollback => "rollback",
             Stage::Done => "done",
+            Stage::Drift => "drift",
         }
     }
 }
@@ -51,6 +56,9 @@ pub enum Outcome {
     Busy,
     Internal,
     DryRun,
+    /// `certctl rollback` put the previous set back (verified when the
+    /// target has a verify endpoint).
+    Restored,
 }
 
 impl Outcome {
@@ -65,6 +73,7 @@ impl Outcome {
             Outcome::Busy => "busy",
             Outcome::Internal => "internal",
             Outcome::DryRun => "dry_run",
+            Outcome::Restored => "restored",
         }
     }
 }
@@ -127,6 +136,10 @@ pub struct Report {
     pub verification: Verification,
     pub warnings: Vec<String>,
     pub duration: Duration,
+    /// Leaf on `cert_path` when the deploy ended; empty when none.
+    pub disk_sha256: String,
+    /// Leaf served at the last probe; empty when not probed.
+    pub served_sha256: String,
 }
 
 /// One event of one deploy.
@@ -141,6 +154,27 @@ pub struct Event {
     pub files: Vec<FileSummary>,
     /// Set on [`Stage::Done`].
     pub report: Option<Report>,
+    /// Set on [`Stage::VerifyAttempt`] events of the retry loop.
+    pub attempt: Option<Attempt>,
+    /// Set on [`Stage::Drift`].
+    pub served: Option<ServedCheck>,
+}
+
+impl Event {
+    /// An event with only the common fields set.
+    pub fn new(deploy_id: &str, target: &str, stage: Stage, message: String) -> Self {
+        Self {
+            deploy_id: deploy_id.to_owned(),
+            target: target.to_owned(),
+            stage,
+            message,
+            at: SystemTime::now(),
+            files: Vec::new(),
+            report: None,
+            attempt: None,
+            served: None,
+        }
+    }
 }
 
 /// A new deploy id: UTC time to the millisecond plus 16 random bits, so ids

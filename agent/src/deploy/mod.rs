@@ -1,10 +1,13 @@
 //! Deploying a certificate set to a target: planning (pure), the atomic
-//! filesystem protocol, and the staged execution with rollback.
+//! filesystem protocol, the staged execution with rollback, verification
+//! that the new certificate is served, and the operator's rollback.
 
 pub mod apply;
 pub mod atomic;
 pub mod event;
 pub mod plan;
+pub mod rollback;
+pub mod verify;
 
 pub use apply::{Engine, LastDeploy, Request};
 pub use event::{Event, Outcome, Report, Stage, Verification};

@@ -20,3 +20,4 @@ mod agent_lifecycle;
 mod deploy_file;
 mod harness;
 mod nginx;
+mod verify;

@@ -4,8 +4,8 @@
 //! per-call group check refuses a reader.
 //!
 //! Each test has its own [`TestEnv`] and its own nginx on a loopback port. The
-//! targets carry no `[target.verify]` table (served-certificate verification is
-//! not implemented in this version); the tests probe nginx themselves.
+//! targets here carry no `[target.verify]` table (see `verify.rs` for that);
+//! the tests probe nginx themselves.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,22 +17,22 @@ use crate::support::pki::{self, Leaf};
 use crate::support::{TestEnv, tls};
 
 /// The vhost's server name and the SNI the probes send.
-const SNI: &str = "web.test";
+pub const SNI: &str = "web.test";
 /// The target's name.
-const TARGET: &str = "web";
+pub const TARGET: &str = "web";
 /// How long nginx may take to serve a deployed certificate.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running nginx serving `leaf` from the live files of target `web`.
-struct Site {
-    nginx: Nginx,
-    cert: PathBuf,
-    key: PathBuf,
+pub struct Site {
+    pub nginx: Nginx,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Writes `leaf` as the live files (fullchain 0644, key 0600, as an operator
 /// would) under `<root>/targets/web` and starts nginx on them.
-fn start_site(env: &TestEnv, leaf: &Leaf) -> Site {
+pub fn start_site(env: &TestEnv, leaf: &Leaf) -> Site {
     let dir = env.target_dir(TARGET);
     let cert = dir.join("web.crt");
     let key = dir.join("web.key");
@@ -74,7 +74,7 @@ fn sh_quote(p: &Path) -> String {
 /// nginx serves `leaf` (three probes in a row, bounded), or the test fails
 /// with nginx's logs.
 #[track_caller]
-fn assert_served(nginx: &Nginx, leaf: &Leaf) {
+pub fn assert_served(nginx: &Nginx, leaf: &Leaf) {
     if let Err(e) = tls::wait_until_served(nginx.port(), SNI, &leaf.sha256_hex, SERVE_TIMEOUT) {
         panic!("{e}\nnginx logs:\n{}", nginx.error_log());
     }

@@ -14,6 +14,7 @@
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
 pub mod assert;
+pub mod endpoints;
 pub mod nginx;
 pub mod pki;
 pub mod process;
@@ -204,6 +205,19 @@ impl TestEnv {
     /// Adds a `[[target]]` with `name` and the TOML `body` (keys and `[target.verify]` sub-table).
     pub fn target(&mut self, name: &str, body: &str) -> &mut Self {
         self.targets.push((name.to_owned(), body.to_owned()));
+        self
+    }
+
+    /// Appends TOML (e.g. a `[target.verify]` table) to the body of the
+    /// target called `name`.
+    pub fn append_to_target(&mut self, name: &str, toml: &str) -> &mut Self {
+        let (_, body) = self
+            .targets
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no target {name} to append to"));
+        body.push('\n');
+        body.push_str(toml);
         self
     }
 

@@ -1,0 +1,535 @@
+//! Stage 9: proving that the certificate on disk is the one served.
+//!
+//! This module turns single probes ([`crate::verify`]) into the answers the
+//! engine, `certctl verify` and the drift watch need: a [`ServedCheck`]
+//! comparing what the endpoint served with what was expected, and
+//! [`until_served`], the retry loop with backoff and jitter whose every
+//! attempt is reported as it happens.
+//!
+//! Guarantees: a check is `Verified` only when the served leaf's DER SHA-256
+//! equals the expected one (and, with `require_chain_match`, the served
+//! intermediates equal the deployed chain) after a handshake in which the
+//! server proved possession of the key. Waits between attempts end early
+//! when the deploy's cancellation token fires (shutdown, or a newer deploy
+//! of the same target waiting for the lock); the attempt that follows a cut
+//! wait is the last one, so cancellation shortens verification but never
+//! turns a failure into a success.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bundle::{self, Cert};
+use crate::config::{Target, VerifyConfig};
+use crate::kind::VerifyProtocol;
+use crate::verify::backoff::{self, Schedule};
+use crate::verify::{self, Probe, Roots};
+
+/// A certificate that is served with less than this left is reported as
+/// `expiring` by the drift watch.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// What the endpoint must serve.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// Lowercase hex SHA-256 of the leaf's DER.
+    pub leaf_sha256: String,
+    /// The deployed intermediates, in deployed order (hex SHA-256 of DER).
+    pub chain_sha256: Vec<String>,
+    /// SNI to send.
+    pub server_name: String,
+}
+
+impl Expect {
+    /// Expect `leaf` and `chain`, with the SNI the target's verify
+    /// settings give for `leaf`.
+    pub fn of(v: &VerifyConfig, leaf: &Cert, chain: &[Cert]) -> Self {
+        Self {
+            leaf_sha256: leaf.sha256_hex(),
+            chain_sha256: chain.iter().map(Cert::sha256_hex).collect(),
+            server_name: server_name(v, &leaf.dns_names),
+        }
+    }
+}
+
+/// The SNI to send: `server_name` when set, else the leaf's first DNS SAN,
+/// else the endpoint's host (an IP address there means no SNI is sent).
+pub fn server_name(v: &VerifyConfig, dns_names: &[String]) -> String {
+    if let Some(name) = &v.server_name {
+        return name.clone();
+    }
+    if let Some(first) = dns_names.iter().find(|n| !n.starts_with("*.")) {
+        return first.clone();
+    }
+    if let Some(wild) = dns_names.first() {
+        // "*.example.com" is not a name a client sends; any label will do.
+        return format!("certctl-verify{}", &wild[1..]);
+    }
+    endpoint_host(&v.endpoint).to_owned()
+}
+
+fn endpoint_host(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// How a probe compared with what was expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckState {
+    /// The expected leaf (and chain, when required) is served.
+    Verified,
+    /// Another leaf is served.
+    Mismatch,
+    /// The leaf matches but the intermediates differ from the deployed chain
+    /// (only with `require_chain_match`).
+    ChainMismatch,
+    /// The probe failed: no connection, no STARTTLS, no handshake, ...
+    Unreachable,
+    /// The expected leaf is served but expires within [`EXPIRY_WARNING`]
+    /// (drift watch only).
+    Expiring,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Verified => "verified",
+            CheckState::Mismatch => "mismatch",
+            CheckState::ChainMismatch => "chain-mismatch",
+            CheckState::Unreachable => "unreachable",
+            CheckState::Expiring => "expiring",
+        }
+    }
+
+    /// The word `certctl status` shows in its verification column.
+    pub fn verification(self) -> &'static str {
+        match self {
+            CheckState::Verified | CheckState::Expiring => "verified",
+            CheckState::Mismatch | CheckState::ChainMismatch => "mismatch",
+            CheckState::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// One probe, compared with what was expected.
+#[derive(Debug, Clone)]
+pub struct ServedCheck {
+    pub endpoint: String,
+    pub server_name: String,
+    pub protocol: VerifyProtocol,
+    /// The leaf expected (the one on disk), hex SHA-256.
+    pub want_sha256: String,
+    /// The leaf served; empty when the probe failed.
+    pub served_sha256: String,
+    pub served_chain_sha256: Vec<String>,
+    pub served_subject: String,
+    pub served_not_after: i64,
+    pub state: CheckState,
+    /// Short reason code for a failed check; empty when verified.
+    pub reason: &'static str,
+    /// One line: what differs or why the probe failed; empty when verified.
+    pub error: String,
+    pub checked: SystemTime,
+    pub tls_version: String,
+    pub ca_validated: bool,
+}
+
+impl ServedCheck {
+    pub fn ok(&self) -> bool {
+        matches!(self.state, CheckState::Verified | CheckState::Expiring)
+    }
+}
+
+/// Probes once and compares.
+pub async fn check_once(v: &VerifyConfig, expect: &Expect) -> ServedCheck {
+    let mut check = ServedCheck {
+        endpoint: v.endpoint.clone(),
+        server_name: expect.server_name.clone(),
+        protocol: v.protocol,
+        want_sha256: expect.leaf_sha256.clone(),
+        served_sha256: String::new(),
+        served_chain_sha256: Vec::new(),
+        served_subject: String::new(),
+        served_not_after: 0,
+        state: CheckState::Unreachable,
+        reason: "",
+        error: String::new(),
+        checked: SystemTime::now(),
+        tls_version: String::new(),
+        ca_validated: false,
+    };
+    let roots = match &v.ca_file {
+        None => None,
+        Some(path) => {
+            let path = path.clone();
+            match tokio::task::spawn_blocking(move || Roots::load(&path)).await {
+                Ok(Ok(roots)) => Some(roots),
+                Ok(Err(e)) => {
+                    check.reason = "ca-file";
+                    check.error = format!("verify.ca_file: {e}");
+                    return check;
+                }
+                Err(e) => {
+                    check.reason = "ca-file";
+                    check.error = format!("verify.ca_file could not be read: {e}");
+                    return check;
+                }
+            }
+        }
+    };
+    let probe = Probe {
+        endpoint: &v.endpoint,
+        server_name: &expect.server_name,
+        protocol: v.protocol,
+        timeout: v.timeout,
+        roots: roots.as_ref(),
+    };
+    let served = match verify::probe(&probe).await {
+        Ok(served) => served,
+        Err(e) => {
+            check.reason = e.reason();
+            check.error = e.to_string();
+            return check;
+        }
+    };
+    check.served_sha256 = served.leaf_sha256;
+    check.served_chain_sha256 = served.chain_sha256;
+    check.served_subject = served.subject;
+    check.served_not_after = served.not_after_unix;
+    check.tls_version = served.tls_version;
+    check.ca_validated = served.ca_validated;
+    compare(&mut check, expect, v.require_chain_match);
+    check
+}
+
+/// Sets `state`, `reason` and `error` of a successful probe from what was
+/// expected.
+fn compare(check: &mut ServedCheck, expect: &Expect, require_chain_match: bool) {
+    if check.served_sha256 != expect.leaf_sha256 {
+        check.state = CheckState::Mismatch;
+        check.reason = "mismatch";
+        check.error = format!(
+            "{} served {} ({}), want {}",
+            check.endpoint,
+            short(&check.served_sha256),
+            check.served_subject,
+            short(&expect.leaf_sha256)
+        );
+    } else if require_chain_match && check.served_chain_sha256 != expect.chain_sha256 {
+        check.state = CheckState::ChainMismatch;
+        check.reason = "chain-mismatch";
+        check.error = format!(
+            "{} served the right leaf but {} intermediate(s) [{}], the deployed chain has {} [{}] \
+             (verify.require_chain_match = true)",
+            check.endpoint,
+            check.served_chain_sha256.len(),
+            shorts(&check.served_chain_sha256),
+            expect.chain_sha256.len(),
+            shorts(&expect.chain_sha256)
+        );
+    } else {
+        check.state = CheckState::Verified;
+    }
+}
+
+/// The certificate set a target has on disk.
+#[derive(Debug, Clone)]
+pub struct OnDisk {
+    pub leaf: Cert,
+    /// The certificates after the leaf in `cert_path`, then those in
+    /// `chain_path`.
+    pub chain: Vec<Cert>,
+}
+
+/// Reads the target's certificate files (blocking). `Ok(None)`: there is no
+/// certificate file yet.
+pub fn on_disk(target: &Target) -> Result<Option<OnDisk>, String> {
+    let read = |path: &Path| match std::fs::read(path) {
+        Ok(bytes) => bundle::certs_in_pem(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let Some(mut certs) = read(&target.cert_path)? else {
+        return Ok(None);
+    };
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: holds no certificate",
+            target.cert_path.display()
+        ));
+    }
+    if let Some(chain) = &target.chain_path {
+        certs.extend(read(chain)?.unwrap_or_default());
+    }
+    let leaf = certs.remove(0);
+    Ok(Some(OnDisk { leaf, chain: certs }))
+}
+
+/// One attempt of a retry loop, as reported to the client.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// 1-based.
+    pub attempt: u32,
+    pub attempts: u32,
+    pub check: ServedCheck,
+    /// The wait before the next attempt; `None` after the last one or a
+    /// success.
+    pub next_in: Option<Duration>,
+    /// Verifying the previous certificate during a rollback.
+    pub rollback: bool,
+}
+
+impl Attempt {
+    /// `verify attempt 2/3: served 9f…e1, want 4a…07; next in 2.1s`.
+    pub fn describe(&self) -> String {
+        let what = if self.rollback {
+            "rollback verify attempt"
+        } else {
+            "verify attempt"
+        };
+        let mut s = format!("{what} {}/{}: ", self.attempt, self.attempts);
+        let c = &self.check;
+        match c.state {
+            CheckState::Verified | CheckState::Expiring => s.push_str(&format!(
+                "{} serves {} ({})",
+                c.endpoint,
+                short(&c.served_sha256),
+                c.tls_version
+            )),
+            CheckState::Mismatch => s.push_str(&format!(
+                "served {}, want {}",
+                short(&c.served_sha256),
+                short(&c.want_sha256)
+            )),
+            CheckState::ChainMismatch | CheckState::Unreachable => s.push_str(&c.error),
+        }
+        if let Some(next) = self.next_in {
+            s.push_str(&format!("; next in {}", super::apply::fmt_duration(next)));
+        }
+        s
+    }
+}
+
+/// Probes until `expect` is served or the attempts are used up, waiting
+/// with backoff and jitter between attempts and reporting each one.
+/// `Ok` holds the successful check, `Err` the last failed one.
+pub async fn until_served(
+    v: &VerifyConfig,
+    expect: &Expect,
+    cancel: &CancellationToken,
+    rollback: bool,
+    mut report: impl FnMut(&Attempt),
+) -> Result<ServedCheck, ServedCheck> {
+    let schedule = Schedule {
+        attempts: v.attempts.max(1),
+        backoff: v.backoff,
+        max_backoff: v.max_backoff,
+    };
+    let mut attempt = 1;
+    loop {
+        let check = check_once(v, expect).await;
+        let ok = check.ok();
+        let last = attempt >= schedule.attempts;
+        let next_in = if ok || last {
+            None
+        } else if cancel.is_cancelled() {
+            Some(Duration::ZERO)
+        } else {
+            schedule
+                .base_delay(attempt)
+                .map(|base| backoff::jitter(base, v.max_backoff))
+        };
+        report(&Attempt {
+            attempt,
+            attempts: schedule.attempts,
+            check: check.clone(),
+            next_in,
+            rollback,
+        });
+        if ok {
+            return Ok(check);
+        }
+        let Some(wait) = next_in else {
+            return Err(check);
+        };
+        let cut = cancel.is_cancelled() || !backoff::sleep_or_cancel(wait, cancel).await;
+        attempt += 1;
+        if cut {
+            // One last look right away, then stop.
+            let check = check_once(v, expect).await;
+            report(&Attempt {
+                attempt,
+                attempts: schedule.attempts,
+                check: check.clone(),
+                next_in: None,
+                rollback,
+            });
+            return if check.ok() { Ok(check) } else { Err(check) };
+        }
+    }
+}
+
+/// The drift watch's view of a check: `Expiring` when the expected leaf is
+/// served but expires soon.
+pub fn with_expiry(mut check: ServedCheck, now: SystemTime) -> ServedCheck {
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if check.state == CheckState::Verified
+        && check.served_not_after - now < EXPIRY_WARNING.as_secs() as i64
+    {
+        check.state = CheckState::Expiring;
+        check.reason = "expiring";
+        check.error = format!(
+            "{} serves the deployed certificate, but it expires {}: deploy a renewed one",
+            check.endpoint,
+            if check.served_not_after <= now {
+                format!(
+                    "{} (already expired)",
+                    crate::bundle::rfc3339(check.served_not_after)
+                )
+            } else {
+                format!("at {}", crate::bundle::rfc3339(check.served_not_after))
+            }
+        );
+    }
+    check
+}
+
+fn short(hex: &str) -> String {
+    if hex.is_empty() {
+        "nothing".to_owned()
+    } else {
+        super::apply::short_hex(hex)
+    }
+}
+
+fn shorts(hexes: &[String]) -> String {
+    hexes
+        .iter()
+        .map(|h| short(h))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vc(endpoint: &str, server_name: Option<&str>) -> VerifyConfig {
+        VerifyConfig {
+            endpoint: endpoint.to_owned(),
+            server_name: server_name.map(str::to_owned),
+            protocol: VerifyProtocol::Tls,
+            attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(16),
+            timeout: Duration::from_secs(1),
+            interval: None,
+            require_chain_match: false,
+            ca_file: None,
+        }
+    }
+
+    fn check(served: &str, chain: &[&str]) -> ServedCheck {
+        ServedCheck {
+            endpoint: "127.0.0.1:443".to_owned(),
+            server_name: "www.example.com".to_owned(),
+            protocol: VerifyProtocol::Tls,
+            want_sha256: String::new(),
+            served_sha256: served.to_owned(),
+            served_chain_sha256: chain.iter().map(|s| (*s).to_owned()).collect(),
+            served_subject: "CN=www.example.com".to_owned(),
+            served_not_after: 0,
+            state: CheckState::Unreachable,
+            reason: "",
+            error: String::new(),
+            checked: SystemTime::UNIX_EPOCH,
+            tls_version: "TLSv1.3".to_owned(),
+            ca_validated: false,
+        }
+    }
+
+    fn expect(leaf: &str, chain: &[&str]) -> Expect {
+        Expect {
+            leaf_sha256: leaf.to_owned(),
+            chain_sha256: chain.iter().map(|s| (*s).to_owned()).collect(),
+            server_name: "www.example.com".to_owned(),
+        }
+    }
+
+    #[test]
+    fn sni_prefers_config_then_first_plain_dns_name_then_endpoint_host() {
+        let names = vec!["*.example.com".to_owned(), "example.com".to_owned()];
+        assert_eq!(
+            server_name(&vc("127.0.0.1:443", Some("a.test")), &names),
+            "a.test"
+        );
+        assert_eq!(
+            server_name(&vc("127.0.0.1:443", None), &names),
+            "example.com"
+        );
+        assert_eq!(
+            server_name(&vc("127.0.0.1:443", None), &names[..1]),
+            "certctl-verify.example.com"
+        );
+        assert_eq!(server_name(&vc("[::1]:443", None), &[]), "::1");
+        assert_eq!(server_name(&vc("mail.test:25", None), &[]), "mail.test");
+    }
+
+    #[test]
+    fn leaf_must_match_and_chain_only_when_required() {
+        let mut c = check("aa", &["c1"]);
+        compare(&mut c, &expect("aa", &["c2"]), false);
+        assert_eq!(c.state, CheckState::Verified);
+
+        let mut c = check("aa", &["c1"]);
+        compare(&mut c, &expect("aa", &["c2"]), true);
+        assert_eq!(c.state, CheckState::ChainMismatch);
+        assert!(c.error.contains("require_chain_match"), "{}", c.error);
+
+        let mut c = check("bb", &[]);
+        compare(&mut c, &expect("aa", &[]), true);
+        assert_eq!(c.state, CheckState::Mismatch);
+        assert_eq!(c.reason, "mismatch");
+        assert!(c.error.contains("served bb"), "{}", c.error);
+    }
+
+    #[test]
+    fn attempt_lines_say_served_want_and_next_wait() {
+        let mut c = check(&"9f".repeat(32), &[]);
+        c.want_sha256 = "4a".repeat(32);
+        c.state = CheckState::Mismatch;
+        let a = Attempt {
+            attempt: 2,
+            attempts: 3,
+            check: c,
+            next_in: Some(Duration::from_millis(2100)),
+            rollback: false,
+        };
+        assert_eq!(
+            a.describe(),
+            "verify attempt 2/3: served 9f9f9f…9f9f, want 4a4a4a…4a4a; next in 2.1s"
+        );
+    }
+
+    #[test]
+    fn expiring_only_when_verified_and_close() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let mut c = check("aa", &[]);
+        c.state = CheckState::Verified;
+        c.served_not_after = 1_000_000_000 + 3600;
+        let e = with_expiry(c.clone(), now);
+        assert_eq!(e.state, CheckState::Expiring);
+        assert!(e.ok());
+        assert_eq!(e.state.verification(), "verified");
+        c.served_not_after = 1_000_000_000 + 90 * 24 * 3600;
+        assert_eq!(with_expiry(c.clone(), now).state, CheckState::Verified);
+        c.state = CheckState::Mismatch;
+        c.served_not_after = 0;
+        assert_eq!(with_expiry(c, now).state, CheckState::Mismatch);
+    }
+}
