@@ -547,3 +547,40 @@ fn a_newer_deploy_cuts_the_running_verification_short() {
     assert_eq!(result["verification"], "unverified", "{out2}");
     assert_eq!(result["disk_sha256"], second.sha256_hex.as_str(), "{out2}");
 }
+
+#[test]
+fn an_identical_deploy_still_proves_it_is_served_and_reloads_when_it_is_not() {
+    if !nginx_available() {
+        return;
+    }
+    let mut env = TestEnv::new();
+    let a = pki::issue_cert(&[SNI]);
+    let site = start_site(&env, &a);
+    env.nginx_target(TARGET, &site.nginx, SNI, None);
+    with_verify(&mut env, TARGET, &verify_table(&site.nginx.endpoint(), SNI, 5));
+    let _agent = env.spawn_agent();
+
+    // Already on disk and served: unchanged, and verified.
+    let out = deploy_json(&env, TARGET, &a, "a");
+    out.assert_code(0);
+    let result = done(&out.json_lines()).clone();
+    assert_eq!(result["outcome"], "unchanged", "{out}");
+    assert_eq!(result["verification"], "verified", "{out}");
+
+    // Someone put B on disk without reloading: the files match, the server
+    // does not. The deploy reloads and proves B is served.
+    let b = pki::issue_cert(&[SNI]);
+    pki::write_mode(&site.cert, &b.fullchain_pem(), 0o644);
+    pki::write_mode(&site.key, &b.key_pem, 0o600);
+    let out = deploy_json(&env, TARGET, &b, "b");
+    out.assert_code(0);
+    let lines = out.json_lines();
+    assert!(
+        lines.iter().any(|l| l["stage"] == "reloaded"),
+        "a reload was run: {out}"
+    );
+    let result = done(&lines);
+    assert_eq!(result["outcome"], "deployed", "{out}");
+    assert_eq!(result["verification"], "verified", "{out}");
+    assert_served(&site.nginx, &b);
+}
