@@ -19,4 +19,5 @@ mod support;
 mod agent_lifecycle;
 mod deploy_file;
 mod harness;
+mod mail;
 mod nginx;
