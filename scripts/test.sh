@@ -8,10 +8,22 @@ cd "$(dirname "$0")/.."
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix)
+# The mail tests look for these service binaries (agent/tests/it/support/dovecot.rs).
+[ -x /usr/lib/dovecot/imap-login ] || [ -x /usr/libexec/dovecot/imap-login ] || need+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/pop3-login ] || [ -x /usr/libexec/dovecot/pop3-login ] || need+=(dovecot-pop3d)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "==> installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
+        if [[ " ${need[*]} " == *" postfix "* ]]; then
+            # Without answers postfix's configuration asks what kind of mail
+            # server this is; the tests run private instances and need none.
+            debconf-set-selections <<'EOF'
+postfix postfix/main_mailer_type select Local only
+postfix postfix/mailname string localhost
+EOF
+        fi
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     else

@@ -19,5 +19,6 @@ mod support;
 mod agent_lifecycle;
 mod deploy_file;
 mod harness;
+mod mail;
 mod nginx;
 mod verify;

@@ -14,9 +14,12 @@
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
 pub mod assert;
+pub mod dovecot;
 pub mod endpoints;
+pub mod mailtls;
 pub mod nginx;
 pub mod pki;
+pub mod postfix;
 pub mod process;
 pub mod tls;
 

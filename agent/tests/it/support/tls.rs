@@ -100,7 +100,9 @@ pub fn wait_until_served(
     }
 }
 
-fn client_config() -> Arc<ClientConfig> {
+/// The probes' client config: any certificate, handshake signatures checked
+/// (shared with [`super::mailtls`]).
+pub fn client_config() -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AcceptAnyCert {
         algorithms: provider.signature_verification_algorithms,
