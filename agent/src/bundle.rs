@@ -304,6 +304,15 @@ impl Cert {
         hex::encode(self.sha256)
     }
 
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo: the fingerprint of
+    /// the key pair, safe to record (it is the public half).
+    pub fn spki_sha256_hex(&self) -> String {
+        match x509_parser::parse_x509_certificate(&self.der) {
+            Ok((_, cert)) => hex::encode(Sha256::digest(cert.public_key().raw)),
+            Err(_) => String::new(),
+        }
+    }
+
     /// Normalized PEM: LF line ends, 64-column base64, trailing newline.
     pub fn to_pem(&self) -> String {
         let mut out = String::new();

@@ -127,6 +127,9 @@ pub async fn run(spec: &Spec<'_>) -> Result<Output, CommandError> {
         source,
     })?;
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    if spec.purpose == "reload" {
+        crate::failpoint::hit("during-reload");
+    }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let out_task = tokio::spawn(read_bounded(stdout));

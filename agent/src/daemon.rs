@@ -21,6 +21,7 @@ use crate::api::socket;
 use crate::config::{self, Config};
 use crate::deploy::Engine;
 use crate::deploy::atomic;
+use crate::journal::Journal;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum DaemonError {
         #[source]
         source: atomic::FsError,
     },
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the control socket failed: {0}")]
@@ -48,7 +51,17 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         path: state_dir.clone(),
         source,
     })?;
-    let engine = Engine::new(state_dir.join("locks"));
+    let journal = Arc::new(Journal::open(&state_dir)?);
+    let engine = Engine::new(state_dir.join("locks"), journal);
+    // Before any call is accepted: finish what a previous run of the agent
+    // left half done.
+    let recovered = engine.recover(&config).await?;
+    for r in &recovered {
+        info!(outcome = r.outcome.as_str(), "recovery: {}", r.error);
+    }
+    if !recovered.is_empty() {
+        info!(runs = recovered.len(), "recovery done");
+    }
 
     let socket_path = config.agent.socket.clone();
     let groups: Vec<_> = config

@@ -17,6 +17,8 @@ pub mod config;
 pub mod daemon;
 pub mod deploy;
 pub mod drift;
+pub mod failpoint;
+pub mod journal;
 pub mod kind;
 pub mod lock;
 pub mod logging;

@@ -28,6 +28,8 @@ use super::verify::{self, Attempt, Expect, OnDisk, ServedCheck};
 use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
 use crate::config::{Target, VerifyConfig};
+use crate::failpoint;
+use crate::journal::{self, FileRecord, Journal};
 use crate::lock::{LockError, Locks, TargetGuard};
 
 /// One deploy as asked for by a client.
@@ -67,11 +69,14 @@ pub struct Engine {
     /// wait for the lock fires it, so the holder's verification waits end
     /// early instead of holding the newer deploy up.
     hurry: Mutex<HashMap<String, CancellationToken>>,
+    /// Every run is recorded here before it touches a file.
+    pub(super) journal: Arc<Journal>,
 }
 
 impl Engine {
-    /// `lock_dir` holds the per-target `flock` files.
-    pub fn new(lock_dir: PathBuf) -> Self {
+    /// `lock_dir` holds the per-target `flock` files; every run is
+    /// recorded in `journal`.
+    pub fn new(lock_dir: PathBuf, journal: Arc<Journal>) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
             locks: Locks::new(lock_dir),
@@ -80,7 +85,13 @@ impl Engine {
             served: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             hurry: Mutex::new(HashMap::new()),
+            journal,
         }
+    }
+
+    /// The deploy journal (history, recovery).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// The agent is stopping: pending verification waits end now (each
@@ -122,7 +133,18 @@ impl Engine {
 
     /// The last finished (not dry-run) deploy of `target` since start.
     pub fn last(&self, target: &str) -> Option<LastDeploy> {
-        lock(&self.last).get(target).cloned()
+        if let Some(last) = lock(&self.last).get(target) {
+            return Some(last.clone());
+        }
+        // Before this agent finished a run of the target: the journal's.
+        let rec = self.journal.last(target).ok().flatten()?;
+        Some(LastDeploy {
+            deploy_id: rec.id,
+            outcome: Outcome::parse(rec.outcome.as_deref().unwrap_or_default())?,
+            finished: rec.finished.unwrap_or(rec.started),
+            error: rec.error,
+            cert_sha256: rec.cert_sha256,
+        })
     }
 
     /// Takes `target`'s lock. A deploy that has to wait hurries the holder
@@ -152,6 +174,7 @@ impl Engine {
         let id = new_deploy_id(SystemTime::now());
         let span = tracing::info_span!("deploy", target = %req.target.name, deploy_id = %id);
         let mut run = Run::new(self, id, &req.target.name, sink);
+        run.origin.clone_from(&req.origin);
         async move {
             info!(origin = %req.origin, dry_run = req.dry_run, "deploy requested");
             let (outcome, error) = match run.execute(&req).await {
@@ -204,6 +227,14 @@ pub(super) struct Run<'e> {
     served: Option<ServedCheck>,
     /// Leaf on `cert_path` when the run ended.
     disk_sha256: String,
+    /// Who asked, for the journal.
+    pub(super) origin: String,
+    /// `deploy` or `rollback`, for the journal.
+    pub(super) op: &'static str,
+    /// The run has a journal row (it took the lock and is past planning).
+    pub(super) begun: bool,
+    /// Recovery is finishing this run after a restart.
+    pub(super) recovered: bool,
 }
 
 /// Files renamed into place, with what to put back.
@@ -232,6 +263,54 @@ impl<'e> Run<'e> {
             verification: Verification::Unverified,
             served: None,
             disk_sha256: String::new(),
+            origin: String::new(),
+            op: "deploy",
+            begun: false,
+            recovered: false,
+        }
+    }
+
+    /// Records the run in the journal before any file is touched; a run
+    /// that cannot be recorded does not start.
+    pub(super) async fn begin_journal(
+        &mut self,
+        origin: &str,
+        op: &'static str,
+        files: &[FileRecord],
+        prev_sha256: &str,
+        inputs: &[(String, String)],
+    ) -> Result<(), Failure> {
+        let cert = self
+            .leaf
+            .as_ref()
+            .map(|(sha, _, _)| sha.clone())
+            .unwrap_or_default();
+        let begin = journal::Begin {
+            id: &self.id,
+            target: &self.target,
+            op,
+            origin,
+            files,
+            cert_sha256: &cert,
+            prev_sha256,
+            inputs,
+        };
+        tokio::task::block_in_place(|| self.engine.journal.begin(&begin))
+            .map_err(|e| Failure::new(Outcome::Internal, format!("{e}; nothing was changed")))?;
+        self.op = op;
+        self.begun = true;
+        Ok(())
+    }
+
+    /// Appends a stage to the run's journal row (durable on return).
+    fn journal_stage(&self, stage: &str, message: &str) {
+        if !self.begun {
+            return;
+        }
+        if let Err(e) =
+            tokio::task::block_in_place(|| self.engine.journal.stage(&self.id, stage, message))
+        {
+            tracing::error!("{e}");
         }
     }
 
@@ -252,6 +331,7 @@ impl<'e> Run<'e> {
     pub(super) fn stage(&self, stage: Stage, message: impl Into<String>) {
         let message = message.into();
         info!(stage = stage.as_str(), "{message}");
+        self.journal_stage(stage.as_str(), &message);
         self.emit(stage, message, Vec::new(), None);
     }
 
@@ -262,6 +342,7 @@ impl<'e> Run<'e> {
         } else {
             warn!(stage = "verify", reason = a.check.reason, "{message}");
         }
+        self.journal_stage("verify", &message);
         self.send(Event {
             attempt: Some(a.clone()),
             ..Event::new(&self.id, &self.target, Stage::VerifyAttempt, message)
@@ -347,6 +428,16 @@ impl<'e> Run<'e> {
         // What a rollback must find served again.
         let previous = self.previous(target).await;
 
+        // 4. Journal: what this deploy will touch, before it touches it.
+        let files = journal_files(&plan, &target.name, &self.id);
+        let inputs = input_fingerprints(&bundle);
+        let prev_sha = previous
+            .as_ref()
+            .map(|p| p.leaf.sha256_hex())
+            .unwrap_or_default();
+        self.begin_journal(&req.origin, "deploy", &files, &prev_sha, &inputs)
+            .await?;
+
         // 5. Stage.
         let temps = {
             let plan = plan.clone();
@@ -381,7 +472,29 @@ impl<'e> Run<'e> {
             ),
         })?;
         self.stage(Stage::Committed, describe_commit(&committed));
+        failpoint::hit("after-commit");
+        let expect = verify.map(|v| Expect::of(v, &bundle.leaf, &bundle.chain));
+        self.after_commit(
+            target,
+            committed,
+            previous.as_ref(),
+            expect.as_ref(),
+            verify,
+        )
+        .await
+    }
 
+    /// Stages 7 to 10 for files that are committed: validate, reload,
+    /// verify, prune; rollback when one fails. Also how recovery completes
+    /// a deploy that was interrupted after its commit.
+    pub(super) async fn after_commit(
+        &mut self,
+        target: &Target,
+        committed: Committed,
+        previous: Option<&OnDisk>,
+        expect: Option<&Expect>,
+        verify: Option<&VerifyConfig>,
+    ) -> Result<Outcome, Failure> {
         // 7. Validate against the new files.
         if !target.validate.is_empty() {
             match self.run_command(target, "validate", &target.validate).await {
@@ -424,16 +537,15 @@ impl<'e> Run<'e> {
                 ),
                 Err(e) => {
                     return Err(self
-                        .roll_back(target, committed, previous.as_ref(), e.to_string(), verify)
+                        .roll_back(target, committed, previous, e.to_string(), verify)
                         .await);
                 }
             }
         }
 
         // 9. Verify.
-        if let Some(v) = verify {
-            let expect = Expect::of(v, &bundle.leaf, &bundle.chain);
-            match self.verify(v, &expect, false).await {
+        if let (Some(v), Some(expect)) = (verify, expect) {
+            match self.verify(v, expect, false).await {
                 Ok(_) => self.verification = Verification::Verified,
                 Err(check) => {
                     let why = format!(
@@ -441,14 +553,14 @@ impl<'e> Run<'e> {
                         v.attempts, check.error
                     );
                     return Err(self
-                        .roll_back(target, committed, previous.as_ref(), why, verify)
+                        .roll_back(target, committed, previous, why, verify)
                         .await);
                 }
             }
         }
 
         // 10. Finish: prune old backups.
-        let dirs = dirs_of(plan.files.iter().map(|f| &f.path));
+        let dirs = dirs_of(committed.files.iter().map(|(live, _)| live));
         let name = target.name.clone();
         let keep = target.backup_retention as usize;
         if let Err(e) = blocking(move || prune(&dirs, &name, keep)).await {
@@ -583,7 +695,7 @@ impl<'e> Run<'e> {
     /// back, reload, and verify that the previous certificate is served
     /// again. `why` says what failed; the result is `rolled_back` or
     /// `rollback_failed` with what is on disk and what is served.
-    async fn roll_back(
+    pub(super) async fn roll_back(
         &mut self,
         target: &Target,
         committed: Committed,
@@ -772,6 +884,7 @@ impl<'e> Run<'e> {
             _ => warn!(outcome = outcome.as_str(), "{message}"),
         }
         if !dry_run {
+            self.journal_finish(outcome, &error, &report);
             lock(&self.engine.last).insert(
                 self.target.clone(),
                 LastDeploy {
@@ -786,6 +899,72 @@ impl<'e> Run<'e> {
         self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
         report
     }
+
+    /// Closes the run's journal row (or writes a closed one for a run that
+    /// ended before it took the lock).
+    fn journal_finish(&self, outcome: Outcome, error: &str, report: &Report) {
+        failpoint::hit("before-finish");
+        let finish = journal::Finish {
+            outcome: outcome.as_str(),
+            error,
+            verification: report.verification.as_str(),
+            disk_sha256: &report.disk_sha256,
+            served_sha256: &report.served_sha256,
+            recovered: self.recovered,
+        };
+        let written = tokio::task::block_in_place(|| {
+            if self.begun {
+                self.engine.journal.finish(&self.id, &finish)
+            } else {
+                self.engine.journal.closed(
+                    &journal::Begin {
+                        id: &self.id,
+                        target: &self.target,
+                        op: self.op,
+                        origin: &self.origin,
+                        files: &[],
+                        cert_sha256: &report.cert_sha256,
+                        prev_sha256: "",
+                        inputs: &[],
+                    },
+                    &finish,
+                )
+            }
+        });
+        if let Err(e) = written {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// The journal's view of a plan: every file that will be written, where
+/// its temp and its backup go, and whether it existed.
+pub(super) fn journal_files(plan: &Plan, target: &str, id: &str) -> Vec<FileRecord> {
+    plan.files
+        .iter()
+        .filter(|f| f.changed)
+        .map(|f| FileRecord {
+            live: f.path.clone(),
+            existed: f.existing.is_some(),
+            backup: atomic::backup_dir(atomic::parent(&f.path), target, id)
+                .join(f.path.file_name().unwrap_or_default()),
+            tmp: atomic::temp_path(&f.path, id),
+        })
+        .collect()
+}
+
+/// Fingerprints of the input for the journal: the leaf, each chain
+/// certificate, and the private key's public half. Never the key.
+fn input_fingerprints(bundle: &Bundle) -> Vec<(String, String)> {
+    let mut out = vec![("leaf".to_owned(), bundle.leaf.sha256_hex())];
+    out.extend(
+        bundle
+            .chain
+            .iter()
+            .map(|c| ("chain".to_owned(), c.sha256_hex())),
+    );
+    out.push(("key-spki".to_owned(), bundle.leaf.spki_sha256_hex()));
+    out
 }
 
 // === filesystem phases (blocking) ===
@@ -907,6 +1086,7 @@ fn commit(staged: Vec<Staged>, target: &str, id: &str) -> Result<Committed, Comm
             return Err(abandon(&committed.backup_dirs, e));
         }
     }
+    failpoint::hit("after-backup");
     for (i, (s, backup)) in staged.iter().zip(backups).enumerate() {
         if let Err(e) = atomic::rename(&s.tmp, &s.live) {
             remove_temps(i);
@@ -916,6 +1096,9 @@ fn commit(staged: Vec<Staged>, target: &str, id: &str) -> Result<Committed, Comm
             });
         }
         committed.files.push((s.live.clone(), backup));
+        if i + 1 < staged.len() {
+            failpoint::hit("between-renames");
+        }
     }
     for d in &dirs_of(staged.iter().map(|s| &s.live)) {
         if let Err(e) = atomic::fsync_dir(d) {
@@ -940,6 +1123,7 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
         if let Err(e) = r {
             first_err.get_or_insert(e);
         }
+        failpoint::hit("during-rollback");
     }
     for d in &dirs_of(committed.files.iter().map(|(l, _)| l)) {
         if let Err(e) = atomic::fsync_dir(d) {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::plan::Existing;
+use crate::failpoint;
 
 /// Prefix of every temp file the agent creates beside a target.
 pub const TEMP_PREFIX: &str = ".certctl-tmp-";
@@ -140,6 +141,7 @@ pub fn write_temp(
     gid: Option<u32>,
 ) -> Result<PathBuf> {
     let tmp = temp_path(final_path, deploy_id);
+    seam("cannot create temp file", &tmp)?;
     // Exclusive create: if the name exists, it is not ours to remove.
     let mut file = OpenOptions::new()
         .write(true)
@@ -155,10 +157,16 @@ pub fn write_temp(
         }
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(FsError::new("cannot set mode of", &tmp))?;
+        seam("cannot write", &tmp)?;
         file.write_all(bytes)
             .map_err(FsError::new("cannot write", &tmp))?;
+        failpoint::written(&tmp);
+        failpoint::hit("after-temp-write");
+        seam("cannot fsync", &tmp)?;
         file.sync_all()
             .map_err(FsError::new("cannot fsync", &tmp))?;
+        failpoint::synced(&tmp);
+        failpoint::hit("after-temp-fsync");
         Ok(())
     })();
     if let Err(e) = result {
@@ -168,13 +176,21 @@ pub fn write_temp(
     Ok(tmp)
 }
 
+/// The fault-injection seam of the crash tests (see [`failpoint`]): a no-op
+/// outside test builds.
+fn seam(op: &'static str, path: &Path) -> Result<()> {
+    failpoint::fs_op(op, path).map_err(FsError::new(op, path))
+}
+
 /// Atomically replaces `to` with `from` (same directory).
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    seam("cannot rename into place", to)?;
     fs::rename(from, to).map_err(FsError::new("cannot rename into place", to))
 }
 
 /// Makes the directory's entries (renames, links, removals) durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    seam("cannot fsync directory", dir)?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(FsError::new("cannot fsync directory", dir))
@@ -182,6 +198,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// Removes a file; a file that is already gone is fine.
 pub fn remove(path: &Path) -> Result<()> {
+    seam("cannot remove", path)?;
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -199,6 +216,7 @@ pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
 
 /// Creates a directory (and missing parents) with mode 0700.
 pub fn make_private_dir(dir: &Path) -> Result<()> {
+    seam("cannot create directory", dir)?;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -211,6 +229,7 @@ pub fn make_private_dir(dir: &Path) -> Result<()> {
 /// same owner and mode).
 pub fn keep_backup(live: &Path, backup: &Path) -> Result<()> {
     remove(backup)?;
+    seam("cannot keep backup of", live)?;
     match fs::hard_link(live, backup) {
         Ok(()) => Ok(()),
         Err(e)

@@ -76,6 +76,24 @@ impl Outcome {
             Outcome::Restored => "restored",
         }
     }
+
+    /// The outcome called `name` ([`Outcome::as_str`]).
+    pub fn parse(name: &str) -> Option<Outcome> {
+        [
+            Outcome::Deployed,
+            Outcome::Unchanged,
+            Outcome::Rejected,
+            Outcome::ValidateFailed,
+            Outcome::RolledBack,
+            Outcome::RollbackFailed,
+            Outcome::Busy,
+            Outcome::Internal,
+            Outcome::DryRun,
+            Outcome::Restored,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == name)
+    }
 }
 
 /// Whether the served certificate was checked after the reload.

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod atomic;
 pub mod event;
 pub mod plan;
+pub mod recover;
 pub mod rollback;
 pub mod verify;
 

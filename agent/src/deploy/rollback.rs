@@ -25,6 +25,7 @@ use super::verify::{self, Expect, OnDisk};
 use crate::bundle;
 use crate::command;
 use crate::config::Target;
+use crate::journal::FileRecord;
 
 /// One rollback as asked for by a client.
 pub struct RollbackRequest {
@@ -46,6 +47,8 @@ impl Engine {
         let id = new_deploy_id(SystemTime::now());
         let span = tracing::info_span!("rollback", target = %req.target.name, deploy_id = %id);
         let mut run = Run::new(self, id, &req.target.name, sink);
+        run.origin.clone_from(&req.origin);
+        run.op = "rollback";
         async move {
             info!(origin = %req.origin, "rollback requested");
             let (outcome, error) = match run.execute_rollback(&req).await {
@@ -131,6 +134,36 @@ impl Run<'_> {
                 ))
             ),
         );
+
+        // The journal records the swap: recovery puts back the files from
+        // before the rollback (kept as this run's backup) when it is cut short.
+        let records: Vec<FileRecord> = set
+            .files
+            .iter()
+            .map(|(live, _)| FileRecord {
+                live: live.clone(),
+                existed: std::fs::symlink_metadata(live).is_ok(),
+                backup: atomic::backup_dir(atomic::parent(live), &target.name, &self.id)
+                    .join(live.file_name().unwrap_or_default()),
+                tmp: atomic::temp_path(live, &format!("{}-restore", self.id)),
+            })
+            .collect();
+        let prev = {
+            let t = target.clone();
+            blocking(move || {
+                Ok::<_, FsError>(
+                    verify::on_disk(&t)
+                        .ok()
+                        .flatten()
+                        .map(|d| d.leaf.sha256_hex())
+                        .unwrap_or_default(),
+                )
+            })
+            .await
+            .unwrap_or_default()
+        };
+        self.begin_journal(&req.origin, "rollback", &records, &prev, &[])
+            .await?;
 
         let committed = {
             let files = set.files.clone();
@@ -312,7 +345,10 @@ fn newest_set(target: &Target) -> Result<Option<BackupSet>, FsError> {
 }
 
 /// The certificate set the target will hold after `files` are restored.
-fn restored_view(target: &Target, files: &[(PathBuf, PathBuf)]) -> Result<Option<OnDisk>, FsError> {
+pub(super) fn restored_view(
+    target: &Target,
+    files: &[(PathBuf, PathBuf)],
+) -> Result<Option<OnDisk>, FsError> {
     let source = |live: &PathBuf| -> PathBuf {
         files
             .iter()

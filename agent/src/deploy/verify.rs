@@ -355,6 +355,7 @@ pub async fn until_served(
         let Some(wait) = next_in else {
             return Err(check);
         };
+        crate::failpoint::hit("during-verify-wait");
         let cut = cancel.is_cancelled() || !backoff::sleep_or_cancel(wait, cancel).await;
         attempt += 1;
         if cut {

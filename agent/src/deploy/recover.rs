@@ -1,0 +1,249 @@
+//! Recovery at start-up: every run the journal left without an outcome
+//! (the agent was killed, crashed or lost power in the middle of it) is
+//! finished before the agent accepts work.
+//!
+//! What is done depends on the last stage the journal recorded:
+//!
+//! | last stage | what is on disk | recovery |
+//! |---|---|---|
+//! | `locked`, `staged`, `planned` | the previous set, possibly with some files already replaced | temp files removed, every file with a backup restored, new files removed: `rolled_back` (no command runs: the server never loaded a mix) |
+//! | `committed`, `validate-command`, `reloaded`, `verify` (a deploy) | the complete new set | the deploy is completed: validate, reload, verify; a failure rolls back as usual |
+//! | `rollback`, or any stage of `certctl rollback` | anything between | the files from before the run are put back, reloaded and verified: `rolled_back` or `rollback_failed` |
+//!
+//! Recovery is idempotent: every step is either a restore from a backup
+//! that stays until the run is closed, or a removal, and a backup that is
+//! already gone means its file was restored (backups are removed only after
+//! every restore succeeded). A crash during recovery leaves the run open,
+//! and the next start recovers it the same way. A run whose target is no
+//! longer configured gets its files put back and no command run.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, warn};
+
+use super::apply::{Committed, Engine, Failure, Run, blocking};
+use super::atomic::{self, FsError};
+use super::event::{Outcome, Report, Stage};
+use super::rollback::restored_view;
+use super::verify::{self, Expect};
+use crate::config::{Config, Target};
+use crate::journal::{JournalError, Record};
+
+/// Stages after which the complete new set is on disk.
+const COMMITTED: &[&str] = &["committed", "validate-command", "reloaded", "verify"];
+
+impl Engine {
+    /// Finishes every run the journal left open; returns one report per
+    /// run, oldest first.
+    pub async fn recover(&self, config: &Config) -> Result<Vec<Report>, JournalError> {
+        let open = tokio::task::block_in_place(|| self.journal.unfinished())?;
+        let mut reports = Vec::with_capacity(open.len());
+        for rec in open {
+            reports.push(self.recover_one(rec, config).await);
+        }
+        Ok(reports)
+    }
+
+    async fn recover_one(&self, rec: Record, config: &Config) -> Report {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("recover", target = %rec.target, deploy_id = %rec.id);
+        let mut run = Run::new(self, rec.id.clone(), &rec.target, tx);
+        run.begun = true;
+        run.recovered = true;
+        run.op = if rec.op == "rollback" {
+            "rollback"
+        } else {
+            "deploy"
+        };
+        run.origin.clone_from(&rec.origin);
+        run.leaf = Some((rec.cert_sha256.clone(), 0, String::new()));
+        let target = config.target(&rec.target).cloned();
+        async move {
+            warn!(
+                op = %rec.op,
+                last_stage = %rec.stage,
+                "recovering a {} interrupted at stage {}",
+                rec.op,
+                rec.stage
+            );
+            let (outcome, error) = match run.execute_recovery(&rec, target.as_ref()).await {
+                Ok(outcome) => (outcome, String::new()),
+                Err(failure) => (failure.outcome, failure.message),
+            };
+            if let Some(t) = &target {
+                run.look_at_disk(t).await;
+            }
+            run.finish(outcome, error, false)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl Run<'_> {
+    async fn execute_recovery(
+        &mut self,
+        rec: &Record,
+        target: Option<&Target>,
+    ) -> Result<Outcome, Failure> {
+        let _guard = match target {
+            Some(t) => Some(self.lock(t, false).await?),
+            None => None,
+        };
+        let interrupted = format!(
+            "interrupted at stage {} by an agent stop (crash, kill or power loss)",
+            rec.stage
+        );
+
+        // Temp files are never published: whatever is left goes.
+        let files = rec.files.clone();
+        let id = rec.id.clone();
+        let committed = blocking(move || sweep(&files, &id)).await.map_err(|e| {
+            Failure::new(
+                Outcome::RollbackFailed,
+                format!("{interrupted}; recovery could not inspect the files: {e}"),
+            )
+        })?;
+        let pairs: Vec<(PathBuf, PathBuf)> = rec
+            .files
+            .iter()
+            .filter(|f| f.existed && f.backup.exists())
+            .map(|f| (f.live.clone(), f.backup.clone()))
+            .collect();
+
+        let Some(target) = target else {
+            self.stage(
+                Stage::Rollback,
+                "the target is no longer configured: putting the previous files back, no commands",
+            );
+            return match self.undo(committed).await {
+                Ok(()) => Err(Failure::new(
+                    Outcome::RolledBack,
+                    format!(
+                        "{interrupted}; the target is no longer configured: the previous files are back, no command was run"
+                    ),
+                )),
+                Err(e) => Err(Failure::new(
+                    Outcome::RollbackFailed,
+                    format!("{interrupted}; putting the previous files back failed: {e}"),
+                )),
+            };
+        };
+
+        let committed_stage = COMMITTED.contains(&rec.stage.as_str());
+        let previous = {
+            let t = target.clone();
+            blocking(move || restored_view(&t, &pairs))
+                .await
+                .ok()
+                .flatten()
+        };
+        let verify = target.verify.as_ref();
+
+        if rec.op == "deploy" && committed_stage {
+            // The whole new set is in place: finish what was started.
+            let t = target.clone();
+            let now = blocking(move || {
+                verify::on_disk(&t).map_err(|e| FsError {
+                    op: "cannot read",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e),
+                })
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(now) = &now {
+                self.leaf = Some((
+                    now.leaf.sha256_hex(),
+                    now.leaf.not_after,
+                    now.leaf.subject.clone(),
+                ));
+            }
+            let expect = match (verify, &now) {
+                (Some(v), Some(now)) => Some(Expect::of(v, &now.leaf, &now.chain)),
+                _ => None,
+            };
+            self.stage(
+                Stage::Committed,
+                format!("{interrupted}; the new files are all in place: finishing the deploy"),
+            );
+            let outcome = self
+                .after_commit(
+                    target,
+                    committed,
+                    previous.as_ref(),
+                    expect.as_ref(),
+                    verify,
+                )
+                .await?;
+            self.warnings
+                .push(format!("{interrupted}; completed after the restart"));
+            return Ok(outcome);
+        }
+
+        if committed_stage || rec.stage == "rollback" || rec.op == "rollback" {
+            // The server may have loaded the new files: put the previous
+            // ones back, reload, and prove they are served.
+            return Err(self
+                .roll_back(target, committed, previous.as_ref(), interrupted, verify)
+                .await);
+        }
+
+        // Interrupted before the commit completed: the server was never
+        // told about any new file; putting the previous ones back is all.
+        self.stage(
+            Stage::Rollback,
+            "putting the previous files back (no reload)",
+        );
+        match self.undo(committed).await {
+            Ok(()) => Err(Failure::new(
+                Outcome::RolledBack,
+                format!(
+                    "{interrupted}, before the commit completed; the previous files are in place"
+                ),
+            )),
+            Err(e) => Err(Failure::new(
+                Outcome::RollbackFailed,
+                format!("{interrupted}; putting the previous files back failed: {e}"),
+            )),
+        }
+    }
+}
+
+/// Removes the run's temp files and returns what there is to put back: a
+/// file with a backup is restored from it; a file that did not exist before
+/// the run is removed; a file whose backup is already gone was restored.
+fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, FsError> {
+    let mut dirs = BTreeSet::new();
+    for f in files {
+        atomic::remove(&f.tmp)?;
+        atomic::remove(&atomic::temp_path(&f.live, &format!("{id}-restore")))?;
+        dirs.insert(atomic::parent(&f.live).to_owned());
+    }
+    for d in &dirs {
+        atomic::fsync_dir(d)?;
+    }
+    let mut committed = Committed {
+        files: Vec::new(),
+        backup_dirs: Vec::new(),
+    };
+    for f in files {
+        if f.existed {
+            if f.backup.exists() {
+                committed
+                    .files
+                    .push((f.live.clone(), Some(f.backup.clone())));
+                let dir = atomic::parent(&f.backup).to_owned();
+                if !committed.backup_dirs.contains(&dir) {
+                    committed.backup_dirs.push(dir);
+                }
+            }
+        } else {
+            committed.files.push((f.live.clone(), None));
+        }
+    }
+    Ok(committed)
+}

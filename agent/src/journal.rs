@@ -1,0 +1,542 @@
+//! The deploy journal and history: one SQLite database in
+//! `<state_dir>/journal.sqlite` (WAL, `synchronous = FULL`).
+//!
+//! Every deploy and rollback is a row in `deploys`, written when the target
+//! lock is taken and before any byte is written beside the target. It names
+//! the files the run will touch (live path, whether it existed, its temp and
+//! backup paths), so recovery can find and finish or undo the work without
+//! anything else. Each stage and each verification attempt is appended as it
+//! happens; the terminal outcome closes the row. A row without an outcome
+//! after a crash is what recovery (`deploy::recover`) works on.
+//!
+//! Guarantees: every write is a committed transaction that is durable when
+//! the call returns (`synchronous = FULL`); the journal never holds key
+//! material (fingerprints of certificates and of public keys only); the
+//! schema is versioned with `PRAGMA user_version`. The file can be read with
+//! `sqlite3` while the agent runs (WAL).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Current schema version (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deploys (
+    id            TEXT PRIMARY KEY,
+    target        TEXT NOT NULL,
+    op            TEXT NOT NULL,          -- 'deploy' | 'rollback'
+    origin        TEXT NOT NULL,          -- who asked: 'cli uid=1000 pid=42', 'drop /path'
+    started_ms    INTEGER NOT NULL,
+    stage         TEXT NOT NULL,          -- last stage reached
+    files         TEXT NOT NULL,          -- JSON: the files this run touches
+    cert_sha256   TEXT NOT NULL,          -- leaf being put in place
+    prev_sha256   TEXT NOT NULL,          -- leaf on disk before ('' when none)
+    inputs        TEXT NOT NULL,          -- JSON: input fingerprints (never key material)
+    finished_ms   INTEGER,                -- NULL until terminal
+    outcome       TEXT,                   -- NULL until terminal
+    error         TEXT,
+    verification  TEXT,
+    disk_sha256   TEXT,
+    served_sha256 TEXT,
+    recovered     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deploys_target ON deploys (target, started_ms);
+CREATE INDEX IF NOT EXISTS deploys_open ON deploys (outcome) WHERE outcome IS NULL;
+CREATE TABLE IF NOT EXISTS stages (
+    deploy_id TEXT NOT NULL REFERENCES deploys (id),
+    at_ms     INTEGER NOT NULL,
+    stage     TEXT NOT NULL,
+    message   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stages_deploy ON stages (deploy_id);
+";
+
+/// Why the journal could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(
+        "cannot open the deploy journal {path}: {source}: the agent needs read and write \
+         access to its state_dir; if the file is corrupt, move it aside (history is lost, \
+         targets are not touched)"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the deploy journal {path} has schema version {found}, newer than this agent's \
+         {SCHEMA_VERSION}: run the newer agent, or move the file aside"
+    )]
+    TooNew { path: PathBuf, found: i64 },
+    #[error("deploy journal {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("deploy journal {path}: a record is unreadable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+/// One file a run touches, as recorded before it is touched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileRecord {
+    /// The operator-visible path.
+    pub live: PathBuf,
+    /// Something was at `live` before the run.
+    pub existed: bool,
+    /// Where the previous file is kept (when `existed`).
+    pub backup: PathBuf,
+    /// The temp file the new content is written to.
+    pub tmp: PathBuf,
+}
+
+/// What is recorded when a run takes the target lock.
+#[derive(Debug, Clone)]
+pub struct Begin<'a> {
+    pub id: &'a str,
+    pub target: &'a str,
+    /// `deploy` or `rollback`.
+    pub op: &'a str,
+    pub origin: &'a str,
+    pub files: &'a [FileRecord],
+    pub cert_sha256: &'a str,
+    pub prev_sha256: &'a str,
+    /// Input fingerprints: `(role, sha256)` of certificates and public keys.
+    pub inputs: &'a [(String, String)],
+}
+
+/// What is recorded when a run ends.
+#[derive(Debug, Clone)]
+pub struct Finish<'a> {
+    pub outcome: &'a str,
+    pub error: &'a str,
+    pub verification: &'a str,
+    pub disk_sha256: &'a str,
+    pub served_sha256: &'a str,
+    /// Set when recovery finished the run.
+    pub recovered: bool,
+}
+
+/// One run as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: String,
+    pub target: String,
+    pub op: String,
+    pub origin: String,
+    pub started: SystemTime,
+    pub stage: String,
+    pub files: Vec<FileRecord>,
+    pub cert_sha256: String,
+    pub prev_sha256: String,
+    pub finished: Option<SystemTime>,
+    pub outcome: Option<String>,
+    pub error: String,
+    pub verification: String,
+    pub disk_sha256: String,
+    pub served_sha256: String,
+    pub recovered: bool,
+    /// Stages with their times, oldest first (only filled by `history`).
+    pub stages: Vec<(SystemTime, String, String)>,
+}
+
+/// The journal of one agent.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn time(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+impl Journal {
+    /// Opens (creating when missing) `<state_dir>/journal.sqlite`.
+    pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
+        let path = state_dir.join("journal.sqlite");
+        let open_err = |source| JournalError::Open {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        // WAL: readers never block the writer; FULL: a commit is on disk
+        // when it returns, also across power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::TooNew {
+                path,
+                found: version,
+            });
+        }
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_err)?;
+        Ok(Journal {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut conn).map_err(|source| JournalError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Records a run that took its lock, before it touches any file.
+    pub fn begin(&self, b: &Begin<'_>) -> Result<(), JournalError> {
+        let files = serde_json::to_string(b.files).unwrap_or_default();
+        let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
+        let now = ms(SystemTime::now());
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
+                                      cert_sha256, prev_sha256, inputs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9)",
+                params![
+                    b.id,
+                    b.target,
+                    b.op,
+                    b.origin,
+                    now,
+                    files,
+                    b.cert_sha256,
+                    b.prev_sha256,
+                    inputs
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'locked', '')",
+                params![b.id, now],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records that run `id` reached `stage`.
+    pub fn stage(&self, id: &str, stage: &str, message: &str) -> Result<(), JournalError> {
+        let now = ms(SystemTime::now());
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, ?3, ?4)",
+                params![id, now, stage, message],
+            )?;
+            tx.execute(
+                "UPDATE deploys SET stage = ?2 WHERE id = ?1",
+                params![id, stage],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Closes run `id` with its outcome.
+    pub fn finish(&self, id: &str, f: &Finish<'_>) -> Result<(), JournalError> {
+        let now = ms(SystemTime::now());
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'done', ?3)",
+                params![id, now, f.outcome],
+            )?;
+            tx.execute(
+                "UPDATE deploys SET stage = 'done', finished_ms = ?2, outcome = ?3, error = ?4,
+                        verification = ?5, disk_sha256 = ?6, served_sha256 = ?7,
+                        recovered = ?8
+                 WHERE id = ?1",
+                params![
+                    id,
+                    now,
+                    f.outcome,
+                    f.error,
+                    f.verification,
+                    f.disk_sha256,
+                    f.served_sha256,
+                    f.recovered
+                ],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records a run that ended before it took the lock (rejected input,
+    /// busy): one closed row, so history shows every request.
+    pub fn closed(&self, b: &Begin<'_>, f: &Finish<'_>) -> Result<(), JournalError> {
+        let files = serde_json::to_string(b.files).unwrap_or_default();
+        let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
+        let now = ms(SystemTime::now());
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
+                                      cert_sha256, prev_sha256, inputs, finished_ms, outcome,
+                                      error, verification, disk_sha256, served_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'done', ?6, ?7, ?8, ?9, ?5, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    b.id,
+                    b.target,
+                    b.op,
+                    b.origin,
+                    now,
+                    files,
+                    b.cert_sha256,
+                    b.prev_sha256,
+                    inputs,
+                    f.outcome,
+                    f.error,
+                    f.verification,
+                    f.disk_sha256,
+                    f.served_sha256
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Runs without an outcome (interrupted by a crash), oldest first.
+    pub fn unfinished(&self) -> Result<Vec<Record>, JournalError> {
+        self.query("WHERE outcome IS NULL ORDER BY started_ms, id", params![])
+    }
+
+    /// The newest `limit` runs, of `target` or of every target, newest
+    /// first, with their stages.
+    pub fn history(&self, target: Option<&str>, limit: u32) -> Result<Vec<Record>, JournalError> {
+        let mut records = match target {
+            Some(t) => self.query(
+                "WHERE target = ?1 ORDER BY started_ms DESC, id DESC LIMIT ?2",
+                params![t, limit],
+            )?,
+            None => self.query("ORDER BY started_ms DESC, id DESC LIMIT ?1", params![limit])?,
+        };
+        for r in &mut records {
+            r.stages = self.stages(&r.id)?;
+        }
+        Ok(records)
+    }
+
+    /// The newest finished run of `target`.
+    pub fn last(&self, target: &str) -> Result<Option<Record>, JournalError> {
+        Ok(self
+            .query(
+                "WHERE target = ?1 AND outcome IS NOT NULL AND outcome != 'dry_run'
+                 ORDER BY started_ms DESC, id DESC LIMIT 1",
+                params![target],
+            )?
+            .pop())
+    }
+
+    fn stages(&self, id: &str) -> Result<Vec<(SystemTime, String, String)>, JournalError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT at_ms, stage, message FROM stages WHERE deploy_id = ?1 ORDER BY rowid",
+            )?;
+            st.query_map(params![id], |r| {
+                Ok((
+                    time(r.get(0)?),
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?
+            .collect()
+        })
+    }
+
+    fn query(&self, tail: &str, args: impl rusqlite::Params) -> Result<Vec<Record>, JournalError> {
+        let sql = format!(
+            "SELECT id, target, op, origin, started_ms, stage, files, cert_sha256, prev_sha256,
+                    finished_ms, outcome, error, verification, disk_sha256, served_sha256, recovered
+             FROM deploys {tail}"
+        );
+        let rows: Vec<(Record, String)> = self.with(|c| {
+            let mut st = c.prepare(&sql)?;
+            st.query_map(args, |r| {
+                Ok((
+                    Record {
+                        id: r.get(0)?,
+                        target: r.get(1)?,
+                        op: r.get(2)?,
+                        origin: r.get(3)?,
+                        started: time(r.get(4)?),
+                        stage: r.get(5)?,
+                        files: Vec::new(),
+                        cert_sha256: r.get(7)?,
+                        prev_sha256: r.get(8)?,
+                        finished: r.get::<_, Option<i64>>(9)?.map(time),
+                        outcome: r.get(10)?,
+                        error: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                        verification: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
+                        disk_sha256: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
+                        served_sha256: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
+                        recovered: r.get(15)?,
+                        stages: Vec::new(),
+                    },
+                    r.get::<_, String>(6)?,
+                ))
+            })?
+            .collect()
+        })?;
+        rows.into_iter()
+            .map(|(mut rec, files)| {
+                rec.files = serde_json::from_str(&files).map_err(|e| JournalError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("deploy {}: files: {e}", rec.id),
+                })?;
+                Ok(rec)
+            })
+            .collect()
+    }
+
+    /// Whether `id` is recorded (for tests and recovery checks).
+    pub fn contains(&self, id: &str) -> Result<bool, JournalError> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM deploys WHERE id = ?1", params![id], |_| {
+                Ok(())
+            })
+            .optional()
+            .map(|o| o.is_some())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(n: &str) -> FileRecord {
+        FileRecord {
+            live: PathBuf::from(format!("/t/{n}")),
+            existed: true,
+            backup: PathBuf::from(format!("/t/.certctl/backup/web/x/{n}")),
+            tmp: PathBuf::from(format!("/t/.certctl-tmp-x-{n}")),
+        }
+    }
+
+    fn begin<'a>(id: &'a str, files: &'a [FileRecord]) -> Begin<'a> {
+        Begin {
+            id,
+            target: "web",
+            op: "deploy",
+            origin: "cli uid=0",
+            files,
+            cert_sha256: "aa",
+            prev_sha256: "bb",
+            inputs: &[],
+        }
+    }
+
+    fn finish(outcome: &str) -> Finish<'_> {
+        Finish {
+            outcome,
+            error: "",
+            verification: "unverified",
+            disk_sha256: "aa",
+            served_sha256: "",
+            recovered: false,
+        }
+    }
+
+    #[test]
+    fn a_run_is_open_until_finished_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [file("cert.pem"), file("key.pem")];
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            j.begin(&begin("d1", &files)).unwrap();
+            j.stage("d1", "staged", "2 temp files").unwrap();
+            j.stage("d1", "committed", "").unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let open = j.unfinished().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].stage, "committed");
+        assert_eq!(open[0].files, files);
+        assert_eq!(open[0].prev_sha256, "bb");
+        j.finish("d1", &finish("deployed")).unwrap();
+        assert!(j.unfinished().unwrap().is_empty());
+        let last = j.last("web").unwrap().unwrap();
+        assert_eq!(last.outcome.as_deref(), Some("deployed"));
+        let h = j.history(Some("web"), 10).unwrap();
+        let stages: Vec<&str> = h[0].stages.iter().map(|(_, s, _)| s.as_str()).collect();
+        assert_eq!(stages, ["locked", "staged", "committed", "done"]);
+    }
+
+    #[test]
+    fn history_is_newest_first_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for i in 0..5 {
+            let id = format!("d{i}");
+            j.closed(&begin(&id, &[]), &finish("rejected")).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let h = j.history(None, 3).unwrap();
+        let ids: Vec<&str> = h.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["d4", "d3", "d2"]);
+        assert!(j.history(Some("other"), 3).unwrap().is_empty());
+        assert!(j.contains("d0").unwrap());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("journal.sqlite")).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("schema version 99") && e.contains("move the file aside"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let (mode, sync): (String, i64) = j
+            .with(|c| {
+                Ok((
+                    c.pragma_query_value(None, "journal_mode", |r| r.get(0))?,
+                    c.pragma_query_value(None, "synchronous", |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(sync, 2, "synchronous = FULL");
+    }
+}
