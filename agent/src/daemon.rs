@@ -7,6 +7,7 @@
 //! verification waits short, end watch streams, wait for running deploys to
 //! finish (a deploy is never abandoned between stages) and remove the socket.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +21,6 @@ use crate::api::server::{DRAIN_TIMEOUT, Service, Shared};
 use crate::api::socket;
 use crate::config::{self, Config};
 use crate::deploy::Engine;
-use crate::deploy::atomic;
 use crate::journal::Journal;
 
 /// Why the agent could not run.
@@ -28,11 +28,13 @@ use crate::journal::Journal;
 pub enum DaemonError {
     #[error(transparent)]
     Socket(#[from] socket::SocketError),
-    #[error("cannot create state directory {path}: {source}")]
+    #[error(
+        "cannot create state directory {path}: {source}: check state_dir in the config and that the agent may write there"
+    )]
     StateDir {
         path: PathBuf,
         #[source]
-        source: atomic::FsError,
+        source: std::io::Error,
     },
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
@@ -47,10 +49,16 @@ pub enum DaemonError {
 pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let state_dir = config.agent.state_dir.clone();
-    atomic::make_private_dir(&state_dir).map_err(|source| DaemonError::StateDir {
-        path: state_dir.clone(),
-        source,
-    })?;
+    // Not through `deploy::atomic`: the state directory is the agent's own,
+    // and the crash tests' filesystem seam counts deploy operations only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(|source| DaemonError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
     let journal = Arc::new(Journal::open(&state_dir)?);
     let engine = Engine::new(state_dir.join("locks"), journal);
     // Before any call is accepted: finish what a previous run of the agent

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS deploys (
     recovered     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deploys_target ON deploys (target, started_ms);
-CREATE INDEX IF NOT EXISTS deploys_open ON deploys (outcome) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS deploys_open ON deploys (outcome)
+    WHERE outcome IS NULL OR outcome = 'rollback_failed';
 CREATE TABLE IF NOT EXISTS stages (
     deploy_id TEXT NOT NULL REFERENCES deploys (id),
     at_ms     INTEGER NOT NULL,
@@ -327,9 +328,17 @@ impl Journal {
         })
     }
 
-    /// Runs without an outcome (interrupted by a crash), oldest first.
+    /// Runs recovery must look at, oldest first: those without an outcome
+    /// (interrupted by a crash), and those that ended `rollback_failed`
+    /// and were not yet retried by a recovery (their backups may still
+    /// hold the previous files: a failing disk or a full one may have
+    /// recovered since).
     pub fn unfinished(&self) -> Result<Vec<Record>, JournalError> {
-        self.query("WHERE outcome IS NULL ORDER BY started_ms, id", params![])
+        self.query(
+            "WHERE outcome IS NULL OR (outcome = 'rollback_failed' AND recovered = 0)
+             ORDER BY started_ms, id",
+            params![],
+        )
     }
 
     /// The newest `limit` runs, of `target` or of every target, newest

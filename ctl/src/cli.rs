@@ -36,6 +36,8 @@ pub enum Command {
     Watch,
     /// Put the previous certificate set back, reload, and verify it is served.
     Rollback(RollbackArgs),
+    /// Past deploys and rollbacks, newest first, from the agent's journal.
+    History(HistoryArgs),
     /// Probe the target's endpoint now and compare what it serves with the
     /// certificate on disk (exit 0 match, 5 mismatch or unreachable).
     Verify(VerifyArgs),
@@ -51,6 +53,15 @@ pub struct RollbackArgs {
     /// Fail with exit code 8 instead of waiting when the target is busy.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Only this target.
+    pub target: Option<String>,
+    /// How many entries, newest first (at most 10000).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
 }
 
 #[derive(Debug, Args)]

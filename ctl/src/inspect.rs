@@ -4,7 +4,7 @@ use certctl_proto::agent::v1 as pb;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
-use crate::cli::{Cli, StatusArgs};
+use crate::cli::{Cli, HistoryArgs, StatusArgs};
 use crate::client::{self, CliError};
 use crate::exit;
 use crate::output::{self, event_json, outcome_name, relative, served_json, stage_name, table};
@@ -130,6 +130,93 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                 relative(c.checked_unix_ms / 1000),
                 c.error
             );
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn history(cli: &Cli, args: &HistoryArgs) -> Result<u8, CliError> {
+    let mut client = client::connect(&cli.socket).await?;
+    let resp = client
+        .history(pb::HistoryRequest {
+            target: args.target.clone().unwrap_or_default(),
+            limit: args.limit,
+        })
+        .await?
+        .into_inner();
+    if cli.json {
+        let entries: Vec<_> = resp
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "deploy_id": e.deploy_id,
+                    "target": e.target,
+                    "op": e.op,
+                    "origin": e.origin,
+                    "started_unix_ms": e.started_unix_ms,
+                    "finished_unix_ms": (e.finished_unix_ms != 0).then_some(e.finished_unix_ms),
+                    "outcome": (e.finished_unix_ms != 0).then(|| outcome_name(e.outcome)),
+                    "last_stage": e.last_stage,
+                    "error": e.error,
+                    "cert_sha256": e.cert_sha256,
+                    "prev_sha256": e.prev_sha256,
+                    "verification": e.verification,
+                    "disk_sha256": e.disk_sha256,
+                    "served_sha256": e.served_sha256,
+                    "recovered": e.recovered,
+                    "stages": e.stages.iter().map(|s| json!({
+                        "unix_ms": s.unix_ms,
+                        "stage": s.stage,
+                        "message": s.message,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", json!({ "history": entries }));
+        return Ok(exit::OK);
+    }
+    if resp.entries.is_empty() {
+        println!("no deploys recorded");
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![
+        ["WHEN", "TARGET", "ID", "OP", "RESULT", "CERT", "TOOK", "BY"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for e in &resp.entries {
+        let result = if e.finished_unix_ms == 0 {
+            format!("running ({})", e.last_stage)
+        } else if e.recovered {
+            format!("{} (recovered)", outcome_name(e.outcome))
+        } else {
+            outcome_name(e.outcome).to_owned()
+        };
+        let took = if e.finished_unix_ms == 0 {
+            "-".to_owned()
+        } else {
+            format!("{}ms", e.finished_unix_ms - e.started_unix_ms)
+        };
+        rows.push(vec![
+            relative(e.started_unix_ms / 1000),
+            e.target.clone(),
+            e.deploy_id.clone(),
+            e.op.clone(),
+            result,
+            if e.cert_sha256.is_empty() {
+                "-".to_owned()
+            } else {
+                output::short(&e.cert_sha256)
+            },
+            took,
+            e.origin.clone(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    for e in &resp.entries {
+        if !e.error.is_empty() {
+            println!("{} {}: {}", e.deploy_id, e.target, e.error);
         }
     }
     Ok(exit::OK)

@@ -25,6 +25,7 @@ pub async fn run(cli: Cli) -> u8 {
         cli::Command::Watch => inspect::watch(&cli).await,
         cli::Command::Rollback(args) => rollback::run(&cli, args).await,
         cli::Command::Verify(args) => verify::run(&cli, args).await,
+        cli::Command::History(args) => inspect::history(&cli, args).await,
     };
     match result {
         Ok(code) => code,

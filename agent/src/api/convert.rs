@@ -9,6 +9,7 @@ use tonic::Status;
 use super::auth::AuthError;
 use crate::deploy::event::{Event, FileSummary, Outcome, Report, Stage};
 use crate::deploy::verify::{Attempt, ServedCheck};
+use crate::journal::Record;
 
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -72,6 +73,39 @@ pub fn report(r: &Report) -> pb::DeployResult {
         duration_ms: r.duration.as_millis() as i64,
         disk_sha256: r.disk_sha256.clone(),
         served_sha256: r.served_sha256.clone(),
+    }
+}
+
+pub fn history(r: &Record) -> pb::HistoryEntry {
+    pb::HistoryEntry {
+        deploy_id: r.id.clone(),
+        target: r.target.clone(),
+        op: r.op.clone(),
+        origin: r.origin.clone(),
+        started_unix_ms: unix_ms(r.started),
+        finished_unix_ms: r.finished.map_or(0, unix_ms),
+        outcome: r
+            .outcome
+            .as_deref()
+            .and_then(Outcome::parse)
+            .map_or(pb::Outcome::Unspecified, outcome) as i32,
+        last_stage: r.stage.clone(),
+        error: r.error.clone(),
+        cert_sha256: r.cert_sha256.clone(),
+        prev_sha256: r.prev_sha256.clone(),
+        verification: r.verification.clone(),
+        disk_sha256: r.disk_sha256.clone(),
+        served_sha256: r.served_sha256.clone(),
+        recovered: r.recovered,
+        stages: r
+            .stages
+            .iter()
+            .map(|(at, stage, message)| pb::StageRecord {
+                unix_ms: unix_ms(*at),
+                stage: stage.clone(),
+                message: message.clone(),
+            })
+            .collect(),
     }
 }
 

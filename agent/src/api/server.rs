@@ -287,6 +287,35 @@ impl Agent for Service {
         }))
     }
 
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let (config, _) = self.shared.authorize(&request, Access::Read)?;
+        let req = request.into_inner();
+        if !req.target.is_empty() && config.target(&req.target).is_none() {
+            // A target removed from the config still has history.
+            let known = tokio::task::block_in_place(|| {
+                self.shared.engine.journal().history(Some(&req.target), 1)
+            })
+            .map_err(|e| Status::internal(e.to_string()))?;
+            if known.is_empty() {
+                return Err(unknown_target(&config, &req.target));
+            }
+        }
+        let limit = match req.limit {
+            0 => 20,
+            n => n.min(10_000),
+        };
+        let target = (!req.target.is_empty()).then_some(req.target.as_str());
+        let records =
+            tokio::task::block_in_place(|| self.shared.engine.journal().history(target, limit))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::HistoryResponse {
+            entries: records.iter().map(convert::history).collect(),
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

@@ -342,7 +342,9 @@ impl<'e> Run<'e> {
         } else {
             warn!(stage = "verify", reason = a.check.reason, "{message}");
         }
-        self.journal_stage("verify", &message);
+        // Attempts of a rollback keep the run at stage "rollback": recovery
+        // must put the previous files back, not complete the deploy.
+        self.journal_stage(if a.rollback { "rollback" } else { "verify" }, &message);
         self.send(Event {
             attempt: Some(a.clone()),
             ..Event::new(&self.id, &self.target, Stage::VerifyAttempt, message)

@@ -269,6 +269,14 @@ fn copy_preserving(from: &Path, to: &Path) -> Result<()> {
 /// Puts `backup` back at `live` atomically: a new link (or copy) under a
 /// temp name, then a rename. The backup itself stays.
 pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
+    // The backup is a hard link of the live file when nothing replaced it
+    // yet (a commit cut short): nothing to do, and renaming a link over
+    // another link of the same inode would do nothing and leave the temp.
+    if let (Ok(b), Ok(l)) = (fs::symlink_metadata(backup), fs::symlink_metadata(live))
+        && (b.dev(), b.ino()) == (l.dev(), l.ino())
+    {
+        return Ok(());
+    }
     let tmp = temp_path(live, &format!("{deploy_id}-restore"));
     remove(&tmp)?;
     keep_backup(backup, &tmp)?;
@@ -277,6 +285,31 @@ pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
         return Err(e);
     }
     Ok(())
+}
+
+/// Removes every `.certctl-tmp-*` regular file in `dir` (never following a
+/// symlink) and returns their paths. Only for a directory whose target is
+/// locked: a temp file is in use only while its run holds the lock.
+pub fn remove_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(FsError::new("cannot list", dir)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(FsError::new("cannot list", dir))?;
+        let is_temp = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_temp && is_file {
+            remove(&entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    if !removed.is_empty() {
+        fsync_dir(dir)?;
+    }
+    Ok(removed)
 }
 
 /// Removes a directory tree the agent owns (a backup generation).

@@ -1,6 +1,8 @@
 //! Recovery at start-up: every run the journal left without an outcome
 //! (the agent was killed, crashed or lost power in the middle of it) is
-//! finished before the agent accepts work.
+//! finished before the agent accepts work. A run that ended
+//! `rollback_failed` is retried once the same way (the cause, a full disk
+//! say, may be gone), and keeps its outcome if it fails again.
 //!
 //! What is done depends on the last stage the journal recorded:
 //!
@@ -43,7 +45,40 @@ impl Engine {
         for rec in open {
             reports.push(self.recover_one(rec, config).await);
         }
+        self.sweep_leftovers(config).await;
         Ok(reports)
+    }
+
+    /// Removes temp files a run could not remove itself (its disk was
+    /// failing) and backups beyond retention, in every target directory.
+    /// Each target is locked while its directories are swept.
+    async fn sweep_leftovers(&self, config: &Config) {
+        for t in &config.targets {
+            let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
+                continue;
+            };
+            let dirs: Vec<PathBuf> =
+                super::apply::dirs_of(t.paths().map(PathBuf::from).collect::<Vec<_>>().iter())
+                    .into_iter()
+                    .collect();
+            let (name, keep) = (t.name.clone(), t.backup_retention as usize);
+            let swept = blocking(move || {
+                let mut removed = Vec::new();
+                for d in &dirs {
+                    removed.extend(atomic::remove_temps(d)?);
+                }
+                super::apply::prune(&dirs.iter().cloned().collect(), &name, keep)?;
+                Ok::<_, FsError>(removed)
+            })
+            .await;
+            match swept {
+                Ok(removed) if !removed.is_empty() => {
+                    warn!(target = %t.name, files = ?removed, "removed temp files left by an earlier run");
+                }
+                Ok(_) => {}
+                Err(e) => warn!(target = %t.name, "cannot sweep the target's directory: {e}"),
+            }
+        }
     }
 
     async fn recover_one(&self, rec: Record, config: &Config) -> Report {
@@ -92,10 +127,16 @@ impl Run<'_> {
             Some(t) => Some(self.lock(t, false).await?),
             None => None,
         };
-        let interrupted = format!(
-            "interrupted at stage {} by an agent stop (crash, kill or power loss)",
-            rec.stage
-        );
+        let interrupted = match rec.outcome.as_deref() {
+            Some(outcome) => format!(
+                "ended {outcome} at stage {} ({}); retried at start-up",
+                rec.stage, rec.error
+            ),
+            None => format!(
+                "interrupted at stage {} by an agent stop (crash, kill or power loss)",
+                rec.stage
+            ),
+        };
 
         // Temp files are never published: whatever is left goes.
         let files = rec.files.clone();

@@ -17,6 +17,7 @@
 mod support;
 
 mod agent_lifecycle;
+mod crash;
 mod deploy_file;
 mod harness;
 mod mail;

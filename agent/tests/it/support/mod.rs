@@ -16,6 +16,7 @@
 pub mod assert;
 pub mod dovecot;
 pub mod endpoints;
+pub mod invariants;
 pub mod mailtls;
 pub mod nginx;
 pub mod pki;
@@ -320,6 +321,17 @@ impl TestEnv {
         let config = self.write_config();
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--config").arg(&config).env("RUST_LOG", "debug");
+        AgentProc::spawn(cmd, &self.socket(), &self.agent_log_path())
+    }
+
+    /// [`Self::spawn_agent`] with extra environment (e.g. a crash point).
+    pub fn spawn_agent_env(&self, env: &[(&str, &str)]) -> AgentProc {
+        let config = self.write_config();
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--config").arg(&config).env("RUST_LOG", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         AgentProc::spawn(cmd, &self.socket(), &self.agent_log_path())
     }
 
