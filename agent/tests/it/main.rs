@@ -21,4 +21,5 @@ mod deploy_file;
 mod harness;
 mod mail;
 mod nginx;
+mod strace;
 mod verify;
