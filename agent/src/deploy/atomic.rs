@@ -6,7 +6,8 @@
 //! mode before any byte is written, write, `fsync` it, `rename` it over the
 //! destination, `fsync` the directory. Previous files are kept as backups by
 //! hard link (same inode, so owner and mode come back exactly on restore),
-//! falling back to an fsynced copy where linking is not allowed.
+//! falling back to an fsynced copy where linking is not allowed, in
+//! directories whose creation is fsynced too.
 //!
 //! Names the agent creates beside a target: temp files `.certctl-tmp-*`, and
 //! the directory `.certctl/` holding `backup/<target>/<deploy-id>/`. Backups
@@ -214,14 +215,38 @@ pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
         .join(deploy_id)
 }
 
-/// Creates a directory (and missing parents) with mode 0700.
+/// Creates a directory (and missing parents) with mode 0700, and fsyncs the
+/// parent of each directory it creates: the backup directories must still
+/// exist after a crash that follows the rename of the files they preserve,
+/// and fsyncing a directory makes its own entries durable, not its entry in
+/// its parent.
 pub fn make_private_dir(dir: &Path) -> Result<()> {
     seam("cannot create directory", dir)?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(FsError::new("cannot create directory", dir))
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        match fs::symlink_metadata(cur) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(cur),
+            Err(e) => return Err(FsError::new("cannot inspect", cur)(e)),
+        }
+        match cur.parent() {
+            Some(p) if !p.as_os_str().is_empty() => cur = p,
+            _ => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            // Made meanwhile by a deploy to another target in the same
+            // directory: still make sure its entry is durable before we
+            // rely on it.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(FsError::new("cannot create directory", d)(e)),
+        }
+        fsync_dir(parent(d))?;
+    }
+    Ok(())
 }
 
 /// Keeps the current `live` file as `backup` (a hard link: same inode,
@@ -386,6 +411,31 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn make_private_dir_creates_every_missing_level_private_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = backup_dir(dir.path(), "web", "d1");
+        make_private_dir(&deep).unwrap();
+        for d in [
+            dir.path().join(AGENT_DIR),
+            dir.path().join(AGENT_DIR).join("backup"),
+            dir.path().join(AGENT_DIR).join("backup/web"),
+            deep.clone(),
+        ] {
+            assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700, "{d:?}");
+        }
+        make_private_dir(&deep).unwrap();
+        make_private_dir(&backup_dir(dir.path(), "web", "d2")).unwrap();
+        assert_eq!(list_backups(dir.path(), "web").unwrap(), ["d1", "d2"]);
+        // A file in the way is an error, not a silent success.
+        let blocked = dir.path().join("file");
+        File::create(&blocked).unwrap();
+        let msg = make_private_dir(&blocked.join("sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("cannot"), "{msg}");
     }
 
     #[test]

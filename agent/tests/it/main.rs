@@ -22,4 +22,5 @@ mod deploy_file;
 mod harness;
 mod mail;
 mod nginx;
+mod strace;
 mod verify;

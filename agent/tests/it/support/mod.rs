@@ -9,6 +9,7 @@
 //! - [`tls`]: `served_leaf_sha256(port, sni)`, `served_chain`, `wait_until_served`.
 //! - [`process`]: [`process::ChildGuard`], which every spawned process lives in:
 //!   it is stopped by PID and reaped on drop, also when the test panics.
+//! - [`strace`]: the agent under `strace -f`, and a parser for the trace.
 //!
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
@@ -22,6 +23,7 @@ pub mod nginx;
 pub mod pki;
 pub mod postfix;
 pub mod process;
+pub mod strace;
 pub mod tls;
 
 use std::fmt;
