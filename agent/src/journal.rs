@@ -95,6 +95,14 @@ pub struct FileRecord {
     pub backup: PathBuf,
     /// The temp file the new content is written to.
     pub tmp: PathBuf,
+    /// Generations layout: set on the record of `..data` (`live`), whose
+    /// `backup` is where the link pointed before; this is the generation it
+    /// points at after the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<PathBuf>,
+    /// The run wrote `generation` (undoing the run removes it).
+    #[serde(default)]
+    pub created_generation: bool,
 }
 
 /// What is recorded when a run takes the target lock.
@@ -451,6 +459,8 @@ mod tests {
             existed: true,
             backup: PathBuf::from(format!("/t/.certctl/backup/web/x/{n}")),
             tmp: PathBuf::from(format!("/t/.certctl-tmp-x-{n}")),
+            generation: None,
+            created_generation: false,
         }
     }
 

@@ -259,14 +259,7 @@ impl Resolver<'_> {
         let drop = raw.drop.unwrap_or_else(|| raw.name.clone());
         let layout = match raw.layout.as_deref() {
             None | Some("in-place") => Layout::InPlace,
-            Some("generations") => {
-                self.problem(
-                    key("layout"),
-                    "\"generations\" is not available in this version of certctl: \
-                     use \"in-place\" (the default)",
-                );
-                Layout::Generations
-            }
+            Some("generations") => Layout::Generations,
             Some(other) => {
                 self.problem(
                     key("layout"),
@@ -281,6 +274,30 @@ impl Resolver<'_> {
         let chain_path = raw
             .chain_path
             .map(|p| self.target_file(&key("chain_path"), &p));
+        if layout == Layout::Generations {
+            let dir = cert_path.parent();
+            let names: Vec<_> = [Some(&cert_path), Some(&key_path), chain_path.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            if names.iter().any(|p| p.parent() != dir) {
+                self.problem(
+                    key("layout"),
+                    "\"generations\" switches the whole set with one symlink in one directory: \
+                     cert_path, key_path and chain_path must be in the same directory",
+                );
+            }
+            if names.iter().any(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n == "..data" || n.starts_with(".certctl"))
+            }) {
+                self.problem(
+                    key("layout"),
+                    "the names \"..data\" and \".certctl*\" are the layout's own: rename the file",
+                );
+            }
+        }
 
         let owner = raw
             .owner

@@ -495,9 +495,14 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "kind: unknown kind \"foo\" (available: file, nginx)",
         ),
         (
-            "generations layout",
-            web("layout = \"generations\""),
-            "layout: \"generations\" is not available in this version of certctl: use \"in-place\" (the default)",
+            "generations layout across directories",
+            web("layout = \"generations\"\nchain_path = \"other/chain.pem\""),
+            "layout: \"generations\" switches the whole set with one symlink in one directory: cert_path, key_path and chain_path must be in the same directory",
+        ),
+        (
+            "generations layout with a reserved name",
+            web("layout = \"generations\"").replace("tls/web.key", "tls/..data"),
+            "the names \"..data\" and \".certctl*\" are the layout's own",
         ),
         (
             "unknown layout",
@@ -649,6 +654,7 @@ fn all_problems_are_reported_one_per_line() {
     let text = format!(
         "[agent]\nsettle = \"soon\"\n{}",
         web("key_mode = \"0644\"\nowner = \"nobody-here\"\nlayout = \"generations\"")
+            .replace("tls/web.key", "tls/..data")
     );
     let Err(ConfigError::Invalid { path, problems }) = env.parse(&text) else {
         panic!("expected Invalid");

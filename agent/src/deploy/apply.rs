@@ -23,11 +23,12 @@ use zeroize::Zeroizing;
 
 use super::atomic::{self, FsError};
 use super::event::{Event, FileSummary, Outcome, Report, Stage, Verification, new_deploy_id};
+use super::generations;
 use super::plan::{self, Plan, Policy};
 use super::verify::{self, Attempt, Expect, OnDisk, ServedCheck};
 use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
-use crate::config::{Target, VerifyConfig};
+use crate::config::{Layout, Target, VerifyConfig};
 use crate::failpoint;
 use crate::journal::{self, FileRecord, Journal};
 use crate::lock::{LockError, Locks, TargetGuard};
@@ -242,6 +243,8 @@ pub(super) struct Committed {
     /// (live path, backup of the previous file or None when there was none)
     pub(super) files: Vec<(PathBuf, Option<PathBuf>)>,
     pub(super) backup_dirs: Vec<PathBuf>,
+    /// The `..data` switch of the generations layout.
+    pub(super) switch: Option<generations::Switch>,
 }
 
 impl<'e> Run<'e> {
@@ -431,7 +434,12 @@ impl<'e> Run<'e> {
         let previous = self.previous(target).await;
 
         // 4. Journal: what this deploy will touch, before it touches it.
-        let files = journal_files(&plan, &target.name, &self.id);
+        let files = {
+            let (plan, t, id) = (plan.clone(), target.clone(), self.id.clone());
+            blocking(move || journal_files(&plan, &t, &id))
+                .await
+                .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?
+        };
         let inputs = input_fingerprints(&bundle);
         let prev_sha = previous
             .as_ref()
@@ -439,6 +447,21 @@ impl<'e> Run<'e> {
             .unwrap_or_default();
         self.begin_journal(&req.origin, "deploy", &files, &prev_sha, &inputs)
             .await?;
+
+        if target.layout == Layout::Generations {
+            let committed = self.stage_and_switch(target, &plan).await?;
+            failpoint::hit("after-commit");
+            let expect = verify.map(|v| Expect::of(v, &bundle.leaf, &bundle.chain));
+            return self
+                .after_commit(
+                    target,
+                    committed,
+                    previous.as_ref(),
+                    expect.as_ref(),
+                    verify,
+                )
+                .await;
+        }
 
         // 5. Stage.
         let temps = {
@@ -484,6 +507,59 @@ impl<'e> Run<'e> {
             verify,
         )
         .await
+    }
+
+    /// Stages 5 and 6 of the generations layout: a complete new
+    /// generation, then one switch of `..data`.
+    async fn stage_and_switch(
+        &mut self,
+        target: &Target,
+        plan: &Arc<Plan>,
+    ) -> Result<Committed, Failure> {
+        let dir = atomic::parent(&target.cert_path).to_owned();
+        let generation = {
+            let (plan, dir, id) = (plan.clone(), dir.clone(), self.id.clone());
+            blocking(move || generations::stage(&plan, &dir, &id)).await
+        }
+        .map_err(|e| {
+            Failure::new(
+                Outcome::Internal,
+                format!("staging failed, nothing changed: {e}"),
+            )
+        })?;
+        self.stage(
+            Stage::Staged,
+            format!(
+                "generation {} written and synced ({} files)",
+                generation.display(),
+                plan.files.len()
+            ),
+        );
+        let committed = {
+            let convert = generations::to_convert(plan);
+            let (name, id) = (target.name.clone(), self.id.clone());
+            blocking(move || generations::commit(&dir, &generation, &convert, &name, &id)).await
+        }
+        .map_err(|e| {
+            Failure::new(
+                Outcome::Internal,
+                format!(
+                    "switching to the new generation failed, the previous one is in force: {e}"
+                ),
+            )
+        })?;
+        self.stage(
+            Stage::Committed,
+            if committed.files.is_empty() {
+                "..data switched to the new generation (one rename)".to_owned()
+            } else {
+                format!(
+                    "..data switched to the new generation (one rename); {} path(s) became links through ..data",
+                    committed.files.len()
+                )
+            },
+        );
+        Ok(committed)
     }
 
     /// Stages 7 to 10 for files that are committed: validate, reload,
@@ -561,11 +637,24 @@ impl<'e> Run<'e> {
             }
         }
 
-        // 10. Finish: prune old backups.
-        let dirs = dirs_of(committed.files.iter().map(|(live, _)| live));
+        // 10. Finish: prune old backups and generations.
+        let mut dirs = dirs_of(committed.files.iter().map(|(live, _)| live));
+        let gens = committed
+            .switch
+            .as_ref()
+            .map(|s| atomic::parent(&s.data).to_owned());
+        dirs.extend(gens.clone());
         let name = target.name.clone();
         let keep = target.backup_retention as usize;
-        if let Err(e) = blocking(move || prune(&dirs, &name, keep)).await {
+        let pruned = blocking(move || {
+            prune(&dirs, &name, keep)?;
+            match &gens {
+                Some(dir) => generations::prune(dir, keep),
+                None => Ok(()),
+            }
+        })
+        .await;
+        if let Err(e) = pruned {
             let w = format!("could not prune old backups: {e}");
             warn!("{w}");
             self.warnings.push(w);
@@ -808,10 +897,17 @@ impl<'e> Run<'e> {
         let outputs = plan::outputs(target, bundle)
             .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?;
         let paths: Vec<PathBuf> = outputs.iter().map(|o| o.path.clone()).collect();
+        let linked = target.layout == Layout::Generations;
         let existing = blocking(move || {
             paths
                 .iter()
-                .map(|p| atomic::observe(p))
+                .map(|p| {
+                    if linked {
+                        generations::observe(p)
+                    } else {
+                        atomic::observe(p)
+                    }
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -939,20 +1035,44 @@ impl<'e> Run<'e> {
     }
 }
 
-/// The journal's view of a plan: every file that will be written, where
-/// its temp and its backup go, and whether it existed.
-pub(super) fn journal_files(plan: &Plan, target: &str, id: &str) -> Vec<FileRecord> {
-    plan.files
+/// The journal's view of a plan: every path that will be replaced, where
+/// its temp and its backup go, and whether something was there; with the
+/// generations layout, the paths still to become links and the `..data`
+/// switch.
+fn journal_files(plan: &Plan, target: &Target, id: &str) -> Result<Vec<FileRecord>, FsError> {
+    let record = |live: &PathBuf, existed: bool| FileRecord {
+        live: live.clone(),
+        existed,
+        backup: atomic::backup_dir(atomic::parent(live), &target.name, id)
+            .join(live.file_name().unwrap_or_default()),
+        tmp: atomic::temp_path(live, id),
+        generation: None,
+        created_generation: false,
+    };
+    if target.layout != Layout::Generations {
+        return Ok(plan
+            .files
+            .iter()
+            .filter(|f| f.changed)
+            .map(|f| record(&f.path, f.existing.is_some()))
+            .collect());
+    }
+    let dir = atomic::parent(&target.cert_path);
+    let data = generations::data_link(dir);
+    let previous = atomic::read_link(&data)?;
+    let mut out: Vec<FileRecord> = generations::to_convert(plan)
         .iter()
-        .filter(|f| f.changed)
-        .map(|f| FileRecord {
-            live: f.path.clone(),
-            existed: f.existing.is_some(),
-            backup: atomic::backup_dir(atomic::parent(&f.path), target, id)
-                .join(f.path.file_name().unwrap_or_default()),
-            tmp: atomic::temp_path(&f.path, id),
-        })
-        .collect()
+        .map(|(live, existed)| record(live, *existed))
+        .collect();
+    out.push(FileRecord {
+        live: data.clone(),
+        existed: previous.is_some(),
+        backup: previous.unwrap_or_default(),
+        tmp: atomic::temp_path(&data, id),
+        generation: Some(generations::gen_dir(dir, id)),
+        created_generation: true,
+    });
+    Ok(out)
 }
 
 /// Fingerprints of the input for the journal: the leaf, each chain
@@ -1050,6 +1170,7 @@ fn commit(staged: Vec<Staged>, target: &str, id: &str) -> Result<Committed, Comm
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
+        switch: None,
     };
     let remove_temps = |from: usize| {
         for s in &staged[from..] {
@@ -1131,6 +1252,11 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
         if let Err(e) = atomic::fsync_dir(d) {
             first_err.get_or_insert(e);
         }
+    }
+    if let Some(s) = &committed.switch
+        && let Err(e) = generations::unswitch(s, id)
+    {
+        first_err.get_or_insert(e);
     }
     if let Some(e) = first_err {
         // Keep the backups: they are what an operator needs now.

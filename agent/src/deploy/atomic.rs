@@ -312,8 +312,58 @@ pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes every `.certctl-tmp-*` regular file in `dir` (never following a
-/// symlink) and returns their paths. Only for a directory whose target is
+/// Points the symlink `link` at `target` atomically: a temp symlink beside
+/// it (`.certctl-tmp-<tag>-<name>`), then a `rename` over `link`. Whatever
+/// was at `link` (a symlink, or a regular file being converted) is
+/// replaced in one step. The caller fsyncs the directory.
+pub fn switch_link(link: &Path, target: &Path, tag: &str) -> Result<()> {
+    let tmp = temp_path(link, tag);
+    remove(&tmp)?;
+    seam("cannot create symlink", &tmp)?;
+    std::os::unix::fs::symlink(target, &tmp)
+        .map_err(FsError::new("cannot create symlink", &tmp))?;
+    if let Err(e) = rename(&tmp, link) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Where the symlink `link` points, as written; `None` when `link` does not
+/// exist. Anything but a symlink there is an error.
+pub fn read_link(link: &Path) -> Result<Option<PathBuf>> {
+    match fs::symlink_metadata(link) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FsError::new("cannot inspect", link)(e)),
+        Ok(m) if m.file_type().is_symlink() => fs::read_link(link)
+            .map(Some)
+            .map_err(FsError::new("cannot read symlink", link)),
+        Ok(_) => Err(FsError {
+            op: "expected a symlink at",
+            path: link.to_owned(),
+            source: io::Error::other(
+                "the generations layout keeps a symlink here; move the file away",
+            ),
+        }),
+    }
+}
+
+/// Creates `dir` (one level) with `mode` if missing and fsyncs its parent;
+/// an existing directory gets `mode`.
+pub fn make_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
+    seam("cannot create directory", dir)?;
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => fsync_dir(parent(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+                .map_err(FsError::new("cannot set mode of", dir))
+        }
+        Err(e) => Err(FsError::new("cannot create directory", dir)(e)),
+    }
+}
+
+/// Removes every `.certctl-tmp-*` regular file or symlink in `dir` (a
+/// symlink is removed, never followed) and returns their paths. Only for a directory whose target is
 /// locked: a temp file is in use only while its run holds the lock.
 pub fn remove_temps(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
@@ -325,7 +375,9 @@ pub fn remove_temps(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in entries {
         let entry = entry.map_err(FsError::new("cannot list", dir))?;
         let is_temp = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
-        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        let is_file = entry
+            .file_type()
+            .is_ok_and(|t| t.is_file() || t.is_symlink());
         if is_temp && is_file {
             remove(&entry.path())?;
             removed.push(entry.path());

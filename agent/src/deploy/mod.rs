@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod atomic;
 pub mod event;
+pub mod generations;
 pub mod plan;
 pub mod recover;
 pub mod rollback;

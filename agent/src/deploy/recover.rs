@@ -28,6 +28,7 @@ use tracing::{Instrument, warn};
 use super::apply::{Committed, Engine, Failure, Run, blocking};
 use super::atomic::{self, FsError};
 use super::event::{Outcome, Report, Stage};
+use super::generations::Switch;
 use super::rollback::restored_view;
 use super::verify::{self, Expect};
 use crate::config::{Config, Target};
@@ -147,12 +148,32 @@ impl Run<'_> {
                 format!("{interrupted}; recovery could not inspect the files: {e}"),
             )
         })?;
-        let pairs: Vec<(PathBuf, PathBuf)> = rec
+        // Where the previous certificate set is now: the backups, or with
+        // the generations layout the generation `..data` pointed at.
+        let mut pairs: Vec<(PathBuf, PathBuf)> = rec
             .files
             .iter()
-            .filter(|f| f.existed && f.backup.exists())
+            .filter(|f| f.generation.is_none() && f.existed && f.backup.exists())
             .map(|f| (f.live.clone(), f.backup.clone()))
             .collect();
+        if let (Some(data), Some(t)) = (
+            rec.files
+                .iter()
+                .find(|f| f.generation.is_some() && f.existed),
+            target,
+        ) {
+            let dir = atomic::parent(&data.live);
+            pairs = t
+                .paths()
+                .map(|p| {
+                    (
+                        p.to_owned(),
+                        dir.join(&data.backup)
+                            .join(p.file_name().unwrap_or_default()),
+                    )
+                })
+                .collect();
+        }
 
         let Some(target) = target else {
             self.stage(
@@ -270,8 +291,18 @@ fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, Fs
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
+        switch: None,
     };
     for f in files {
+        if let Some(generation) = &f.generation {
+            committed.switch = Some(Switch {
+                data: f.live.clone(),
+                previous: f.existed.then(|| f.backup.clone()),
+                generation: generation.clone(),
+                created: f.created_generation,
+            });
+            continue;
+        }
         if f.existed {
             if f.backup.exists() {
                 committed

@@ -21,10 +21,11 @@ use tracing::{Instrument, info, warn};
 use super::apply::{Committed, Engine, Failure, Run, blocking, dirs_of, fmt_duration, short_hex};
 use super::atomic::{self, FsError};
 use super::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
+use super::generations;
 use super::verify::{self, Expect, OnDisk};
 use crate::bundle;
 use crate::command;
-use crate::config::Target;
+use crate::config::{Layout, Target};
 use crate::journal::FileRecord;
 
 /// One rollback as asked for by a client.
@@ -75,9 +76,13 @@ struct BackupSet {
 }
 
 impl Run<'_> {
-    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Outcome, Failure> {
+    /// The in-place layout: the newest backup set goes back in place, the
+    /// files it replaces are kept as this run's backup.
+    async fn prepare_in_place(
+        &mut self,
+        req: &RollbackRequest,
+    ) -> Result<(Committed, Option<OnDisk>, Cleanup), Failure> {
         let target = &req.target;
-        let _guard = self.lock(target, req.no_wait).await?;
 
         let set = {
             let t = target.clone();
@@ -146,22 +151,11 @@ impl Run<'_> {
                 backup: atomic::backup_dir(atomic::parent(live), &target.name, &self.id)
                     .join(live.file_name().unwrap_or_default()),
                 tmp: atomic::temp_path(live, &format!("{}-restore", self.id)),
+                generation: None,
+                created_generation: false,
             })
             .collect();
-        let prev = {
-            let t = target.clone();
-            blocking(move || {
-                Ok::<_, FsError>(
-                    verify::on_disk(&t)
-                        .ok()
-                        .flatten()
-                        .map(|d| d.leaf.sha256_hex())
-                        .unwrap_or_default(),
-                )
-            })
-            .await
-            .unwrap_or_default()
-        };
+        let prev = self.leaf_on_disk(target).await;
         self.begin_journal(&req.origin, "rollback", &records, &prev, &[])
             .await?;
 
@@ -186,6 +180,119 @@ impl Run<'_> {
                 self.id
             ),
         );
+        Ok((
+            committed,
+            restored,
+            Cleanup::BackupSet {
+                dirs: set.dirs.clone(),
+                id: set.id.clone(),
+            },
+        ))
+    }
+
+    /// The generations layout: `..data` switches to the newest generation
+    /// other than the current one.
+    async fn prepare_generations(
+        &mut self,
+        req: &RollbackRequest,
+    ) -> Result<(Committed, Option<OnDisk>, Cleanup), Failure> {
+        let target = &req.target;
+        let dir = atomic::parent(&target.cert_path).to_owned();
+        let (to, current) = {
+            let dir = dir.clone();
+            blocking(move || {
+                Ok::<_, FsError>((
+                    generations::previous(&dir)?,
+                    atomic::read_link(&generations::data_link(&dir))?,
+                ))
+            })
+            .await
+        }
+        .map_err(|e| {
+            Failure::new(
+                Outcome::Internal,
+                format!("cannot read the generations: {e}"),
+            )
+        })?;
+        let Some(to) = to else {
+            return Err(Failure::new(
+                Outcome::Rejected,
+                format!(
+                    "nothing to roll back to: target {} has no generation besides the current one in {}",
+                    target.name,
+                    dir.join(".certctl").display()
+                ),
+            ));
+        };
+        let records = vec![FileRecord {
+            live: generations::data_link(&dir),
+            existed: current.is_some(),
+            backup: current.clone().unwrap_or_default(),
+            tmp: atomic::temp_path(&generations::data_link(&dir), &self.id),
+            generation: Some(generations::gen_dir(&dir, &to)),
+            created_generation: false,
+        }];
+        let prev = self.leaf_on_disk(target).await;
+        self.begin_journal(&req.origin, "rollback", &records, &prev, &[])
+            .await?;
+        let committed = {
+            let (dir, to, id) = (dir.clone(), to.clone(), self.id.clone());
+            blocking(move || generations::switch_to(&dir, &to, &id)).await
+        }
+        .map_err(|e| {
+            Failure::new(
+                Outcome::Internal,
+                format!("rollback failed, nothing changed: {e}"),
+            )
+        })?;
+        let t = target.clone();
+        let restored = blocking(move || {
+            verify::on_disk(&t).map_err(|e| FsError {
+                op: "cannot read",
+                path: t.cert_path.clone(),
+                source: std::io::Error::other(e),
+            })
+        })
+        .await
+        .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
+        if let Some(r) = &restored {
+            self.leaf = Some((
+                r.leaf.sha256_hex(),
+                r.leaf.not_after,
+                r.leaf.subject.clone(),
+            ));
+        }
+        self.stage(
+            Stage::Committed,
+            format!("..data switched to generation {to} (one rename)"),
+        );
+        Ok((committed, restored, Cleanup::Generations { dir }))
+    }
+
+    /// The leaf on disk now (hex SHA-256), empty when none.
+    async fn leaf_on_disk(&self, target: &Target) -> String {
+        let t = target.clone();
+        blocking(move || {
+            Ok::<_, FsError>(
+                verify::on_disk(&t)
+                    .ok()
+                    .flatten()
+                    .map(|d| d.leaf.sha256_hex())
+                    .unwrap_or_default(),
+            )
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Outcome, Failure> {
+        let target = &req.target;
+        let _guard = self.lock(target, req.no_wait).await?;
+        let (committed, restored, cleanup) = if target.layout == Layout::Generations {
+            self.prepare_generations(req).await?
+        } else {
+            self.prepare_in_place(req).await?
+        };
 
         if !target.validate.is_empty() {
             match self.run_command(target, "validate", &target.validate).await {
@@ -292,23 +399,45 @@ impl Run<'_> {
         }
 
         // The restored set is live now: its backup is no longer a backup.
-        let dirs = set.dirs.clone();
-        let (name, used) = (target.name.clone(), set.id.clone());
-        let keep = target.backup_retention as usize;
-        let cleaned = blocking(move || {
-            for d in &dirs {
-                atomic::remove_tree(&atomic::backup_dir(d, &name, &used))?;
-            }
-            super::apply::prune(&dirs.iter().cloned().collect(), &name, keep)
-        })
-        .await;
+        let (name, keep) = (target.name.clone(), target.backup_retention as usize);
+        let what = cleanup.describe();
+        let cleaned = blocking(move || cleanup.run(&name, keep)).await;
         if let Err(e) = cleaned {
-            let w = format!("could not remove the restored backup set {}: {e}", set.id);
+            let w = format!("could not clean up {what}: {e}");
             warn!("{w}");
             self.warnings.push(w);
         }
         drop(committed);
         Ok(Outcome::Restored)
+    }
+}
+
+/// What a successful rollback tidies up.
+enum Cleanup {
+    /// The in-place backup set that is live again, in these directories.
+    BackupSet { dirs: Vec<PathBuf>, id: String },
+    /// Generations beyond retention in this directory.
+    Generations { dir: PathBuf },
+}
+
+impl Cleanup {
+    fn describe(&self) -> String {
+        match self {
+            Cleanup::BackupSet { id, .. } => format!("the restored backup set {id}"),
+            Cleanup::Generations { dir } => format!("old generations in {}", dir.display()),
+        }
+    }
+
+    fn run(self, target: &str, keep: usize) -> Result<(), FsError> {
+        match self {
+            Cleanup::BackupSet { dirs, id } => {
+                for d in &dirs {
+                    atomic::remove_tree(&atomic::backup_dir(d, target, &id))?;
+                }
+                super::apply::prune(&dirs.iter().cloned().collect(), target, keep)
+            }
+            Cleanup::Generations { dir } => generations::prune(&dir, keep),
+        }
     }
 }
 
@@ -371,6 +500,7 @@ fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Commi
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
+        switch: None,
     };
     let mut kept = Vec::with_capacity(files.len());
     for (live, _) in files {

@@ -56,7 +56,8 @@ fn wait_crash(agent: &mut AgentProc) -> String {
 
 #[test]
 fn every_crash_point_recovers_to_a_whole_target() {
-    // (crash point, extra env, which set must be on disk after recovery)
+    // (crash point, extra env, which set must be on disk after recovery),
+    // in each layout
     type Case = (
         &'static str,
         Vec<(&'static str, &'static str)>,
@@ -86,7 +87,13 @@ fn every_crash_point_recovers_to_a_whole_target() {
         "old",
     ));
 
-    for (point, extra_env, expect) in cases {
+    let cases: Vec<(Case, &str)> = cases
+        .into_iter()
+        .flat_map(|c| [(c.clone(), "in-place"), (c, "generations")])
+        .collect();
+    for ((point, extra_env, expect), layout) in cases {
+        let point_name = format!("{point} ({layout})");
+        let point_name = point_name.as_str();
         let mut env = TestEnv::new();
         let old = pki::issue_cert(&["site.test"]);
         let new = pki::issue_cert(&["site.test"]);
@@ -111,7 +118,11 @@ fn every_crash_point_recovers_to_a_whole_target() {
                 toml_str(server.endpoint())
             ));
         }
-        let dir = target(&mut env, "site", &extra);
+        let dir = target(
+            &mut env,
+            "site",
+            &format!("layout = {}\n{extra}", toml_str(layout)),
+        );
 
         let mut agent = env.spawn_agent();
         deploy(&env, "site", &old, "old").assert_code(if point == "during-rollback" {
@@ -131,11 +142,11 @@ fn every_crash_point_recovers_to_a_whole_target() {
         env_vars.extend(extra_env.iter().copied());
         let mut agent = env.spawn_agent_env(&env_vars);
         let out = deploy(&env, "site", &new, "new");
-        assert_ne!(out.code, 0, "{point}: the deploy cannot finish: {out}");
+        assert_ne!(out.code, 0, "{point_name}: the deploy cannot finish: {out}");
         let log = wait_crash(&mut agent);
         assert!(
             log.contains("failpoint: aborting") && log.contains(point),
-            "{point}: the agent died elsewhere:\n{log}"
+            "{point_name}: the agent died elsewhere:\n{log}"
         );
 
         let _agent = env.spawn_agent();
@@ -145,22 +156,22 @@ fn every_crash_point_recovers_to_a_whole_target() {
             retention: RETENTION,
         };
         let v = violations(&env, &[t], &[&old, &new]);
-        assert!(v.is_empty(), "{point}: {v:#?}");
+        assert!(v.is_empty(), "{point_name}: {v:#?}");
         let want = if expect == "old" { &old } else { &new };
         assert_eq!(
             std::fs::read_to_string(dir.join("cert.pem")).unwrap(),
             want.fullchain_pem(),
-            "{point}: expected the {expect} set"
+            "{point_name}: expected the {expect} set"
         );
         let history = env.ctl(&["--json", "history", "site"]);
         let newest = &history.json()["history"][0];
-        assert_eq!(newest["recovered"], true, "{point}: {history}");
+        assert_eq!(newest["recovered"], true, "{point_name}: {history}");
         let outcome = newest["outcome"].as_str().unwrap();
         match expect {
-            "new" => assert_eq!(outcome, "deployed", "{point}: {history}"),
+            "new" => assert_eq!(outcome, "deployed", "{point_name}: {history}"),
             _ => assert!(
                 outcome == "rolled_back" || outcome == "rollback_failed",
-                "{point}: {history}"
+                "{point_name}: {history}"
             ),
         }
     }
@@ -177,10 +188,18 @@ fn kill_count() -> usize {
 #[test]
 fn random_sigkills_during_deploys_never_tear_a_target() {
     let mut env = TestEnv::new();
-    let names = ["alpha", "beta"];
+    // Two in-place targets and one with the generations layout.
+    let names = ["alpha", "beta", "gamma"];
     let dirs: Vec<PathBuf> = names
         .iter()
-        .map(|n| target(&mut env, n, "reload = [\"true\"]\n"))
+        .map(|n| {
+            let layout = if *n == "gamma" {
+                "layout = \"generations\"\n"
+            } else {
+                ""
+            };
+            target(&mut env, n, &format!("reload = [\"true\"]\n{layout}"))
+        })
         .collect();
     let sets = [
         pki::issue_cert(&["site.test"]),
@@ -218,7 +237,7 @@ fn random_sigkills_during_deploys_never_tear_a_target() {
         for v in violations(&env, &targets, &set_refs) {
             all.push(format!("after kill {i}: {v}"));
         }
-        // Two deploys in flight, one per target, then a kill at a random
+        // Three deploys in flight, one per target, then a kill at a random
         // instant (most land inside a deploy: they take a few ms).
         let mut clients = Vec::new();
         for (k, n) in names.iter().enumerate() {

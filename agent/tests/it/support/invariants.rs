@@ -73,6 +73,36 @@ pub fn files(t: &FileTarget<'_>, sets: &[&Leaf]) -> Vec<String> {
     if !temps.is_empty() {
         v.push(format!("{}: temp files left: {temps:?}", t.name));
     }
+    // The generations layout: the names are links through ..data, and
+    // at most `retention` generations besides the current one are kept.
+    if let Ok(current) = std::fs::read_link(t.dir.join("..data")) {
+        for file in ["cert.pem", "key.pem"] {
+            match std::fs::read_link(t.dir.join(file)) {
+                Ok(link) if link == Path::new("..data").join(file) => {}
+                other => v.push(format!(
+                    "{}: {file} is not the ..data link: {other:?}",
+                    t.name
+                )),
+            }
+        }
+        if !t.dir.join(&current).is_dir() {
+            v.push(format!(
+                "{}: ..data points at a missing {current:?}",
+                t.name
+            ));
+        }
+        let gens = std::fs::read_dir(t.dir.join(".certctl")).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("gen-"))
+                .count()
+        });
+        if gens > t.retention + 1 {
+            v.push(format!(
+                "{}: {gens} generations kept, retention is {} besides the current one",
+                t.name, t.retention
+            ));
+        }
+    }
     let backups = t.dir.join(".certctl/backup").join(t.name);
     let kept = std::fs::read_dir(&backups).map_or(0, Iterator::count);
     if kept > t.retention {
