@@ -20,6 +20,7 @@ use crate::api::socket;
 use crate::config::{self, Config};
 use crate::deploy::Engine;
 use crate::deploy::atomic;
+use crate::drop;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("the control socket failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Drop(#[from] drop::StartError),
 }
 
 /// Runs the agent with `config` (loaded from `config_path`) until a
@@ -48,6 +51,8 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         source,
     })?;
     let engine = Engine::new(state_dir.join("locks"));
+    // A drop directory the agent cannot use stops it before the socket exists.
+    let drops = drop::prepare(&config)?;
 
     let socket_path = config.agent.socket.clone();
     let groups: Vec<_> = config
@@ -65,8 +70,10 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         engine,
         socket_path.clone(),
         drain_tx,
-        down_rx,
+        down_rx.clone(),
     ));
+    // Drops already there, or taken before a restart, are picked up now.
+    drops.spawn(shared.clone(), down_rx);
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -133,6 +140,19 @@ fn reload(shared: &Shared, path: &Path) {
                     new = %new.agent.socket.display(),
                     "agent.socket changed: the new path takes effect at the next restart"
                 );
+            }
+            let old = shared.config();
+            for (key, before, after) in [
+                ("drop_dir", &old.agent.drop_dir, &new.agent.drop_dir),
+                ("state_dir", &old.agent.state_dir, &new.agent.state_dir),
+            ] {
+                if before != after {
+                    warn!(
+                        old = %before.display(),
+                        new = %after.display(),
+                        "agent.{key} changed: the new path takes effect at the next restart"
+                    );
+                }
             }
             info!(targets = new.targets.len(), "configuration reloaded");
             shared.replace_config(Arc::new(new));

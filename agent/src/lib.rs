@@ -16,6 +16,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod deploy;
+pub mod drop;
 pub mod kind;
 pub mod lock;
 pub mod logging;

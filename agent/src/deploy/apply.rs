@@ -113,6 +113,13 @@ impl Engine {
         .instrument(span)
         .await
     }
+
+    /// Sends `event` to watchers: for events that are not a deploy's own
+    /// stages, e.g. what happened to a drop.
+    pub fn publish(&self, event: Event) {
+        // No watcher is not an error.
+        let _ = self.events.send(event);
+    }
 }
 
 /// A stage that ended the deploy early.
@@ -158,6 +165,7 @@ impl Run<'_> {
             at: SystemTime::now(),
             files,
             report,
+            drop: None,
         };
         // A client that hung up does not stop the deploy.
         let _ = self.sink.send(event.clone());

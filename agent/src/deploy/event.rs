@@ -20,6 +20,9 @@ pub enum Stage {
     VerifyAttempt,
     Rollback,
     Done,
+    /// Not a deploy stage: an event of the drop directory (the event's
+    /// `drop` is set).
+    Drop,
 }
 
 impl Stage {
@@ -35,6 +38,7 @@ impl Stage {
             Stage::VerifyAttempt => "verify",
             Stage::Rollback => "rollback",
             Stage::Done => "done",
+            Stage::Drop => "drop",
         }
     }
 }
@@ -141,6 +145,8 @@ pub struct Event {
     pub files: Vec<FileSummary>,
     /// Set on [`Stage::Done`].
     pub report: Option<Report>,
+    /// Set on [`Stage::Drop`].
+    pub drop: Option<crate::drop::Info>,
 }
 
 /// A new deploy id: UTC time to the millisecond plus 16 random bits, so ids

@@ -1,0 +1,1029 @@
+//! The drop directory's event loop and the jobs it starts: the imperative
+//! shell around [`settle`](super::settle) and [`queue`](super::queue).
+//!
+//! One task owns the state. It applies watcher events, and whenever drops
+//! are due it takes them (the rename that takes a drop happens in this
+//! task, so the watcher's echo of it is always ordered after what came
+//! before) and starts a job per drop: read, check, deploy to every target
+//! of the name in parallel, then remove the drop or move it aside. A job
+//! holds the agent's drain guard, so shutdown waits for it, and a job that
+//! deploys holds its drop name until it ends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use nix::errno::Errno;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use zeroize::Zeroizing;
+
+use super::names::{self, Entry};
+use super::queue::{self, Queue};
+use super::record::{self, DropOutcome, Info, TargetResult};
+use super::reject::{Dirs, MoveError, Reason};
+use super::scan::{self, Expect, Form, Owners, Problem, ReadError};
+use super::settle::{Change, Due, Note, Tracker};
+use super::watch::{self, Observed, Watch};
+use super::{INCOMPLETE_LIMIT, fmt_limit};
+use crate::api::server::Shared;
+use crate::bundle::{self, BundleError, CheckOptions, Source};
+use crate::config::{Config, Target};
+use crate::deploy::apply::short_hex;
+use crate::deploy::{Outcome, Request};
+
+/// How many drops are read and checked at once: bounds the memory that
+/// raw drop contents can take (each at most 1 MiB) however many arrive.
+const CONCURRENT_READS: usize = 4;
+
+/// State shared by the loop and its jobs.
+pub(super) struct Ctx {
+    pub shared: Arc<Shared>,
+    pub dirs: Dirs,
+    reads: Semaphore,
+}
+
+impl Ctx {
+    pub fn new(shared: Arc<Shared>, dirs: Dirs) -> Self {
+        Self {
+            shared,
+            dirs,
+            reads: Semaphore::new(CONCURRENT_READS),
+        }
+    }
+
+    fn public(&self, entry: &str) -> PathBuf {
+        self.dirs.root().join(entry)
+    }
+
+    fn emit(&self, info: &Info, message: &str) {
+        record::record(&self.shared.engine, &self.shared.drops, info, message);
+    }
+}
+
+/// What a job does with the drop it took.
+#[derive(Debug, Clone)]
+enum Kind {
+    /// Check and deploy it; holds its drop name until done.
+    Deploy { incomplete_expired: bool },
+    /// Move it aside: a newer drop of its name (`by` says which) won.
+    Supersede { by: String },
+}
+
+/// One taken drop.
+#[derive(Debug, Clone)]
+struct Job {
+    /// The public entry it was taken from.
+    entry: String,
+    /// Its name in the drop directory now.
+    claimed: String,
+    kind: Kind,
+}
+
+impl Job {
+    /// The drop name whose slot this job holds.
+    fn slot(&self) -> Option<String> {
+        match self.kind {
+            Kind::Deploy { .. } => {
+                names::classify(self.entry.as_ref()).and_then(|e| e.name().map(str::to_owned))
+            }
+            Kind::Supersede { .. } => None,
+        }
+    }
+}
+
+/// The event loop's state.
+pub(super) struct Runner {
+    ctx: Arc<Ctx>,
+    tracker: Tracker,
+    queue: Queue,
+    done_tx: mpsc::UnboundedSender<Option<String>>,
+    done_rx: mpsc::UnboundedReceiver<Option<String>>,
+}
+
+impl Runner {
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            ctx,
+            tracker: Tracker::new(INCOMPLETE_LIMIT),
+            queue: Queue::default(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Runs until `shutdown` turns true (or the watcher dies).
+    pub async fn run(
+        mut self,
+        watch: Watch,
+        mut events: mpsc::Receiver<notify::Result<notify::Event>>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        self.recover();
+        self.scan(Instant::now());
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.dispatch(Instant::now());
+            self.ctx.shared.drops.set_pending(self.tracker.pending());
+            let queue = &self.queue;
+            let deadline = self.tracker.next_deadline(|e| blocked(queue, e));
+            let sleep = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                Some(done) = self.done_rx.recv() => {
+                    self.finished(done);
+                    while let Ok(done) = self.done_rx.try_recv() {
+                        self.finished(done);
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Some(ev) => {
+                        self.event(ev);
+                        // Take in everything queued before deciding anything.
+                        while let Ok(ev) = events.try_recv() {
+                            self.event(ev);
+                        }
+                    }
+                    None => {
+                        error!(
+                            drop_dir = %self.ctx.dirs.root().display(),
+                            "the drop directory watcher stopped: drops are not taken until the agent restarts"
+                        );
+                        break;
+                    }
+                },
+                () = sleep => {}
+            }
+        }
+        drop(watch);
+        debug!("drop directory watcher stopped");
+    }
+
+    fn finished(&mut self, slot: Option<String>) {
+        if let Some(name) = slot {
+            self.queue.finish(&name);
+        }
+    }
+
+    // === events ===
+
+    fn event(&mut self, ev: notify::Result<notify::Event>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    error!(
+                        "the drop directory watcher hit the inotify watch limit: drops in new \
+                         subdirectories are missed; raise fs.inotify.max_user_watches \
+                         (sysctl) and remove stray directories from the drop directory"
+                    );
+                } else {
+                    warn!("drop directory watcher: {e}");
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let settle = self.ctx.shared.config().agent.settle;
+        for observed in watch::changes(self.ctx.dirs.root(), &ev) {
+            match observed {
+                Observed::Entry(entry, change) => {
+                    debug!(entry = %entry, change = ?change, "drop directory change");
+                    if let Some(note) = self.tracker.observe(&entry, change, settle, now) {
+                        self.note(note);
+                    }
+                }
+                Observed::Rescan => {
+                    warn!(
+                        "the drop directory's event queue overflowed: listing it again; \
+                         drops replaced meanwhile may be missing from the record"
+                    );
+                    self.tracker.lost_events();
+                    self.scan(now);
+                }
+                Observed::RootGone => error!(
+                    drop_dir = %self.ctx.dirs.root().display(),
+                    "the drop directory was removed or moved away: drops are not taken until \
+                     it is back and the agent restarts"
+                ),
+            }
+        }
+    }
+
+    fn note(&self, note: Note) {
+        let (entry, outcome, reason, message) = match note {
+            Note::Superseded(entry) => {
+                let msg = format!(
+                    "{} superseded: replaced by a newer drop before it was deployed; the newer one is taken",
+                    self.ctx.public(&entry).display()
+                );
+                (entry, DropOutcome::Superseded, "superseded", msg)
+            }
+            Note::Withdrawn(entry) => {
+                let msg = format!(
+                    "{} withdrawn: removed from the drop directory by someone else before the agent took it",
+                    self.ctx.public(&entry).display()
+                );
+                (entry, DropOutcome::Withdrawn, "withdrawn", msg)
+            }
+        };
+        let config = self.ctx.shared.config();
+        let (name, targets) = targets_of(&config, &entry);
+        let form = scan::form(self.ctx.dirs.drop_fd(), &entry).unwrap_or(Form::Other);
+        let info = Info::new(
+            name.as_deref(),
+            self.ctx.public(&entry),
+            form,
+            outcome,
+            targets,
+        )
+        .reason(reason);
+        self.ctx.emit(&info, &message);
+    }
+
+    /// Reports every entry on disk to the tracker (start-up, overflow).
+    fn scan(&mut self, now: Instant) {
+        let dir = self.ctx.dirs.drop_fd();
+        let entries = match scan::list(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(
+                    drop_dir = %self.ctx.dirs.root().display(),
+                    "cannot list the drop directory: {e}"
+                );
+                return;
+            }
+        };
+        let settle = self.ctx.shared.config().agent.settle;
+        let wall = SystemTime::now();
+        for entry in entries {
+            if names::classify(entry.as_ref()).is_none() {
+                continue;
+            }
+            if let Some(age) = scan::age(dir, &entry, wall)
+                && let Some(note) =
+                    self.tracker
+                        .observe(&entry, Change::Present { age }, settle, now)
+            {
+                self.note(note);
+            }
+        }
+    }
+
+    /// Drops taken before the agent stopped: deployed again (the newest of
+    /// a name), or superseded when a newer drop of the name arrived since.
+    fn recover(&mut self) {
+        let dir = self.ctx.dirs.drop_fd();
+        let Ok(entries) = scan::list(dir) else {
+            return;
+        };
+        let mut claimed: Vec<(u128, u64, String, String)> = entries
+            .iter()
+            .filter_map(|c| {
+                let entry = names::unclaimed_entry(c)?;
+                let stamp = c.strip_prefix(names::CLAIM_PREFIX)?.split_once('.')?.0;
+                let (ms, seq) = stamp.split_once('-')?;
+                Some((
+                    ms.parse().ok()?,
+                    seq.parse().ok()?,
+                    c.clone(),
+                    entry.to_owned(),
+                ))
+            })
+            .collect();
+        // Newest last.
+        claimed.sort();
+        let public_names: Vec<String> = entries
+            .iter()
+            .filter_map(|e| names::classify(e.as_ref())?.name().map(str::to_owned))
+            .collect();
+        let mut newest_taken: Vec<String> = Vec::new();
+        for (_, _, c, entry) in claimed.into_iter().rev() {
+            let name = names::classify(entry.as_ref()).and_then(|e| e.name().map(str::to_owned));
+            let newer = match &name {
+                Some(n) if public_names.contains(n) => Some(format!(
+                    "a drop for \"{n}\" that arrived in {} while the agent was stopped",
+                    self.ctx.dirs.root().display()
+                )),
+                Some(n) if newest_taken.contains(n) => {
+                    Some(format!("a drop for \"{n}\" taken later"))
+                }
+                _ => None,
+            };
+            info!(
+                drop = %self.ctx.public(&entry).display(),
+                "found a drop taken before the agent stopped ({c})"
+            );
+            let job = match newer {
+                Some(by) => Job {
+                    entry,
+                    claimed: c,
+                    kind: Kind::Supersede { by },
+                },
+                None => {
+                    if let Some(n) = &name {
+                        newest_taken.push(n.clone());
+                        self.queue.start(n);
+                    }
+                    Job {
+                        entry,
+                        claimed: c,
+                        kind: Kind::Deploy {
+                            incomplete_expired: false,
+                        },
+                    }
+                }
+            };
+            if !self.spawn(job) {
+                return;
+            }
+        }
+    }
+
+    // === taking drops ===
+
+    fn dispatch(&mut self, now: Instant) {
+        let queue = &self.queue;
+        let due = self.tracker.due(now, |e| blocked(queue, e));
+        // Nothing new is taken once the agent is stopping: it stays for the
+        // next start.
+        if due.is_empty() || self.ctx.shared.deploy_guard().is_none() {
+            return;
+        }
+        let config = self.ctx.shared.config();
+        let mut ready = Vec::with_capacity(due.len());
+        for d in due {
+            match self.precheck(&config, &d) {
+                Precheck::Ready => ready.push(d),
+                Precheck::Waiting(detail) => {
+                    if self.tracker.waiting(&d.entry, now) {
+                        let (name, targets) = targets_of(&config, &d.entry);
+                        let info = Info::new(
+                            name.as_deref(),
+                            self.ctx.public(&d.entry),
+                            Form::Directory,
+                            DropOutcome::Waiting,
+                            targets,
+                        )
+                        .reason("incomplete");
+                        let message = format!(
+                            "{}/: waiting for the rest of the set ({detail}); it is rejected as \
+                             incomplete if it stays unchanged for {}",
+                            self.ctx.public(&d.entry).display(),
+                            fmt_limit(INCOMPLETE_LIMIT)
+                        );
+                        self.ctx.emit(&info, &message);
+                    }
+                }
+                Precheck::Gone => {
+                    self.tracker.vanished(&d.entry);
+                    self.note(Note::Withdrawn(d.entry));
+                }
+            }
+        }
+        let picks = queue::pick(ready, |e| {
+            names::classify(e.as_ref()).and_then(|c| c.name().map(str::to_owned))
+        });
+        for pick in picks {
+            let incomplete_expired = pick.take.incomplete_expired;
+            // The winner first: if it is gone, the older ones stay in the
+            // race for the next round.
+            if !self.take(&pick.take, Kind::Deploy { incomplete_expired }) {
+                continue;
+            }
+            let by = self.ctx.public(&pick.take.entry).display().to_string();
+            for older in pick.supersede {
+                self.take(&older, Kind::Supersede { by: by.clone() });
+            }
+        }
+    }
+
+    /// For a directory drop about to be taken: is it a complete set yet?
+    fn precheck(&self, config: &Config, due: &Due) -> Precheck {
+        let Some(Entry::Directory { name }) = names::classify(due.entry.as_ref()) else {
+            return Precheck::Ready;
+        };
+        // Unknown names and expired waits are rejected without a look.
+        if due.incomplete_expired || config.targets_for_drop(&name).next().is_none() {
+            return Precheck::Ready;
+        }
+        let owners = Owners::resolve(&config.agent.drop_owners);
+        let read = scan::read(
+            self.ctx.dirs.drop_fd(),
+            &due.entry,
+            &self.ctx.public(&due.entry),
+            Expect::Directory,
+            &owners,
+            &scan::LIMITS,
+        );
+        match read {
+            Err(ReadError::Gone) => Precheck::Gone,
+            Err(ReadError::Problem(p)) if p.may_settle() => Precheck::Waiting(p.to_string()),
+            Err(ReadError::Problem(_)) => Precheck::Ready,
+            Ok(contents) => match check(&contents, config) {
+                Err(e) if is_incomplete(&e) => Precheck::Waiting(e.to_string()),
+                _ => Precheck::Ready,
+            },
+        }
+    }
+
+    /// Takes the drop at `due.entry` and starts its job; false when it
+    /// could not be taken.
+    fn take(&mut self, due: &Due, kind: Kind) -> bool {
+        let entry = &due.entry;
+        match self.ctx.dirs.claim(entry) {
+            Ok(claimed) => {
+                self.tracker.taken(entry);
+                let job = Job {
+                    entry: entry.clone(),
+                    claimed,
+                    kind,
+                };
+                if let Some(name) = job.slot() {
+                    self.queue.start(&name);
+                }
+                self.spawn(job)
+            }
+            Err(e) if e.errno == Errno::ENOENT => {
+                self.tracker.vanished(entry);
+                self.note(Note::Withdrawn(entry.clone()));
+                false
+            }
+            Err(e) => {
+                self.tracker.stuck(entry);
+                let config = self.ctx.shared.config();
+                let (name, targets) = targets_of(&config, entry);
+                let public = self.ctx.public(entry);
+                let form = form_of(&self.ctx, entry, entry);
+                let info = Info::new(
+                    name.as_deref(),
+                    public.clone(),
+                    form,
+                    DropOutcome::Failed,
+                    targets,
+                )
+                .reason("cannot_take");
+                let message = format!(
+                    "{} could not be taken: {e}; it stays in the drop directory and is tried \
+                     again when it changes or the agent restarts",
+                    public.display()
+                );
+                self.ctx.emit(&info, &message);
+                false
+            }
+        }
+    }
+
+    /// Starts `job` in its own task; false when the agent is shutting down
+    /// (the drop stays where it is for the next start).
+    fn spawn(&mut self, job: Job) -> bool {
+        let Some(guard) = self.ctx.shared.deploy_guard() else {
+            if let Some(name) = job.slot() {
+                self.queue.finish(&name);
+            }
+            return false;
+        };
+        let ctx = self.ctx.clone();
+        let done = self.done_tx.clone();
+        ctx.shared.drops.job_started();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let slot = job.slot();
+            match job.kind.clone() {
+                Kind::Deploy { incomplete_expired } => {
+                    deploy_job(&ctx, &job, incomplete_expired).await;
+                }
+                Kind::Supersede { by } => supersede_job(&ctx, &job, &by).await,
+            }
+            ctx.shared.drops.job_ended();
+            let _ = done.send(slot);
+        });
+        true
+    }
+}
+
+enum Precheck {
+    Ready,
+    Waiting(String),
+    Gone,
+}
+
+/// The form of the drop now at `name` in the drop directory or, when it
+/// is gone, the form its public `entry` name promises.
+fn form_of(ctx: &Ctx, name: &str, entry: &str) -> Form {
+    scan::form(ctx.dirs.drop_fd(), name).unwrap_or_else(|| match names::classify(entry.as_ref()) {
+        Some(Entry::Bundle { .. }) => Form::File,
+        Some(Entry::Directory { .. }) => Form::Directory,
+        _ => Form::Other,
+    })
+}
+
+/// Whether `entry` must wait because a deploy of its drop name runs.
+fn blocked(queue: &Queue, entry: &str) -> bool {
+    names::classify(entry.as_ref())
+        .and_then(|e| e.name().map(|n| queue.busy(n)))
+        .unwrap_or(false)
+}
+
+/// The drop name of `entry` and the targets that take it.
+fn targets_of(config: &Config, entry: &str) -> (Option<String>, Vec<String>) {
+    let name = names::classify(entry.as_ref()).and_then(|e| e.name().map(str::to_owned));
+    let targets = name
+        .as_deref()
+        .map(|n| config.targets_for_drop(n).map(|t| t.name.clone()).collect())
+        .unwrap_or_default();
+    (name, targets)
+}
+
+/// The target-independent input checks of a deploy (a target's
+/// `verify.server_name` is checked by its own deploy).
+fn check(contents: &scan::Contents, config: &Config) -> Result<bundle::Bundle, BundleError> {
+    let sources: Vec<Source<'_>> = contents
+        .files
+        .iter()
+        .map(|(name, pem)| Source { name, pem })
+        .collect();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    bundle::parse_and_check(
+        &sources,
+        &CheckOptions {
+            now_unix: now,
+            clock_skew_grace: config.agent.clock_skew_grace,
+            server_name: None,
+        },
+    )
+}
+
+/// A set that may still become complete: a key or certificate missing, or
+/// a key whose certificate has not arrived.
+fn is_incomplete(e: &BundleError) -> bool {
+    matches!(
+        e,
+        BundleError::NoKey { .. }
+            | BundleError::NoCertificate { .. }
+            | BundleError::KeyMismatch { .. }
+    )
+}
+
+// === jobs ===
+
+/// What reading and checking a taken drop gave.
+enum Checked {
+    Ok {
+        /// Key, leaf and chain, normalized: a few KiB whatever was dropped.
+        pem: Zeroizing<Vec<u8>>,
+        sha256: String,
+        subject: String,
+    },
+    Gone,
+    Rejected {
+        code: String,
+        problem: String,
+    },
+}
+
+async fn read_and_check(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+    expect: Expect,
+    incomplete_expired: bool,
+) -> Checked {
+    let Ok(_permit) = ctx.reads.acquire().await else {
+        return Checked::Gone;
+    };
+    let ctx2 = ctx.clone();
+    let claimed = job.claimed.clone();
+    let public = ctx.public(&job.entry);
+    let result = tokio::task::spawn_blocking(move || {
+        let config = ctx2.shared.config();
+        let owners = Owners::resolve(&config.agent.drop_owners);
+        let contents = match scan::read(
+            ctx2.dirs.drop_fd(),
+            &claimed,
+            &public,
+            expect,
+            &owners,
+            &scan::LIMITS,
+        ) {
+            Ok(c) => c,
+            Err(ReadError::Gone) => return Checked::Gone,
+            Err(ReadError::Problem(p)) => return rejected_problem(&p, incomplete_expired),
+        };
+        match check(&contents, &config) {
+            Ok(b) => {
+                let mut pem = Zeroizing::new(b.key_pem().as_bytes().to_vec());
+                pem.extend_from_slice(b.fullchain_pem().as_bytes());
+                Checked::Ok {
+                    pem,
+                    sha256: b.leaf.sha256_hex(),
+                    subject: b.leaf.subject.clone(),
+                }
+            }
+            Err(e) if incomplete_expired && is_incomplete(&e) => Checked::Rejected {
+                code: "incomplete".to_owned(),
+                problem: format!(
+                    "the directory stayed incomplete for {}: {e}",
+                    fmt_limit(INCOMPLETE_LIMIT)
+                ),
+            },
+            Err(e) => Checked::Rejected {
+                code: e.reason().to_owned(),
+                problem: e.to_string(),
+            },
+        }
+    })
+    .await;
+    result.unwrap_or_else(|e| Checked::Rejected {
+        code: "unreadable".to_owned(),
+        problem: format!("reading the drop failed: {e}"),
+    })
+}
+
+fn rejected_problem(p: &Problem, incomplete_expired: bool) -> Checked {
+    let problem = if incomplete_expired && p.may_settle() {
+        format!(
+            "the directory stayed incomplete for {}: {p}",
+            fmt_limit(INCOMPLETE_LIMIT)
+        )
+    } else {
+        p.to_string()
+    };
+    Checked::Rejected {
+        code: p.code().to_owned(),
+        problem,
+    }
+}
+
+async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
+    let config = ctx.shared.config();
+    let public = ctx.public(&job.entry);
+    let form = form_of(ctx, &job.claimed, &job.entry);
+    let entry = names::classify(job.entry.as_ref());
+    let name = entry.as_ref().and_then(|e| e.name().map(str::to_owned));
+    let targets: Vec<Target> = name
+        .as_deref()
+        .map(|n| config.targets_for_drop(n).cloned().collect())
+        .unwrap_or_default();
+    let mut info = Info::new(
+        name.as_deref(),
+        public.clone(),
+        form,
+        DropOutcome::Accepted,
+        targets.iter().map(|t| t.name.clone()).collect(),
+    );
+
+    let expect = match entry {
+        Some(Entry::Bundle { .. }) => Expect::File,
+        Some(Entry::Directory { .. }) => Expect::Directory,
+        Some(Entry::Invalid) | None => {
+            let p = Problem::InvalidName {
+                shown: public.display().to_string(),
+            };
+            reject(ctx, job, info, p.code(), &p.to_string(), "").await;
+            return;
+        }
+    };
+    if targets.is_empty() {
+        let name = name.unwrap_or_default();
+        let mut drops: Vec<&str> = config.targets.iter().map(|t| t.drop.as_str()).collect();
+        drops.sort_unstable();
+        drops.dedup();
+        let known = if drops.is_empty() {
+            "no target is configured".to_owned()
+        } else {
+            format!("drop names taken: {}", drops.join(", "))
+        };
+        let problem = format!(
+            "no target takes drop \"{name}\" ({known}): add drop = \"{name}\" (or name = \"{name}\") \
+             to a [[target]] in {}, reload the agent (systemctl reload certctl-agent) and drop it again",
+            config.path.display()
+        );
+        reject(ctx, job, info, "unknown_target", &problem, "").await;
+        return;
+    }
+
+    let (pem, sha256, subject) = match read_and_check(ctx, job, expect, incomplete_expired).await {
+        Checked::Ok {
+            pem,
+            sha256,
+            subject,
+        } => (pem, sha256, subject),
+        Checked::Gone => {
+            info.outcome = DropOutcome::Withdrawn;
+            info.reason = "withdrawn".to_owned();
+            let message = format!(
+                "{} withdrawn: the taken drop ({}) was removed by someone else before it was read",
+                public.display(),
+                job.claimed
+            );
+            ctx.emit(&info, &message);
+            return;
+        }
+        Checked::Rejected { code, problem } => {
+            reject(ctx, job, info, &code, &problem, "").await;
+            return;
+        }
+    };
+    info.cert_sha256 = sha256.clone();
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    ctx.emit(
+        &info,
+        &format!(
+            "{} accepted: leaf {subject} sha256 {}; deploying to {}",
+            public.display(),
+            short_hex(&sha256),
+            names.join(", ")
+        ),
+    );
+
+    // Deploys to every target of the name, in parallel, each to its end.
+    let mut set = JoinSet::new();
+    for (i, target) in targets.iter().enumerate() {
+        let shared = ctx.shared.clone();
+        let req = Request {
+            target: target.clone(),
+            sources: vec![(public.display().to_string(), pem.clone())],
+            dry_run: false,
+            no_verify: false,
+            no_wait: false,
+            origin: format!("drop {}", public.display()),
+            clock_skew_grace: config.agent.clock_skew_grace,
+        };
+        set.spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let name = req.target.name.clone();
+            let report = shared.engine.deploy(req, tx).await;
+            let mut deploy_id = String::new();
+            while let Ok(e) = rx.try_recv() {
+                deploy_id = e.deploy_id;
+            }
+            (
+                i,
+                TargetResult {
+                    target: name,
+                    deploy_id,
+                    outcome: report.outcome,
+                    error: report.error,
+                },
+            )
+        });
+    }
+    drop(pem);
+    let mut results: Vec<(usize, TargetResult)> = Vec::with_capacity(targets.len());
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(r) => results.push(r),
+            Err(e) => error!(drop = %public.display(), "a deploy task failed: {e}"),
+        }
+    }
+    // A deploy task that died still gets a result.
+    for (i, t) in targets.iter().enumerate() {
+        if !results.iter().any(|(j, _)| *j == i) {
+            results.push((
+                i,
+                TargetResult {
+                    target: t.name.clone(),
+                    deploy_id: String::new(),
+                    outcome: Outcome::Internal,
+                    error: "the deploy task ended unexpectedly: see the agent's log".to_owned(),
+                },
+            ));
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    info.results = results.into_iter().map(|(_, r)| r).collect();
+
+    let ok = info
+        .results
+        .iter()
+        .all(|r| matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged));
+    let summary = info
+        .results
+        .iter()
+        .map(|r| format!("{} {}", r.target, r.outcome.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ok {
+        let dirs_ctx = ctx.clone();
+        let claimed = job.claimed.clone();
+        let removed = tokio::task::spawn_blocking(move || dirs_ctx.dirs.remove_taken(&claimed))
+            .await
+            .unwrap_or_else(|e| {
+                Err(MoveError {
+                    op: "remove",
+                    path: PathBuf::from(e.to_string()),
+                    errno: Errno::EIO,
+                })
+            });
+        match removed {
+            Ok(()) => {
+                info.outcome = DropOutcome::Removed;
+                let message = format!("{} removed after deploying: {summary}", public.display());
+                ctx.emit(&info, &message);
+            }
+            Err(e) => {
+                info.outcome = DropOutcome::Failed;
+                info.reason = "cannot_remove".to_owned();
+                let message = format!(
+                    "{}: {summary}, but removing the drop failed: {e}; it stays as {}, and the \
+                     next start deploys it again (unchanged)",
+                    public.display(),
+                    ctx.public(&job.claimed).display()
+                );
+                ctx.emit(&info, &message);
+            }
+        }
+    } else {
+        let failed: Vec<&str> = info
+            .results
+            .iter()
+            .filter(|r| !matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged))
+            .map(|r| r.target.as_str())
+            .collect();
+        let problem = format!(
+            "the deploy to {} did not succeed ({summary})",
+            failed.join(", ")
+        );
+        reject(
+            ctx,
+            job,
+            info,
+            "deploy_failed",
+            &problem,
+            "see each target's result, the agent's log and `certctl status`; fix the cause (e.g. \
+             the validate or reload command), then drop the certificate again",
+        )
+        .await;
+    }
+}
+
+async fn supersede_job(ctx: &Arc<Ctx>, job: &Job, by: &str) {
+    let config = ctx.shared.config();
+    let (name, targets) = targets_of(&config, &job.entry);
+    let public = ctx.public(&job.entry);
+    let form = scan::form(ctx.dirs.drop_fd(), &job.claimed).unwrap_or(Form::Other);
+    let info = Info::new(
+        name.as_deref(),
+        public,
+        form,
+        DropOutcome::Superseded,
+        targets,
+    );
+    let problem = format!("a newer drop for the same name ({by}) was taken instead");
+    reject(
+        ctx,
+        job,
+        info,
+        "superseded",
+        &problem,
+        "nothing, if the newer drop is the one you meant; otherwise move this one back",
+    )
+    .await;
+}
+
+/// Moves the taken drop to `rejected/` with a reason file and records it
+/// (as `info.outcome` when that is `Superseded`, else as `Rejected`).
+async fn reject(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+    mut info: Info,
+    code: &str,
+    problem: &str,
+    remedy: &str,
+) {
+    if info.outcome != DropOutcome::Superseded {
+        info.outcome = DropOutcome::Rejected;
+    }
+    info.reason = code.to_owned();
+    let remedy = if remedy.is_empty() {
+        remedy_for(code)
+    } else {
+        remedy.to_owned()
+    };
+    let ctx2 = ctx.clone();
+    let (claimed, entry) = (job.claimed.clone(), job.entry.clone());
+    let reason_info = info.clone();
+    let problem_text = problem.to_owned();
+    let now = SystemTime::now();
+    let moved = tokio::task::spawn_blocking(move || {
+        ctx2.dirs.move_aside(&claimed, &entry, now, |dst| {
+            let results: Vec<(String, String, String, String)> = reason_info
+                .results
+                .iter()
+                .map(|r| {
+                    (
+                        r.target.clone(),
+                        r.outcome.as_str().to_owned(),
+                        r.deploy_id.clone(),
+                        r.error.clone(),
+                    )
+                })
+                .collect();
+            Reason {
+                public_path: &reason_info.path,
+                form: reason_info.form.as_str(),
+                moved_to: dst,
+                when: now,
+                targets: &reason_info.targets,
+                code: &reason_info.reason,
+                problem: &problem_text,
+                results: &results,
+                remedy: &remedy,
+            }
+            .render()
+        })
+    })
+    .await;
+    let public = info.path.display().to_string();
+    match moved {
+        Ok(Ok(moved)) => {
+            let what = if info.outcome == DropOutcome::Superseded {
+                "superseded".to_owned()
+            } else {
+                format!("rejected ({code})")
+            };
+            let message = format!(
+                "{public} {what}: {problem}; moved to {} (reason in {})",
+                moved.path.display(),
+                moved.reason_path.display()
+            );
+            info.rejected_path = Some(moved.path);
+            ctx.emit(&info, &message);
+        }
+        Ok(Err(e)) => failed_move(ctx, job, info, code, problem, &e.to_string()),
+        Err(e) => failed_move(ctx, job, info, code, problem, &e.to_string()),
+    }
+}
+
+fn failed_move(ctx: &Ctx, job: &Job, mut info: Info, code: &str, problem: &str, error: &str) {
+    info.outcome = DropOutcome::Failed;
+    info.reason = "cannot_move".to_owned();
+    let message = format!(
+        "{} was not deployed ({code}: {problem}) and moving it to {} failed: {error}; it stays \
+         as {} and is handled again at the next start",
+        info.path.display(),
+        ctx.dirs.rejected_path().display(),
+        ctx.public(&job.claimed).display()
+    );
+    ctx.emit(&info, &message);
+}
+
+/// The generic remedy of a reason code (the problem line carries the
+/// specific one).
+fn remedy_for(code: &str) -> String {
+    match code {
+        "incomplete" => format!(
+            "put the private key, its certificate and the chain into the directory within {} of \
+             each other, or fill a directory elsewhere on the same filesystem and rename it in",
+            fmt_limit(INCOMPLETE_LIMIT)
+        ),
+        "unknown_target" | "invalid_name" | "not_a_drop" | "symlink" | "not_regular"
+        | "too_large" | "too_many_files" | "subdirectory" | "unexpected_file" | "owner"
+        | "unreadable" => "follow the problem line above, then drop it again".to_owned(),
+        _ => "drop a corrected certificate set: the problem line says what is wrong".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incompleteness_is_only_about_missing_parts() {
+        assert!(is_incomplete(&BundleError::NoKey {
+            inputs: "x".to_owned()
+        }));
+        assert!(is_incomplete(&BundleError::KeyMismatch {
+            count: 1,
+            certs: "x".to_owned()
+        }));
+        assert!(!is_incomplete(&BundleError::MultipleKeys {
+            count: 2,
+            inputs: "x".to_owned()
+        }));
+    }
+
+    #[test]
+    fn remedies_exist_for_every_code() {
+        for code in ["incomplete", "owner", "key_mismatch", "expired"] {
+            assert!(!remedy_for(code).is_empty());
+        }
+        assert!(remedy_for("incomplete").contains(&fmt_limit(INCOMPLETE_LIMIT)));
+    }
+}
