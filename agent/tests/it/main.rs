@@ -18,5 +18,6 @@ mod support;
 
 mod agent_lifecycle;
 mod deploy_file;
+mod drop;
 mod harness;
 mod nginx;
