@@ -121,13 +121,15 @@ impl Runner {
         mut events: mpsc::Receiver<notify::Result<notify::Event>>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        self.recover();
-        self.scan(Instant::now());
+        off_worker(|| {
+            self.recover();
+            self.scan(Instant::now());
+        });
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            self.dispatch(Instant::now());
+            off_worker(|| self.dispatch(Instant::now()));
             self.ctx.shared.drops.set_pending(self.tracker.pending());
             let queue = &self.queue;
             let deadline = self.tracker.next_deadline(|e| blocked(queue, e));
@@ -151,13 +153,13 @@ impl Runner {
                     }
                 }
                 ev = events.recv() => match ev {
-                    Some(ev) => {
+                    Some(ev) => off_worker(|| {
                         self.event(ev);
                         // Take in everything queued before deciding anything.
                         while let Ok(ev) = events.try_recv() {
                             self.event(ev);
                         }
-                    }
+                    }),
                     None => {
                         error!(
                             drop_dir = %self.ctx.dirs.root().display(),
@@ -243,7 +245,7 @@ impl Runner {
         };
         let config = self.ctx.shared.config();
         let (name, targets) = targets_of(&config, &entry);
-        let form = scan::form(self.ctx.dirs.drop_fd(), &entry).unwrap_or(Form::Other);
+        let form = form_of(&self.ctx, &entry, &entry);
         let info = Info::new(
             name.as_deref(),
             self.ctx.public(&entry),
@@ -516,6 +518,16 @@ impl Runner {
     }
 }
 
+/// Runs the loop's own filesystem work (a rename, a directory read, a
+/// user lookup: short, but blocking) without holding up other tasks
+/// scheduled on this worker thread.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 enum Precheck {
     Ready,
     Waiting(String),
@@ -604,9 +616,8 @@ async fn read_and_check(
     expect: Expect,
     incomplete_expired: bool,
 ) -> Checked {
-    let Ok(_permit) = ctx.reads.acquire().await else {
-        return Checked::Gone;
-    };
+    // Never closed: acquiring only fails if it were.
+    let _permit = ctx.reads.acquire().await.ok();
     let ctx2 = ctx.clone();
     let claimed = job.claimed.clone();
     let public = ctx.public(&job.entry);
@@ -623,7 +634,10 @@ async fn read_and_check(
         ) {
             Ok(c) => c,
             Err(ReadError::Gone) => return Checked::Gone,
-            Err(ReadError::Problem(p)) => return rejected_problem(&p, incomplete_expired),
+            Err(ReadError::Problem(p)) => {
+                let (code, problem) = problem_verdict(&p, incomplete_expired);
+                return Checked::Rejected { code, problem };
+            }
         };
         match check(&contents, &config) {
             Ok(b) => {
@@ -635,17 +649,10 @@ async fn read_and_check(
                     subject: b.leaf.subject.clone(),
                 }
             }
-            Err(e) if incomplete_expired && is_incomplete(&e) => Checked::Rejected {
-                code: "incomplete".to_owned(),
-                problem: format!(
-                    "the directory stayed incomplete for {}: {e}",
-                    fmt_limit(INCOMPLETE_LIMIT)
-                ),
-            },
-            Err(e) => Checked::Rejected {
-                code: e.reason().to_owned(),
-                problem: e.to_string(),
-            },
+            Err(e) => {
+                let (code, problem) = bundle_verdict(&e, incomplete_expired);
+                Checked::Rejected { code, problem }
+            }
         }
     })
     .await;
@@ -655,19 +662,31 @@ async fn read_and_check(
     })
 }
 
-fn rejected_problem(p: &Problem, incomplete_expired: bool) -> Checked {
-    let problem = if incomplete_expired && p.may_settle() {
-        format!(
-            "the directory stayed incomplete for {}: {p}",
-            fmt_limit(INCOMPLETE_LIMIT)
-        )
+/// Reason code and problem line of a drop that could not be read. A
+/// directory that was still being filled when its wait expired is
+/// "incomplete", whatever the last read saw.
+fn problem_verdict(p: &Problem, incomplete_expired: bool) -> (String, String) {
+    if incomplete_expired && p.may_settle() {
+        ("incomplete".to_owned(), stayed_incomplete(p))
     } else {
-        p.to_string()
-    };
-    Checked::Rejected {
-        code: p.code().to_owned(),
-        problem,
+        (p.code().to_owned(), p.to_string())
     }
+}
+
+/// Reason code and problem line of a drop whose input failed a check.
+fn bundle_verdict(e: &BundleError, incomplete_expired: bool) -> (String, String) {
+    if incomplete_expired && is_incomplete(e) {
+        ("incomplete".to_owned(), stayed_incomplete(e))
+    } else {
+        (e.reason().to_owned(), e.to_string())
+    }
+}
+
+fn stayed_incomplete(why: &dyn std::fmt::Display) -> String {
+    format!(
+        "the directory stayed incomplete and unchanged for {}: {why}",
+        fmt_limit(INCOMPLETE_LIMIT)
+    )
 }
 
 async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
@@ -877,7 +896,7 @@ async fn supersede_job(ctx: &Arc<Ctx>, job: &Job, by: &str) {
     let config = ctx.shared.config();
     let (name, targets) = targets_of(&config, &job.entry);
     let public = ctx.public(&job.entry);
-    let form = scan::form(ctx.dirs.drop_fd(), &job.claimed).unwrap_or(Form::Other);
+    let form = form_of(ctx, &job.claimed, &job.entry);
     let info = Info::new(
         name.as_deref(),
         public,
@@ -1017,6 +1036,42 @@ mod tests {
             count: 2,
             inputs: "x".to_owned()
         }));
+    }
+
+    #[test]
+    fn an_expired_wait_is_incomplete_and_other_problems_keep_their_code() {
+        let missing = BundleError::NoCertificate {
+            inputs: "web/key.pem".to_owned(),
+        };
+        let (code, problem) = bundle_verdict(&missing, true);
+        assert_eq!(code, "incomplete");
+        assert!(
+            problem.starts_with(
+                "the directory stayed incomplete and unchanged for 5m: no certificate"
+            ),
+            "{problem}"
+        );
+        assert_eq!(bundle_verdict(&missing, false).0, "no_certificate");
+        let expired = BundleError::Expired {
+            role: bundle::CertRole::Leaf,
+            subject: "CN=a".to_owned(),
+            at: "2020-01-01T00:00:00Z".to_owned(),
+        };
+        assert_eq!(bundle_verdict(&expired, true).0, "expired");
+
+        let empty = Problem::Empty {
+            shown: "/d/web".to_owned(),
+        };
+        assert_eq!(problem_verdict(&empty, true).0, "incomplete");
+        let changed = Problem::Changed {
+            shown: "/d/web".to_owned(),
+        };
+        assert_eq!(problem_verdict(&changed, true).0, "incomplete");
+        assert_eq!(problem_verdict(&changed, false).0, "unreadable");
+        let link = Problem::Symlink {
+            shown: "/d/web/key.pem".to_owned(),
+        };
+        assert_eq!(problem_verdict(&link, true).0, "symlink");
     }
 
     #[test]
