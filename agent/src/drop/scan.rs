@@ -799,6 +799,49 @@ mod tests {
         }
     }
 
+    struct FakeHost;
+
+    impl Host for FakeHost {
+        fn user_id(&self, name: &str) -> Result<Option<u32>, String> {
+            Ok(match name {
+                "certbot" => Some(1001),
+                "both" => Some(1002),
+                _ => None,
+            })
+        }
+        fn group_id(&self, name: &str) -> Result<Option<u32>, String> {
+            Ok(match name {
+                "certctl" => Some(2001),
+                "both" => Some(2002),
+                _ => None,
+            })
+        }
+        fn user_name(&self, _: u32) -> Option<String> {
+            None
+        }
+        fn group_name(&self, _: u32) -> Option<String> {
+            None
+        }
+        fn euid(&self) -> u32 {
+            0
+        }
+    }
+
+    #[test]
+    fn drop_owners_match_the_owner_uid_or_the_group_gid() {
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = Owners::resolve_with(&names(&["certbot", "certctl", "both", "77"]), &FakeHost);
+        assert!(o.allows(1001, 9)); // user certbot
+        assert!(o.allows(9, 2001)); // group certctl
+        assert!(o.allows(1002, 9) && o.allows(9, 2002)); // a name that is both
+        assert!(o.allows(77, 9) && o.allows(9, 77)); // a number is either
+        assert!(!o.allows(2001, 1001), "a uid is not a gid");
+        assert!(!o.allows(0, 0), "root is not exempt");
+        // A name gone from the host since the config was loaded allows nothing.
+        let gone = Owners::resolve_with(&names(&["nobody-here"]), &FakeHost);
+        assert!(!gone.allows(0, 0));
+    }
+
     #[test]
     fn ages_come_from_the_newest_change_inside() {
         let f = Fixture::new();
