@@ -21,7 +21,8 @@
 //!   owners);
 //! - [`reject`]: every change to the drop directory and `rejected/`;
 //! - [`record`]: events, log lines and `certctl status` entries;
-//! - `runner`: the event loop and the jobs that deploy.
+//! - `runner`: the event loop; `job`: one taken drop from read to its
+//!   final outcome.
 //!
 //! Guarantees:
 //! - **a drop is never lost**: it is taken by renaming it aside within the
@@ -41,6 +42,7 @@
 //! - a failed deploy (validate, reload, rollback) moves the drop to
 //!   `rejected/` with each target's result: no endless retries.
 
+mod job;
 mod names;
 mod queue;
 mod record;
@@ -119,7 +121,7 @@ impl Prepared {
             self.dirs.root().to_owned(),
             self.dirs.rejected_path().to_owned(),
         );
-        let runner = runner::Runner::new(Arc::new(runner::Ctx::new(shared, self.dirs)));
+        let runner = runner::Runner::new(Arc::new(job::Ctx::new(shared, self.dirs)));
         tokio::spawn(runner.run(self.watch, self.events, shutdown));
     }
 }
