@@ -7,7 +7,6 @@
 //! verification waits short, end watch streams, wait for running deploys to
 //! finish (a deploy is never abandoned between stages) and remove the socket.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +20,8 @@ use crate::api::server::{DRAIN_TIMEOUT, Service, Shared};
 use crate::api::socket;
 use crate::config::{self, Config};
 use crate::deploy::Engine;
+use crate::deploy::atomic;
+use crate::drop;
 use crate::journal::Journal;
 
 /// Why the agent could not run.
@@ -34,7 +35,7 @@ pub enum DaemonError {
     StateDir {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: atomic::FsError,
     },
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("the control socket failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Drop(#[from] drop::StartError),
 }
 
 /// Runs the agent with `config` (loaded from `config_path`) until a
@@ -49,16 +52,10 @@ pub enum DaemonError {
 pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let state_dir = config.agent.state_dir.clone();
-    // Not through `deploy::atomic`: the state directory is the agent's own,
-    // and the crash tests' filesystem seam counts deploy operations only.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&state_dir)
-        .map_err(|source| DaemonError::StateDir {
-            path: state_dir.clone(),
-            source,
-        })?;
+    atomic::create_private_dir(&state_dir).map_err(|source| DaemonError::StateDir {
+        path: state_dir.clone(),
+        source,
+    })?;
     let journal = Arc::new(Journal::open(&state_dir)?);
     let engine = Engine::new(state_dir.join("locks"), journal);
     // Before any call is accepted: finish what a previous run of the agent
@@ -70,6 +67,8 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     if !recovered.is_empty() {
         info!(runs = recovered.len(), "recovery done");
     }
+    // A drop directory the agent cannot use stops it before the socket exists.
+    let drops = drop::prepare(&config)?;
 
     let socket_path = config.agent.socket.clone();
     let groups: Vec<_> = config
@@ -87,8 +86,10 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         engine,
         socket_path.clone(),
         drain_tx,
-        down_rx,
+        down_rx.clone(),
     ));
+    // Drops already there, or taken before a restart, are picked up now.
+    drops.spawn(shared.clone(), down_rx);
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -157,6 +158,19 @@ fn reload(shared: &Shared, path: &Path) {
                     new = %new.agent.socket.display(),
                     "agent.socket changed: the new path takes effect at the next restart"
                 );
+            }
+            let old = shared.config();
+            for (key, before, after) in [
+                ("drop_dir", &old.agent.drop_dir, &new.agent.drop_dir),
+                ("state_dir", &old.agent.state_dir, &new.agent.state_dir),
+            ] {
+                if before != after {
+                    warn!(
+                        old = %before.display(),
+                        new = %after.display(),
+                        "agent.{key} changed: the new path takes effect at the next restart"
+                    );
+                }
             }
             info!(targets = new.targets.len(), "configuration reloaded");
             shared.replace_config(Arc::new(new));

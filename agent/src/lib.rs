@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod deploy;
 pub mod drift;
+pub mod drop;
 pub mod failpoint;
 pub mod journal;
 pub mod kind;

@@ -32,7 +32,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Configured targets and their kinds, files and commands.
     Targets,
-    /// Stream every deploy event of the agent until interrupted.
+    /// Stream every deploy and drop-directory event of the agent until interrupted.
     Watch,
     /// Put the previous certificate set back, reload, and verify it is served.
     Rollback(RollbackArgs),

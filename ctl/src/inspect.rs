@@ -7,7 +7,10 @@ use tokio_stream::StreamExt;
 use crate::cli::{Cli, HistoryArgs, StatusArgs};
 use crate::client::{self, CliError};
 use crate::exit;
-use crate::output::{self, event_json, outcome_name, relative, served_json, stage_name, table};
+use crate::output::{
+    self, drop_json, drop_line, drop_outcome_name, event_json, outcome_name, relative, served_json,
+    stage_name, table,
+};
 
 pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
     let mut client = client::connect(&cli.socket).await?;
@@ -41,6 +44,12 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                         "error": l.error,
                         "cert_sha256": l.cert_sha256,
                     })),
+                    "last_drop": t.last_drop.as_ref().map(|l| {
+                        let mut v = l.drop.as_ref().map(drop_json).unwrap_or_else(|| json!({}));
+                        v["message"] = json!(l.message);
+                        v["unix_ms"] = json!(l.unix_ms);
+                        v
+                    }),
                 })
             })
             .collect();
@@ -53,6 +62,10 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "started_unix": agent.started_unix,
                     "config_path": agent.config_path,
                     "socket": agent.socket,
+                    "drop_dir": agent.drop_dir,
+                    "drops_pending": agent.drops_pending,
+                    "drops_in_flight": agent.drops_in_flight,
+                    "rejected_dir": agent.rejected_dir,
                 },
                 "targets": targets,
             })
@@ -67,6 +80,12 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         agent.config_path,
         resp.targets.len()
     );
+    if !agent.drop_dir.is_empty() {
+        println!(
+            "drops: {} ({} waiting, {} in progress), rejected ones go to {}",
+            agent.drop_dir, agent.drops_pending, agent.drops_in_flight, agent.rejected_dir
+        );
+    }
     if resp.targets.is_empty() {
         return Ok(exit::OK);
     }
@@ -78,6 +97,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
             "EXPIRES",
             "SERVED",
             "LAST DEPLOY",
+            "LAST DROP",
         ]
         .map(str::to_owned)
         .to_vec(),
@@ -104,6 +124,16 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         if t.busy {
             last = format!("deploying now; {last}");
         }
+        let last_drop = match &t.last_drop {
+            None => "-".to_owned(),
+            Some(l) => format!(
+                "{} {}",
+                l.drop
+                    .as_ref()
+                    .map_or("unknown", |d| drop_outcome_name(d.outcome)),
+                relative(l.unix_ms / 1000)
+            ),
+        };
         rows.push(vec![
             t.name.clone(),
             t.kind.clone(),
@@ -111,6 +141,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
             expires,
             t.verification.clone(),
             last,
+            last_drop,
         ]);
     }
     print!("{}", table(&rows));
@@ -130,6 +161,9 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                 relative(c.checked_unix_ms / 1000),
                 c.error
             );
+        }
+        if let Some(l) = &t.last_drop {
+            println!("{}: last drop: {}", t.name, l.message);
         }
     }
     Ok(exit::OK)
@@ -276,6 +310,8 @@ pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
         let event = event?;
         if cli.json {
             println!("{}", event_json(&event));
+        } else if event.drop.is_some() {
+            println!("{}", drop_line(&event));
         } else {
             println!(
                 "{} {}: {} {}",

@@ -38,7 +38,54 @@ pub fn stage_name(s: i32) -> &'static str {
         pb::Stage::Rollback => "rollback",
         pb::Stage::Done => "done",
         pb::Stage::Drift => "drift",
+        pb::Stage::Drop => "drop",
     }
+}
+
+/// `accepted`, `removed`, `rejected`, … (the JSON and human spelling).
+pub fn drop_outcome_name(o: i32) -> &'static str {
+    match pb::DropOutcome::try_from(o).unwrap_or(pb::DropOutcome::Unspecified) {
+        pb::DropOutcome::Unspecified => "unknown",
+        pb::DropOutcome::Accepted => "accepted",
+        pb::DropOutcome::Waiting => "waiting",
+        pb::DropOutcome::Removed => "removed",
+        pb::DropOutcome::Rejected => "rejected",
+        pb::DropOutcome::Superseded => "superseded",
+        pb::DropOutcome::Withdrawn => "withdrawn",
+        pb::DropOutcome::Failed => "failed",
+    }
+}
+
+/// A drop as JSON; empty strings become `null` where "none" is meant.
+pub fn drop_json(d: &pb::DropInfo) -> Value {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    json!({
+        "name": d.name,
+        "path": d.path,
+        "form": d.form,
+        "outcome": drop_outcome_name(d.outcome),
+        "reason": opt(&d.reason),
+        "targets": d.targets,
+        "results": d.results.iter().map(|r| json!({
+            "target": r.target,
+            "deploy_id": r.deploy_id,
+            "outcome": outcome_name(r.outcome),
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+        "rejected_path": opt(&d.rejected_path),
+        "cert_sha256": opt(&d.cert_sha256),
+    })
+}
+
+/// One line for a drop event: `web: drop /var/lib/certctl/drop/web.pem rejected …`
+/// (the agent's message names the drop and its outcome).
+pub fn drop_line(e: &pb::DeployEvent) -> String {
+    let target = if e.target.is_empty() {
+        "(no target)"
+    } else {
+        e.target.as_str()
+    };
+    format!("{target}: drop {}", e.message)
 }
 
 pub fn result_json(r: &pb::DeployResult) -> Value {
@@ -123,6 +170,9 @@ pub fn event_json(e: &pb::DeployEvent) -> Value {
     }
     if let Some(c) = &e.served {
         v["served"] = served_json(c);
+    }
+    if let Some(d) = &e.drop {
+        v["drop"] = drop_json(d);
     }
     v
 }

@@ -9,6 +9,7 @@ use tonic::Status;
 use super::auth::AuthError;
 use crate::deploy::event::{Event, FileSummary, Outcome, Report, Stage};
 use crate::deploy::verify::{Attempt, ServedCheck};
+use crate::drop::{self, DropOutcome};
 use crate::journal::Record;
 
 pub fn unix_ms(t: SystemTime) -> i64 {
@@ -29,6 +30,7 @@ pub fn stage(s: Stage) -> pb::Stage {
         Stage::Rollback => pb::Stage::Rollback,
         Stage::Done => pb::Stage::Done,
         Stage::Drift => pb::Stage::Drift,
+        Stage::Drop => pb::Stage::Drop,
     }
 }
 
@@ -152,6 +154,54 @@ pub fn event(e: &Event) -> pb::DeployEvent {
         result: e.report.as_ref().map(report),
         attempt: e.attempt.as_ref().map(attempt),
         served: e.served.as_ref().map(served),
+        drop: e.drop.as_ref().map(drop_info),
+    }
+}
+
+pub fn drop_outcome(o: DropOutcome) -> pb::DropOutcome {
+    match o {
+        DropOutcome::Accepted => pb::DropOutcome::Accepted,
+        DropOutcome::Waiting => pb::DropOutcome::Waiting,
+        DropOutcome::Removed => pb::DropOutcome::Removed,
+        DropOutcome::Rejected => pb::DropOutcome::Rejected,
+        DropOutcome::Superseded => pb::DropOutcome::Superseded,
+        DropOutcome::Withdrawn => pb::DropOutcome::Withdrawn,
+        DropOutcome::Failed => pb::DropOutcome::Failed,
+    }
+}
+
+pub fn drop_info(d: &drop::Info) -> pb::DropInfo {
+    pb::DropInfo {
+        name: d.name.clone(),
+        path: d.path.display().to_string(),
+        form: d.form.as_str().to_owned(),
+        outcome: drop_outcome(d.outcome) as i32,
+        reason: d.reason.clone(),
+        targets: d.targets.clone(),
+        results: d
+            .results
+            .iter()
+            .map(|r| pb::DropTargetResult {
+                target: r.target.clone(),
+                deploy_id: r.deploy_id.clone(),
+                outcome: outcome(r.outcome) as i32,
+                error: r.error.clone(),
+            })
+            .collect(),
+        rejected_path: d
+            .rejected_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        cert_sha256: d.cert_sha256.clone(),
+    }
+}
+
+pub fn last_drop(l: &drop::LastDrop) -> pb::LastDrop {
+    pb::LastDrop {
+        drop: Some(drop_info(&l.info)),
+        message: l.message.clone(),
+        unix_ms: unix_ms(l.at),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Shared {
     shutdown: watch::Receiver<bool>,
     /// Notified after each configuration reload.
     pub reloaded: tokio::sync::Notify,
+    /// What the drop directory reports to `certctl status`.
+    pub drops: crate::drop::Ledger,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
             drain: std::sync::Mutex::new(Some(drain)),
             shutdown,
             reloaded: tokio::sync::Notify::new(),
+            drops: crate::drop::Ledger::default(),
         }
     }
 
@@ -93,7 +96,8 @@ impl Shared {
         self.shutdown.clone()
     }
 
-    fn deploy_guard(&self) -> Option<mpsc::Sender<()>> {
+    /// A guard that shutdown waits for; `None` once the agent is stopping.
+    pub(crate) fn deploy_guard(&self) -> Option<mpsc::Sender<()>> {
         self.drain
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -358,8 +362,15 @@ impl Agent for Service {
                 busy: self.shared.engine.is_busy(&t.name),
                 last,
                 served: served.as_ref().map(convert::served),
+                last_drop: self
+                    .shared
+                    .drops
+                    .last(&t.name)
+                    .as_ref()
+                    .map(convert::last_drop),
             });
         }
+        let dirs = self.shared.drops.dirs();
         Ok(Response::new(pb::StatusResponse {
             agent: Some(pb::AgentInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -367,6 +378,10 @@ impl Agent for Service {
                 started_unix: convert::unix_ms(self.shared.started) / 1000,
                 config_path: config.path.display().to_string(),
                 socket: self.shared.socket.display().to_string(),
+                drop_dir: dirs.map(|d| d.0.display().to_string()).unwrap_or_default(),
+                drops_pending: u32::try_from(self.shared.drops.pending()).unwrap_or(u32::MAX),
+                drops_in_flight: u32::try_from(self.shared.drops.in_flight()).unwrap_or(u32::MAX),
+                rejected_dir: dirs.map(|d| d.1.display().to_string()).unwrap_or_default(),
             }),
             targets: out,
         }))
@@ -408,7 +423,8 @@ impl Agent for Service {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.shared.authorize(&request, Access::Read)?;
+        let (_, caller) = self.shared.authorize(&request, Access::Read)?;
+        tracing::debug!(caller = %caller.describe(), "watch stream opened");
         let events = BroadcastStream::new(self.shared.engine.subscribe()).filter_map(|e| match e {
             Ok(e) => Some(Ok(convert::event(&e))),
             // A watcher too slow to keep up misses events rather than

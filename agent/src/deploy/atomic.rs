@@ -222,6 +222,12 @@ pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
 /// its parent.
 pub fn make_private_dir(dir: &Path) -> Result<()> {
     seam("cannot create directory", dir)?;
+    create_private_dir(dir)
+}
+
+/// [`make_private_dir`] for the agent's own directories (state, drop,
+/// rejected): the same durability, outside the deploy fault seam.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
     let mut missing = Vec::new();
     let mut cur = dir;
     loop {

@@ -24,6 +24,9 @@ pub enum Stage {
     /// Not part of a deploy: the drift watch noticed a change in what is
     /// served.
     Drift,
+    /// Not a deploy stage: an event of the drop directory (the event's
+    /// `drop` is set).
+    Drop,
 }
 
 impl Stage {
@@ -40,6 +43,7 @@ impl Stage {
             Stage::Rollback => "rollback",
             Stage::Done => "done",
             Stage::Drift => "drift",
+            Stage::Drop => "drop",
         }
     }
 }
@@ -176,6 +180,8 @@ pub struct Event {
     pub attempt: Option<Attempt>,
     /// Set on [`Stage::Drift`].
     pub served: Option<ServedCheck>,
+    /// Set on [`Stage::Drop`].
+    pub drop: Option<crate::drop::Info>,
 }
 
 impl Event {
@@ -191,6 +197,7 @@ impl Event {
             report: None,
             attempt: None,
             served: None,
+            drop: None,
         }
     }
 }

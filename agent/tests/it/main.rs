@@ -19,6 +19,7 @@ mod support;
 mod agent_lifecycle;
 mod crash;
 mod deploy_file;
+mod drop;
 mod generations;
 mod harness;
 mod mail;

@@ -7,6 +7,8 @@
 //! - [`pki`]: `Ca::root()`, `.intermediate()`, `.leaf(&[names]).issue()`, [`pki::issue_cert`].
 //! - [`nginx`]: `Nginx::start(prefix, server_name, cert, key)`, [`nginx::nginx_available`].
 //! - [`tls`]: `served_leaf_sha256(port, sni)`, `served_chain`, `wait_until_served`.
+//! - [`drop`]: hand files over through the drop directory, wait for the agent,
+//!   read its drop events, reason files and memory peak.
 //! - [`process`]: [`process::ChildGuard`], which every spawned process lives in:
 //!   it is stopped by PID and reaped on drop, also when the test panics.
 //! - [`strace`]: the agent under `strace -f`, and a parser for the trace.
@@ -16,6 +18,7 @@
 
 pub mod assert;
 pub mod dovecot;
+pub mod drop;
 pub mod endpoints;
 pub mod invariants;
 pub mod mailtls;

@@ -1,0 +1,469 @@
+//! The drop directory's event loop and the jobs it starts: the imperative
+//! shell around [`settle`](super::settle) and [`queue`](super::queue).
+//!
+//! One task owns the state. It applies watcher events, and whenever drops
+//! are due it takes them (the rename that takes a drop happens in this
+//! task, so the watcher's echo of it is always ordered after what came
+//! before) and starts a [`job`](super::job) per drop. A job holds the
+//! agent's drain guard, so shutdown waits for it, and a job that deploys
+//! holds its drop name until it ends.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use nix::errno::Errno;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::job::{self, Ctx, Job, Kind, check, form_of, is_incomplete, targets_of};
+use super::names::{self, Entry};
+use super::queue::{self, Queue};
+use super::record::{DropOutcome, Info};
+use super::scan::{self, Expect, Form, Owners, ReadError};
+use super::settle::{Change, Due, Note, Tracker};
+use super::watch::{self, Observed, Watch};
+use super::{INCOMPLETE_LIMIT, fmt_limit};
+use crate::config::Config;
+
+/// The event loop's state.
+pub(super) struct Runner {
+    ctx: Arc<Ctx>,
+    tracker: Tracker,
+    queue: Queue,
+    done_tx: mpsc::UnboundedSender<Option<String>>,
+    done_rx: mpsc::UnboundedReceiver<Option<String>>,
+}
+
+impl Runner {
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            ctx,
+            tracker: Tracker::new(INCOMPLETE_LIMIT),
+            queue: Queue::default(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Runs until `shutdown` turns true (or the watcher dies).
+    pub async fn run(
+        mut self,
+        watch: Watch,
+        mut events: mpsc::Receiver<notify::Result<notify::Event>>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        off_worker(|| {
+            self.recover();
+            self.scan(Instant::now());
+        });
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            off_worker(|| self.dispatch(Instant::now()));
+            self.ctx.shared.drops.set_pending(self.tracker.pending());
+            let queue = &self.queue;
+            let deadline = self.tracker.next_deadline(|e| blocked(queue, e));
+            let sleep = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                Some(done) = self.done_rx.recv() => {
+                    self.finished(done);
+                    while let Ok(done) = self.done_rx.try_recv() {
+                        self.finished(done);
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Some(ev) => off_worker(|| {
+                        self.event(ev);
+                        // Take in everything queued before deciding anything.
+                        while let Ok(ev) = events.try_recv() {
+                            self.event(ev);
+                        }
+                    }),
+                    None => {
+                        error!(
+                            drop_dir = %self.ctx.dirs.root().display(),
+                            "the drop directory watcher stopped: drops are not taken until the agent restarts"
+                        );
+                        break;
+                    }
+                },
+                () = sleep => {}
+            }
+        }
+        drop(watch);
+        debug!("drop directory watcher stopped");
+    }
+
+    fn finished(&mut self, slot: Option<String>) {
+        if let Some(name) = slot {
+            self.queue.finish(&name);
+        }
+    }
+
+    // === events ===
+
+    fn event(&mut self, ev: notify::Result<notify::Event>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    error!(
+                        "the drop directory watcher hit the inotify watch limit: drops in new \
+                         subdirectories are missed; raise fs.inotify.max_user_watches \
+                         (sysctl) and remove stray directories from the drop directory"
+                    );
+                } else {
+                    warn!("drop directory watcher: {e}");
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let settle = self.ctx.shared.config().agent.settle;
+        for observed in watch::changes(self.ctx.dirs.root(), &ev) {
+            match observed {
+                Observed::Entry(entry, change) => {
+                    debug!(entry = %entry, change = ?change, "drop directory change");
+                    if let Some(note) = self.tracker.observe(&entry, change, settle, now) {
+                        self.note(note);
+                    }
+                }
+                Observed::Rescan => {
+                    warn!(
+                        "the drop directory's event queue overflowed: listing it again; \
+                         drops replaced meanwhile may be missing from the record"
+                    );
+                    self.tracker.lost_events();
+                    self.scan(now);
+                }
+                Observed::RootGone => error!(
+                    drop_dir = %self.ctx.dirs.root().display(),
+                    "the drop directory was removed or moved away: drops are not taken until \
+                     it is back and the agent restarts"
+                ),
+            }
+        }
+    }
+
+    fn note(&self, note: Note) {
+        let (entry, outcome, reason, message) = match note {
+            Note::Superseded(entry) => {
+                let msg = format!(
+                    "{} superseded: replaced by a newer drop before it was deployed; the newer one is taken",
+                    self.ctx.public(&entry).display()
+                );
+                (entry, DropOutcome::Superseded, "superseded", msg)
+            }
+            Note::Withdrawn(entry) => {
+                let msg = format!(
+                    "{} withdrawn: removed from the drop directory by someone else before the agent took it",
+                    self.ctx.public(&entry).display()
+                );
+                (entry, DropOutcome::Withdrawn, "withdrawn", msg)
+            }
+        };
+        let config = self.ctx.shared.config();
+        let (name, targets) = targets_of(&config, &entry);
+        let form = form_of(&self.ctx, &entry, &entry);
+        let info = Info::new(
+            name.as_deref(),
+            self.ctx.public(&entry),
+            form,
+            outcome,
+            targets,
+        )
+        .reason(reason);
+        self.ctx.emit(&info, &message);
+    }
+
+    /// Reports every entry on disk to the tracker (start-up, overflow).
+    fn scan(&mut self, now: Instant) {
+        let dir = self.ctx.dirs.drop_fd();
+        let entries = match scan::list(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(
+                    drop_dir = %self.ctx.dirs.root().display(),
+                    "cannot list the drop directory: {e}"
+                );
+                return;
+            }
+        };
+        let settle = self.ctx.shared.config().agent.settle;
+        let wall = SystemTime::now();
+        for entry in entries {
+            if names::classify(entry.as_ref()).is_none() {
+                continue;
+            }
+            if let Some(age) = scan::age(dir, &entry, wall)
+                && let Some(note) =
+                    self.tracker
+                        .observe(&entry, Change::Present { age }, settle, now)
+            {
+                self.note(note);
+            }
+        }
+    }
+
+    /// Drops taken before the agent stopped: deployed again (the newest of
+    /// a name), or superseded when a newer drop of the name arrived since.
+    fn recover(&mut self) {
+        let dir = self.ctx.dirs.drop_fd();
+        let Ok(entries) = scan::list(dir) else {
+            return;
+        };
+        let mut claimed: Vec<(u128, u64, String, String)> = entries
+            .iter()
+            .filter_map(|c| {
+                let entry = names::unclaimed_entry(c)?;
+                let stamp = c.strip_prefix(names::CLAIM_PREFIX)?.split_once('.')?.0;
+                let (ms, seq) = stamp.split_once('-')?;
+                Some((
+                    ms.parse().ok()?,
+                    seq.parse().ok()?,
+                    c.clone(),
+                    entry.to_owned(),
+                ))
+            })
+            .collect();
+        // Newest last.
+        claimed.sort();
+        let public_names: Vec<String> = entries
+            .iter()
+            .filter_map(|e| names::classify(e.as_ref())?.name().map(str::to_owned))
+            .collect();
+        let mut newest_taken: Vec<String> = Vec::new();
+        for (_, _, c, entry) in claimed.into_iter().rev() {
+            let name = names::classify(entry.as_ref()).and_then(|e| e.name().map(str::to_owned));
+            let newer = match &name {
+                Some(n) if public_names.contains(n) => Some(format!(
+                    "a drop for \"{n}\" that arrived in {} while the agent was stopped",
+                    self.ctx.dirs.root().display()
+                )),
+                Some(n) if newest_taken.contains(n) => {
+                    Some(format!("a drop for \"{n}\" taken later"))
+                }
+                _ => None,
+            };
+            info!(
+                drop = %self.ctx.public(&entry).display(),
+                "found a drop taken before the agent stopped ({c})"
+            );
+            let job = match newer {
+                Some(by) => Job {
+                    entry,
+                    claimed: c,
+                    kind: Kind::Supersede { by },
+                },
+                None => {
+                    if let Some(n) = &name {
+                        newest_taken.push(n.clone());
+                        self.queue.start(n);
+                    }
+                    Job {
+                        entry,
+                        claimed: c,
+                        kind: Kind::Deploy {
+                            incomplete_expired: false,
+                        },
+                    }
+                }
+            };
+            if !self.spawn(job) {
+                return;
+            }
+        }
+    }
+
+    // === taking drops ===
+
+    fn dispatch(&mut self, now: Instant) {
+        let queue = &self.queue;
+        let due = self.tracker.due(now, |e| blocked(queue, e));
+        // Nothing new is taken once the agent is stopping: it stays for the
+        // next start.
+        if due.is_empty() || self.ctx.shared.deploy_guard().is_none() {
+            return;
+        }
+        let config = self.ctx.shared.config();
+        let mut ready = Vec::with_capacity(due.len());
+        for d in due {
+            match self.precheck(&config, &d) {
+                Precheck::Ready => ready.push(d),
+                Precheck::Waiting(detail) => {
+                    if self.tracker.waiting(&d.entry, now) {
+                        let (name, targets) = targets_of(&config, &d.entry);
+                        let info = Info::new(
+                            name.as_deref(),
+                            self.ctx.public(&d.entry),
+                            Form::Directory,
+                            DropOutcome::Waiting,
+                            targets,
+                        )
+                        .reason("incomplete");
+                        let message = format!(
+                            "{}/: waiting for the rest of the set ({detail}); it is rejected as \
+                             incomplete if it stays unchanged for {}",
+                            self.ctx.public(&d.entry).display(),
+                            fmt_limit(INCOMPLETE_LIMIT)
+                        );
+                        self.ctx.emit(&info, &message);
+                    }
+                }
+                Precheck::Gone => {
+                    self.tracker.vanished(&d.entry);
+                    self.note(Note::Withdrawn(d.entry));
+                }
+            }
+        }
+        let picks = queue::pick(ready, |e| {
+            names::classify(e.as_ref()).and_then(|c| c.name().map(str::to_owned))
+        });
+        for pick in picks {
+            let incomplete_expired = pick.take.incomplete_expired;
+            // The winner first: if it is gone, the older ones stay in the
+            // race for the next round.
+            if !self.take(&pick.take, Kind::Deploy { incomplete_expired }) {
+                continue;
+            }
+            let by = self.ctx.public(&pick.take.entry).display().to_string();
+            for older in pick.supersede {
+                self.take(&older, Kind::Supersede { by: by.clone() });
+            }
+        }
+    }
+
+    /// For a directory drop about to be taken: is it a complete set yet?
+    fn precheck(&self, config: &Config, due: &Due) -> Precheck {
+        let Some(Entry::Directory { name }) = names::classify(due.entry.as_ref()) else {
+            return Precheck::Ready;
+        };
+        // Unknown names and expired waits are rejected without a look.
+        if due.incomplete_expired || config.targets_for_drop(&name).next().is_none() {
+            return Precheck::Ready;
+        }
+        let owners = Owners::resolve(&config.agent.drop_owners);
+        let read = scan::read(
+            self.ctx.dirs.drop_fd(),
+            &due.entry,
+            &self.ctx.public(&due.entry),
+            Expect::Directory,
+            &owners,
+            &scan::LIMITS,
+        );
+        match read {
+            Err(ReadError::Gone) => Precheck::Gone,
+            Err(ReadError::Problem(p)) if p.may_settle() => Precheck::Waiting(p.to_string()),
+            Err(ReadError::Problem(_)) => Precheck::Ready,
+            Ok(contents) => match check(&contents, config) {
+                Err(e) if is_incomplete(&e) => Precheck::Waiting(e.to_string()),
+                _ => Precheck::Ready,
+            },
+        }
+    }
+
+    /// Takes the drop at `due.entry` and starts its job; false when it
+    /// could not be taken.
+    fn take(&mut self, due: &Due, kind: Kind) -> bool {
+        let entry = &due.entry;
+        match self.ctx.dirs.claim(entry) {
+            Ok(claimed) => {
+                self.tracker.taken(entry);
+                let job = Job {
+                    entry: entry.clone(),
+                    claimed,
+                    kind,
+                };
+                if let Some(name) = job.slot() {
+                    self.queue.start(&name);
+                }
+                self.spawn(job)
+            }
+            Err(e) if e.errno == Errno::ENOENT => {
+                self.tracker.vanished(entry);
+                self.note(Note::Withdrawn(entry.clone()));
+                false
+            }
+            Err(e) => {
+                self.tracker.stuck(entry);
+                let config = self.ctx.shared.config();
+                let (name, targets) = targets_of(&config, entry);
+                let public = self.ctx.public(entry);
+                let form = form_of(&self.ctx, entry, entry);
+                let info = Info::new(
+                    name.as_deref(),
+                    public.clone(),
+                    form,
+                    DropOutcome::Failed,
+                    targets,
+                )
+                .reason("cannot_take");
+                let message = format!(
+                    "{} could not be taken: {e}; it stays in the drop directory and is tried \
+                     again when it changes or the agent restarts",
+                    public.display()
+                );
+                self.ctx.emit(&info, &message);
+                false
+            }
+        }
+    }
+
+    /// Starts `job` in its own task; false when the agent is shutting down
+    /// (the drop stays where it is for the next start).
+    fn spawn(&mut self, job: Job) -> bool {
+        let Some(guard) = self.ctx.shared.deploy_guard() else {
+            if let Some(name) = job.slot() {
+                self.queue.finish(&name);
+            }
+            return false;
+        };
+        let ctx = self.ctx.clone();
+        let done = self.done_tx.clone();
+        ctx.shared.drops.job_started();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let slot = job.slot();
+            job::run(&ctx, &job).await;
+            ctx.shared.drops.job_ended();
+            let _ = done.send(slot);
+        });
+        true
+    }
+}
+
+/// Runs the loop's own filesystem work (a rename, a directory read, a
+/// user lookup: short, but blocking) without holding up other tasks
+/// scheduled on this worker thread.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+enum Precheck {
+    Ready,
+    Waiting(String),
+    Gone,
+}
+
+/// Whether `entry` must wait because a deploy of its drop name runs.
+fn blocked(queue: &Queue, entry: &str) -> bool {
+    names::classify(entry.as_ref())
+        .and_then(|e| e.name().map(|n| queue.busy(n)))
+        .unwrap_or(false)
+}
