@@ -153,6 +153,23 @@ pub async fn load_pem(
     Err(refused(endpoint, "PUT", create, &r))
 }
 
+/// Removes the `load_pem` entry `id` (there is no certificate on disk to
+/// load, e.g. after rolling back a first deploy). An entry that does not
+/// exist is fine.
+pub async fn unload(endpoint: &Endpoint, id: &str) -> Result<String, CaddyError> {
+    let path = format!("/id/{id}");
+    let r = http::request(endpoint, "DELETE", &path, &[], b"").await?;
+    match r.status {
+        200 => Ok(format!(
+            "caddy admin API: no certificate on disk, entry {id} removed through {endpoint}"
+        )),
+        404 => Ok(format!(
+            "caddy admin API: no certificate on disk and no entry {id} at {endpoint}: nothing to load"
+        )),
+        _ => Err(refused(endpoint, "DELETE", &path, &r)),
+    }
+}
+
 fn refused(endpoint: &Endpoint, method: &str, path: &str, r: &Response) -> CaddyError {
     // caddy answers `{"error": "..."}`.
     let error = serde_json::from_str::<serde_json::Value>(&r.body)

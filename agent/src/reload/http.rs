@@ -4,14 +4,16 @@
 //! Guarantees: the request is sent with `Connection: close` and the whole
 //! response is read into memory up to [`MAX_RESPONSE`] bytes (a longer one
 //! is an error, never a partial success); `Content-Length` and chunked
-//! bodies are decoded. The caller bounds the whole exchange in time. Request
-//! bytes (which may carry a private key) live only in the caller's
-//! zeroizing buffer and are written straight to the socket.
+//! bodies are decoded; a server that answers and closes before reading the
+//! whole request still has its answer read. The caller bounds the whole
+//! exchange in time. Request bytes (which may carry a private key) are only
+//! ever in zeroizing buffers and on the socket.
 
 use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use zeroize::Zeroizing;
 
 /// Responses larger than this are refused: an admin endpoint answers with a
 /// short status or a small JSON error.
@@ -96,6 +98,11 @@ pub async fn request(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
+    // One buffer, one write: the request is in the socket before the server
+    // can answer early (an unknown path is refused before the body is read).
+    let mut request = Zeroizing::new(Vec::with_capacity(head.len() + body.len()));
+    request.extend_from_slice(head.as_bytes());
+    request.extend_from_slice(body);
     let raw = match endpoint {
         Endpoint::Tcp { host, port } => {
             let stream = TcpStream::connect((host.trim_matches(['[', ']']), *port))
@@ -104,7 +111,7 @@ pub async fn request(
                     endpoint: name.clone(),
                     source,
                 })?;
-            exchange(stream, head.as_bytes(), body, &name).await?
+            exchange(stream, &request, &name).await?
         }
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(path)
@@ -113,7 +120,7 @@ pub async fn request(
                     endpoint: name.clone(),
                     source,
                 })?;
-            exchange(stream, head.as_bytes(), body, &name).await?
+            exchange(stream, &request, &name).await?
         }
     };
     parse(&raw).map_err(|why| HttpError::Malformed {
@@ -124,40 +131,69 @@ pub async fn request(
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    head: &[u8],
-    body: &[u8],
+    request: &[u8],
     name: &str,
 ) -> Result<Vec<u8>, HttpError> {
-    let io = |source| HttpError::Io {
-        endpoint: name.to_owned(),
-        source,
+    let written = match stream.write_all(request).await {
+        Ok(()) => stream.flush().await,
+        Err(e) => Err(e),
     };
-    stream.write_all(head).await.map_err(io)?;
-    stream.write_all(body).await.map_err(io)?;
-    stream.flush().await.map_err(io)?;
-    read_bounded(&mut stream, name).await
+    match written {
+        Ok(()) => read_bounded(&mut stream, name).await,
+        // A server that answered before reading everything (and closed)
+        // still left its answer to read.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            match read_bounded(&mut stream, name).await {
+                Ok(answer) if !answer.is_empty() => Ok(answer),
+                _ => Err(HttpError::Io {
+                    endpoint: name.to_owned(),
+                    source: e,
+                }),
+            }
+        }
+        Err(source) => Err(HttpError::Io {
+            endpoint: name.to_owned(),
+            source,
+        }),
+    }
 }
 
-/// Everything until EOF, at most [`MAX_RESPONSE`] bytes.
-pub(super) async fn read_bounded<S: AsyncRead + Unpin>(
+/// Everything until EOF, at most [`MAX_RESPONSE`] bytes. A reset after
+/// some bytes ends the answer (a server that closed with part of our
+/// request unread resets the connection after its answer).
+async fn read_bounded<S: AsyncRead + Unpin>(
     stream: &mut S,
     name: &str,
 ) -> Result<Vec<u8>, HttpError> {
     let mut out = Vec::new();
-    let mut limited = stream.take(MAX_RESPONSE as u64 + 1);
-    limited
-        .read_to_end(&mut out)
-        .await
-        .map_err(|source| HttpError::Io {
-            endpoint: name.to_owned(),
-            source,
-        })?;
-    if out.len() > MAX_RESPONSE {
-        return Err(HttpError::TooLarge {
-            endpoint: name.to_owned(),
-        });
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return Ok(out),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.len() > MAX_RESPONSE {
+                    return Err(HttpError::TooLarge {
+                        endpoint: name.to_owned(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !out.is_empty() => {
+                return Ok(out);
+            }
+            Err(source) => {
+                return Err(HttpError::Io {
+                    endpoint: name.to_owned(),
+                    source,
+                });
+            }
+        }
     }
-    Ok(out)
 }
 
 /// Parses a complete response read until the server closed the connection.
@@ -324,6 +360,25 @@ mod tests {
         let err = request(&ep, "GET", "/config/", &[], b"").await.unwrap_err();
         assert!(matches!(err, HttpError::TooLarge { .. }), "{err}");
         server.await.unwrap();
+
+        // A server that refuses before reading a large body, then closes.
+        let path2 = dir.path().join("early.sock");
+        let listener = tokio::net::UnixListener::bind(&path2).unwrap();
+        let early = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\n\r\n{\"error\":\"x\"}")
+                .await
+                .unwrap();
+            drop(s);
+        });
+        let big = vec![b' '; 4 * 1024 * 1024];
+        let r = request(&Endpoint::Unix(path2), "PATCH", "/id/x", &[], &big)
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (404, "{\"error\":\"x\"}"));
+        early.await.unwrap();
 
         let gone = request(
             &Endpoint::Unix(dir.path().join("nope.sock")),

@@ -108,6 +108,11 @@ impl ReloadHook {
                 cert,
                 key,
             } => {
+                // Nothing on disk (a first deploy rolled back): nothing of
+                // ours may stay loaded either.
+                if !tokio::fs::try_exists(cert).await.unwrap_or(true) {
+                    return Ok(caddy::unload(endpoint, id).await?);
+                }
                 let cert_pem = self.read(cert).await?;
                 let key_pem = self.read(key).await?;
                 let cert_text = self.text(&cert_pem, cert)?;

@@ -17,8 +17,11 @@
 mod support;
 
 mod agent_lifecycle;
+mod apache_kind;
+mod caddy_kind;
 mod crash;
 mod deploy_file;
+mod haproxy_kind;
 mod harness;
 mod mail;
 mod nginx;

@@ -13,10 +13,14 @@
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
+pub mod apache;
 pub mod assert;
+pub mod caddy;
 pub mod dovecot;
 pub mod endpoints;
+pub mod haproxy;
 pub mod invariants;
+pub mod kinds;
 pub mod mailtls;
 pub mod nginx;
 pub mod pki;
