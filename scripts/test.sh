@@ -12,6 +12,10 @@ command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix
 # The mail tests look for these service binaries (agent/tests/it/support/dovecot.rs).
 [ -x /usr/lib/dovecot/imap-login ] || [ -x /usr/libexec/dovecot/imap-login ] || need+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/pop3-login ] || [ -x /usr/libexec/dovecot/pop3-login ] || need+=(dovecot-pop3d)
+# The kind tests (agent/tests/it/*_kind.rs) run these servers too.
+command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need+=(apache2)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "==> installing ${need[*]}"

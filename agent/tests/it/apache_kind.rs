@@ -16,7 +16,12 @@ const TARGET: &str = "site";
 
 #[track_caller]
 fn assert_served(apache: &Apache, leaf: &Leaf) {
-    if let Err(e) = tls::wait_until_served(apache.port(), SNI, &leaf.sha256_hex, Duration::from_secs(10)) {
+    if let Err(e) = tls::wait_until_served(
+        apache.port(),
+        SNI,
+        &leaf.sha256_hex,
+        Duration::from_secs(10),
+    ) {
         panic!("{e}\napache log:\n{}", apache.log());
     }
 }
@@ -65,7 +70,11 @@ fn apache_deploys_with_its_defaults_and_refuses_a_broken_config() {
     if nix::unistd::geteuid().is_root()
         && let Ok(Some(g)) = nix::unistd::Group::from_name("www-data")
     {
-        assert_eq!((key_meta.uid(), key_meta.gid()), (0, g.gid.as_raw()), "{out}");
+        assert_eq!(
+            (key_meta.uid(), key_meta.gid()),
+            (0, g.gid.as_raw()),
+            "{out}"
+        );
     }
 
     apache.break_config();

@@ -21,7 +21,9 @@ const SNI: &str = "site.caddy.test";
 
 #[track_caller]
 fn assert_served(caddy: &Caddy, leaf: &Leaf) {
-    if let Err(e) = tls::wait_until_served(caddy.port(), SNI, &leaf.sha256_hex, Duration::from_secs(10)) {
+    if let Err(e) =
+        tls::wait_until_served(caddy.port(), SNI, &leaf.sha256_hex, Duration::from_secs(10))
+    {
         panic!("{e}\ncaddy log:\n{}", caddy.log());
     }
 }
@@ -67,7 +69,10 @@ fn caddy_file_mode_reloads_with_force_and_refuses_a_broken_caddyfile() {
     let lines = assert_verified(&out, &b, &log);
     let reloaded = lines.iter().find(|l| l["stage"] == "reloaded").unwrap();
     assert!(
-        reloaded["message"].as_str().unwrap().contains("reload --force"),
+        reloaded["message"]
+            .as_str()
+            .unwrap()
+            .contains("reload --force"),
         "{out}"
     );
     assert_served(&caddy, &b);
@@ -77,7 +82,11 @@ fn caddy_file_mode_reloads_with_force_and_refuses_a_broken_caddyfile() {
     if nix::unistd::geteuid().is_root()
         && let Ok(Some(g)) = nix::unistd::Group::from_name("caddy")
     {
-        assert_eq!((key_meta.uid(), key_meta.gid()), (0, g.gid.as_raw()), "{out}");
+        assert_eq!(
+            (key_meta.uid(), key_meta.gid()),
+            (0, g.gid.as_raw()),
+            "{out}"
+        );
     }
 
     caddy.break_config();
@@ -119,7 +128,10 @@ fn caddy_admin_api_over_a_unix_socket_loads_and_rolls_back_the_certificate() {
     let lines = assert_verified(&out, &a, &log);
     let reloaded = lines.iter().find(|l| l["stage"] == "reloaded").unwrap();
     assert!(
-        reloaded["message"].as_str().unwrap().contains("caddy admin API"),
+        reloaded["message"]
+            .as_str()
+            .unwrap()
+            .contains("caddy admin API"),
         "{out}"
     );
     assert_served(&caddy, &a);

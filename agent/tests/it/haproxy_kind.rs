@@ -27,7 +27,9 @@ fn combined(leaf: &Leaf) -> String {
 
 #[track_caller]
 fn assert_served(hap: &Haproxy, leaf: &Leaf) {
-    if let Err(e) = tls::wait_until_served(hap.port(), SNI, &leaf.sha256_hex, Duration::from_secs(10)) {
+    if let Err(e) =
+        tls::wait_until_served(hap.port(), SNI, &leaf.sha256_hex, Duration::from_secs(10))
+    {
         panic!("{e}\nhaproxy log:\n{}", hap.log());
     }
 }
@@ -72,7 +74,10 @@ fn haproxy_master_cli_reload_is_verified_and_a_broken_config_changes_nothing() {
     let lines = assert_verified(&out, &b, &log);
     let reloaded = lines.iter().find(|l| l["stage"] == "reloaded").unwrap();
     assert!(
-        reloaded["message"].as_str().unwrap().contains("haproxy master reloaded"),
+        reloaded["message"]
+            .as_str()
+            .unwrap()
+            .contains("haproxy master reloaded"),
         "{out}"
     );
     assert_served(&hap, &b);

@@ -24,5 +24,6 @@ mod deploy_file;
 mod haproxy_kind;
 mod harness;
 mod mail;
+mod mail_kinds;
 mod nginx;
 mod verify;

@@ -180,7 +180,9 @@ fn start_once(bin: &Path, dir: &Path, port: u16) -> Result<ChildGuard, Option<St
             return Err(log.contains("Address already in use").then_some(log));
         }
         // The pid file is written after the listeners are bound.
-        if pid_file.exists() && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if pid_file.exists()
+            && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        {
             return Ok(child);
         }
         assert!(

@@ -70,7 +70,11 @@ enum AdminAt {
 /// What the instance serves from.
 enum Mode<'a> {
     /// A Caddyfile site loading these files.
-    Files { sni: &'a str, cert: &'a Path, key: &'a str },
+    Files {
+        sni: &'a str,
+        cert: &'a Path,
+        key: &'a str,
+    },
     /// JSON: certificates tagged `tag`, loaded through the admin API.
     Api { tag: &'a str },
 }
@@ -89,7 +93,15 @@ impl Caddy {
     /// `cert` (leaf + chain) and `key`.
     pub fn start_file(dir: &Path, admin: Admin, sni: &str, cert: &Path, key: &Path) -> Caddy {
         let key = key.display().to_string();
-        start(dir, admin, &Mode::Files { sni, cert, key: &key })
+        start(
+            dir,
+            admin,
+            &Mode::Files {
+                sni,
+                cert,
+                key: &key,
+            },
+        )
     }
 
     /// Admin-API mode: a JSON config whose TLS connection policy selects the
@@ -245,7 +257,10 @@ fn admin_get(admin: &AdminAt, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     Ok((status, body))
 }
 
@@ -259,7 +274,14 @@ fn admin_caddyfile(admin: &AdminAt) -> String {
     }
 }
 
-fn render_caddyfile(dir: &Path, admin: &AdminAt, port: u16, sni: &str, cert: &Path, key: &str) -> String {
+fn render_caddyfile(
+    dir: &Path,
+    admin: &AdminAt,
+    port: u16,
+    sni: &str,
+    cert: &Path,
+    key: &str,
+) -> String {
     format!(
         "# written by the certctl-agent integration tests (agent/tests/it/support/caddy.rs)\n\
          {{\n\

@@ -120,7 +120,11 @@ impl Haproxy {
         let mut section = "";
         for line in text.lines() {
             if let Some(name) = line.strip_prefix("# ") {
-                section = if name.starts_with("workers") { "workers" } else { "other" };
+                section = if name.starts_with("workers") {
+                    "workers"
+                } else {
+                    "other"
+                };
                 continue;
             }
             let words: Vec<&str> = line.split_whitespace().collect();

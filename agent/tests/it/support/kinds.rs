@@ -41,15 +41,29 @@ pub fn deploy(env: &TestEnv, target: &str, leaf: &Leaf, stem: &str) -> CtlOutput
 /// `out` is a deploy of `leaf` that exited 0, reloaded and was verified.
 /// Returns the events.
 #[track_caller]
-pub fn assert_verified(out: &CtlOutput, leaf: &Leaf, log: &dyn Fn() -> String) -> Vec<serde_json::Value> {
+pub fn assert_verified(
+    out: &CtlOutput,
+    leaf: &Leaf,
+    log: &dyn Fn() -> String,
+) -> Vec<serde_json::Value> {
     let context = || format!("{out}\nserver log:\n{}", log());
     assert_eq!(out.code, 0, "{}", context());
     let lines = out.json_lines();
     let result = done(&lines);
     assert_eq!(result["outcome"], "deployed", "{}", context());
-    assert_eq!(result["cert_sha256"], leaf.sha256_hex.as_str(), "{}", context());
+    assert_eq!(
+        result["cert_sha256"],
+        leaf.sha256_hex.as_str(),
+        "{}",
+        context()
+    );
     assert_eq!(result["verification"], "verified", "{}", context());
-    assert_eq!(result["served_sha256"], leaf.sha256_hex.as_str(), "{}", context());
+    assert_eq!(
+        result["served_sha256"],
+        leaf.sha256_hex.as_str(),
+        "{}",
+        context()
+    );
     assert!(stages(&lines).contains(&"reloaded"), "{}", context());
     lines
 }
@@ -64,5 +78,9 @@ pub fn assert_validate_failed(out: &CtlOutput, log: &dyn Fn() -> String) {
     let result = done(&lines);
     assert_eq!(result["outcome"], "validate_failed", "{}", context());
     let st = stages(&lines);
-    assert!(st.contains(&"rollback") && !st.contains(&"reloaded"), "{}", context());
+    assert!(
+        st.contains(&"rollback") && !st.contains(&"reloaded"),
+        "{}",
+        context()
+    );
 }
