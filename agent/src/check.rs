@@ -58,7 +58,8 @@ pub fn describe(config: &Config) -> String {
         let _ = writeln!(out, "    reload    {reload}");
         let verify = t.verify.as_ref().map_or_else(
             || "(none: deploys report \"unverified\")".to_owned(),
-            |v| v.endpoint.clone(),
+            // The protocol may be the kind's choice for the port: show it.
+            |v| format!("{} ({})", v.endpoint, v.protocol),
         );
         let _ = writeln!(out, "    verify    {verify}");
     }

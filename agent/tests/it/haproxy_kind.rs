@@ -110,6 +110,11 @@ fn haproxy_runtime_api_replaces_the_certificate_without_a_reload() {
     let agent = env.spawn_agent();
     let log = || format!("{}\nagent:\n{}", hap.log(), agent.log());
     let before = hap.reloads_and_workers();
+    let listed = env.ctl(&["--json", "targets"]).json();
+    let hook = listed["targets"][0]["reload_hook"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(hook.starts_with("haproxy runtime API on "), "{listed}");
 
     let b = pki::issue_cert(&[SNI]);
     let out = deploy(&env, TARGET, &b, "b");
