@@ -14,6 +14,10 @@ command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix
 [ -x /usr/lib/dovecot/pop3-login ] || [ -x /usr/libexec/dovecot/pop3-login ] || need+=(dovecot-pop3d)
 # The fsync-ordering test runs the agent under strace (agent/tests/it/strace.rs).
 command -v strace >/dev/null 2>&1 || need+=(strace)
+# The kind tests (agent/tests/it/*_kind.rs) run these servers too.
+command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need+=(apache2)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "==> installing ${need[*]}"

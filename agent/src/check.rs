@@ -34,8 +34,12 @@ pub fn describe(config: &Config) -> String {
             t.kind.as_str(),
             t.layout.as_str()
         );
-        let _ = writeln!(out, "    cert      {}", t.cert_path.display());
-        let _ = writeln!(out, "    key       {}", t.key_path.display());
+        if t.kind.defaults().combined_pem {
+            let _ = writeln!(out, "    pem       {}", t.cert_path.display());
+        } else {
+            let _ = writeln!(out, "    cert      {}", t.cert_path.display());
+            let _ = writeln!(out, "    key       {}", t.key_path.display());
+        }
         if let Some(c) = &t.chain_path {
             let _ = writeln!(out, "    chain     {}", c.display());
         }
@@ -47,10 +51,15 @@ pub fn describe(config: &Config) -> String {
             }
         };
         let _ = writeln!(out, "    validate  {}", cmd(&t.validate));
-        let _ = writeln!(out, "    reload    {}", cmd(&t.reload));
+        let reload = t
+            .reload_hook
+            .as_ref()
+            .map_or_else(|| cmd(&t.reload), crate::reload::ReloadHook::describe);
+        let _ = writeln!(out, "    reload    {reload}");
         let verify = t.verify.as_ref().map_or_else(
             || "(none: deploys report \"unverified\")".to_owned(),
-            |v| v.endpoint.clone(),
+            // The protocol may be the kind's choice for the port: show it.
+            |v| format!("{} ({})", v.endpoint, v.protocol),
         );
         let _ = writeln!(out, "    verify    {verify}");
     }

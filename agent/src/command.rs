@@ -95,6 +95,22 @@ pub fn display_argv(argv: &[String]) -> String {
         .join(" ")
 }
 
+/// The `PATH` commands run with: the agent's own, else [`DEFAULT_PATH`].
+fn search_path() -> String {
+    std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned())
+}
+
+/// Where `program` (a bare name) would be found when a command runs: the
+/// first executable file of that name on the commands' `PATH`.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&search_path())
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Runs `spec` to completion or timeout. `Ok` only for exit status 0.
 pub async fn run(spec: &Spec<'_>) -> Result<Output, CommandError> {
     let Some((program, args)) = spec.argv.split_first() else {
@@ -103,7 +119,7 @@ pub async fn run(spec: &Spec<'_>) -> Result<Output, CommandError> {
         });
     };
     let cmdline = display_argv(spec.argv);
-    let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
+    let path = search_path();
     #[allow(clippy::disallowed_methods)] // the one module that starts processes
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)

@@ -23,4 +23,5 @@ pub mod journal;
 pub mod kind;
 pub mod lock;
 pub mod logging;
+pub mod reload;
 pub mod verify;

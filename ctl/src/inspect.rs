@@ -274,6 +274,7 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
                     "drop": t.drop,
                     "validate": t.validate,
                     "reload": t.reload,
+                    "reload_hook": (!t.reload_hook.is_empty()).then_some(&t.reload_hook),
                     "verify_endpoint": (!t.verify_endpoint.is_empty()).then_some(&t.verify_endpoint),
                 })
             })
@@ -292,7 +293,9 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
             t.kind.clone(),
             t.cert_path.clone(),
             t.key_path.clone(),
-            if t.reload.is_empty() {
+            if !t.reload_hook.is_empty() {
+                t.reload_hook.clone()
+            } else if t.reload.is_empty() {
                 "-".to_owned()
             } else {
                 t.reload.join(" ")

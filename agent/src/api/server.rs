@@ -409,6 +409,11 @@ impl Agent for Service {
                 drop: t.drop.clone(),
                 validate: t.validate.clone(),
                 reload: t.reload.clone(),
+                reload_hook: t
+                    .reload_hook
+                    .as_ref()
+                    .map(crate::reload::ReloadHook::describe)
+                    .unwrap_or_default(),
                 verify_endpoint: t
                     .verify
                     .as_ref()

@@ -1,6 +1,8 @@
 //! The facts about this host that resolving a configuration depends on:
-//! user and group databases and the agent's effective uid. A trait so that
-//! tests can describe a host instead of depending on the machine they run on.
+//! user and group databases, the agent's effective uid, and which programs
+//! are on `PATH` (for kinds whose default command has several names). A
+//! trait so that tests can describe a host instead of depending on the
+//! machine they run on.
 
 use nix::unistd::{self, Gid, Uid};
 
@@ -16,6 +18,10 @@ pub trait Host {
     fn group_name(&self, gid: u32) -> Option<String>;
     /// The effective uid of the agent.
     fn euid(&self) -> u32;
+    /// Whether `program` is found on the `PATH` commands run with.
+    fn has_program(&self, program: &str) -> bool {
+        crate::command::find_program(program).is_some()
+    }
 }
 
 /// The real host, through `getpwnam_r` and friends.

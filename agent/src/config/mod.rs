@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use crate::kind::Kind;
 pub use crate::kind::VerifyProtocol;
+use crate::reload::ReloadHook;
 pub use error::{ConfigError, Problem};
 pub use host::{Host, SystemHost};
 
@@ -111,7 +112,9 @@ pub struct Target {
     /// How files are replaced.
     pub layout: Layout,
     /// Certificate file (leaf, plus the chain when `chain_path` is `None` and
-    /// the kind says `fullchain_in_cert`). Absolute.
+    /// the kind says `fullchain_in_cert`). Absolute. For a kind with
+    /// `combined_pem` (haproxy), the one file (`pem_path`) holding leaf,
+    /// chain and key, and then equal to `key_path`.
     pub cert_path: PathBuf,
     /// Private key file. Absolute.
     pub key_path: PathBuf,
@@ -138,6 +141,9 @@ pub struct Target {
     pub validate: Vec<String>,
     /// Effective reload argv; empty: no reload command.
     pub reload: Vec<String>,
+    /// A reload that is not a command (haproxy's master CLI or runtime API,
+    /// caddy's admin API); when set, `reload` is empty.
+    pub reload_hook: Option<ReloadHook>,
     /// Limit for each validate or reload command.
     pub command_timeout: Duration,
     /// Backups (previous generations) kept; at least 1.
@@ -210,15 +216,22 @@ impl Config {
 // === impl Target ===
 
 impl Target {
-    /// The files this target deploys, in the order cert, key, chain.
+    /// The files this target deploys, in the order cert, key, chain, each
+    /// once (a combined PEM is both cert and key).
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        let key = (self.key_path != self.cert_path).then_some(self.key_path.as_path());
         [
             Some(self.cert_path.as_path()),
-            Some(self.key_path.as_path()),
+            key,
             self.chain_path.as_deref(),
         ]
         .into_iter()
         .flatten()
+    }
+
+    /// True when stage 8 does something: a reload command or hook.
+    pub fn reloads(&self) -> bool {
+        self.reload_hook.is_some() || !self.reload.is_empty()
     }
 }
 

@@ -37,8 +37,9 @@ pub(super) struct RawTarget {
     pub kind: String,
     pub drop: Option<String>,
     pub layout: Option<String>,
-    pub cert_path: String,
-    pub key_path: String,
+    /// Required, except for kinds that name their files otherwise (haproxy).
+    pub cert_path: Option<String>,
+    pub key_path: Option<String>,
     pub chain_path: Option<String>,
     pub owner: Option<String>,
     pub group: Option<String>,
@@ -49,6 +50,43 @@ pub(super) struct RawTarget {
     pub command_timeout: Option<String>,
     pub backup_retention: Option<i64>,
     pub verify: Option<RawVerify>,
+    // The kinds' own keys (docs/kinds.md); `resolve` refuses them on
+    // other kinds.
+    /// haproxy: the one file holding leaf, chain and key.
+    pub pem_path: Option<String>,
+    /// haproxy: the configuration file `haproxy -c -f` checks.
+    pub haproxy_config: Option<String>,
+    /// haproxy: reload through the master CLI on this socket.
+    pub master_socket: Option<String>,
+    /// haproxy: no reload, the runtime API on this (admin-level stats) socket.
+    pub admin_socket: Option<String>,
+    /// caddy (file mode): the configuration `caddy validate`/`reload` read.
+    pub caddy_config: Option<String>,
+    /// caddy (file mode): its config adapter.
+    pub caddy_adapter: Option<String>,
+    /// caddy (file mode): the admin address `caddy reload --address` uses.
+    pub caddy_address: Option<String>,
+    /// caddy (admin-API mode): load the certificate through this endpoint.
+    pub admin_url: Option<String>,
+}
+
+impl RawTarget {
+    /// The kind-specific keys that are set, with the kind each belongs to.
+    pub fn kind_keys_set(&self) -> Vec<(&'static str, &'static str)> {
+        [
+            ("pem_path", "haproxy", self.pem_path.is_some()),
+            ("haproxy_config", "haproxy", self.haproxy_config.is_some()),
+            ("master_socket", "haproxy", self.master_socket.is_some()),
+            ("admin_socket", "haproxy", self.admin_socket.is_some()),
+            ("caddy_config", "caddy", self.caddy_config.is_some()),
+            ("caddy_adapter", "caddy", self.caddy_adapter.is_some()),
+            ("caddy_address", "caddy", self.caddy_address.is_some()),
+            ("admin_url", "caddy", self.admin_url.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, kind, set)| set.then_some((key, kind)))
+        .collect()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,6 +19,8 @@ use super::raw::{RawAgent, RawConfig, RawMode, RawTarget, RawVerify};
 use super::{AgentConfig, Config, Group, Ident, Layout, Target, VerifyConfig, VerifyProtocol};
 use crate::kind::Kind;
 
+mod kinds;
+
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -67,9 +69,14 @@ pub(super) fn resolve(
             names.insert(raw_target.name.clone(), index);
         }
         let target = r.target(&label, raw_target);
+        // A combined PEM is one file in two roles, named by one key.
+        let combined = target.kind.defaults().combined_pem;
         for (role, file) in [
-            ("cert_path", Some(&target.cert_path)),
-            ("key_path", Some(&target.key_path)),
+            (
+                if combined { "pem_path" } else { "cert_path" },
+                Some(&target.cert_path),
+            ),
+            ("key_path", (!combined).then_some(&target.key_path)),
             ("chain_path", target.chain_path.as_ref()),
         ] {
             let Some(file) = file else { continue };
@@ -256,7 +263,7 @@ impl Resolver<'_> {
                 format!("{drop:?} is not a valid drop name: {NAME_RULE}"),
             );
         }
-        let drop = raw.drop.unwrap_or_else(|| raw.name.clone());
+        let drop = raw.drop.clone().unwrap_or_else(|| raw.name.clone());
         let layout = match raw.layout.as_deref() {
             None | Some("in-place") => Layout::InPlace,
             Some("generations") => Layout::Generations,
@@ -269,11 +276,9 @@ impl Resolver<'_> {
             }
         };
 
-        let cert_path = self.target_file(&key("cert_path"), &raw.cert_path);
-        let key_path = self.target_file(&key("key_path"), &raw.key_path);
-        let chain_path = raw
-            .chain_path
-            .map(|p| self.target_file(&key("chain_path"), &p));
+        self.foreign_kind_keys(label, kind, &raw);
+        let (cert_path, key_path, chain_path) = self.target_files(label, kind, &raw);
+        let commands = self.kind_commands(label, kind, &raw, &cert_path, &key_path);
         if layout == Layout::Generations {
             let dir = cert_path.parent();
             let names: Vec<_> = [Some(&cert_path), Some(&key_path), chain_path.as_ref()]
@@ -320,8 +325,8 @@ impl Resolver<'_> {
             .key_mode
             .and_then(|m| self.mode(&key("key_mode"), "key_mode", &m, true));
 
-        let validate = self.argv(&key("validate"), raw.validate, defaults.validate);
-        let reload = self.argv(&key("reload"), raw.reload, defaults.reload);
+        let validate = self.argv(&key("validate"), raw.validate, &commands.validate);
+        let reload = self.argv(&key("reload"), raw.reload, &commands.reload);
         let command_timeout = self.duration(
             &key("command_timeout"),
             raw.command_timeout.as_deref(),
@@ -336,7 +341,7 @@ impl Resolver<'_> {
             (1, 100),
             " (rollback restores the newest backup, so keep at least one)",
         );
-        let verify = self.verify(label, raw.verify, defaults.verify_protocol);
+        let verify = self.verify(label, raw.verify, kind);
 
         Target {
             name: raw.name,
@@ -356,18 +361,14 @@ impl Resolver<'_> {
             default_key_mode: defaults.key_mode,
             validate,
             reload,
+            reload_hook: commands.hook,
             command_timeout,
             backup_retention,
             verify,
         }
     }
 
-    fn verify(
-        &mut self,
-        label: &str,
-        raw: Option<RawVerify>,
-        default_protocol: VerifyProtocol,
-    ) -> Option<VerifyConfig> {
+    fn verify(&mut self, label: &str, raw: Option<RawVerify>, kind: Kind) -> Option<VerifyConfig> {
         let raw = raw?;
         let key = |k: &str| format!("{label}.verify.{k}");
         let Some(endpoint) = raw.endpoint.clone() else {
@@ -384,9 +385,14 @@ impl Resolver<'_> {
             }
             return None;
         };
-        if let Err(why) = check_endpoint(&endpoint) {
-            self.problem(key("endpoint"), format!("{endpoint:?} {why}"));
-        }
+        // The kind's protocol, which for mail servers depends on the port.
+        let default_protocol = match check_endpoint(&endpoint) {
+            Ok(port) => kind.verify_protocol_for(port),
+            Err(why) => {
+                self.problem(key("endpoint"), format!("{endpoint:?} {why}"));
+                kind.defaults().verify_protocol
+            }
+        };
         if let Some(name) = &raw.server_name
             && ServerName::try_from(name.as_str()).is_err()
         {
@@ -764,9 +770,13 @@ impl Resolver<'_> {
         })
     }
 
-    fn argv(&mut self, key: &str, explicit: Option<Vec<String>>, default: &[&str]) -> Vec<String> {
-        let mut argv =
-            explicit.unwrap_or_else(|| default.iter().map(|s| (*s).to_owned()).collect());
+    fn argv(
+        &mut self,
+        key: &str,
+        explicit: Option<Vec<String>>,
+        default: &[String],
+    ) -> Vec<String> {
+        let mut argv = explicit.unwrap_or_else(|| default.to_vec());
         let Some(program) = argv.first_mut() else {
             return argv;
         };
@@ -827,8 +837,8 @@ fn lookup(host: &dyn Host, db: Db, name: &str) -> Result<Option<u32>, String> {
     }
 }
 
-/// `Err` completes the sentence "ENDPOINT ...".
-fn check_endpoint(endpoint: &str) -> Result<(), String> {
+/// The endpoint's port; `Err` completes the sentence "ENDPOINT ...".
+fn check_endpoint(endpoint: &str) -> Result<u16, String> {
     const FORM: &str =
         "write HOST:PORT, e.g. \"127.0.0.1:443\", \"mail.example.com:25\" or \"[::1]:443\"";
     let port = if let Some(rest) = endpoint.strip_prefix('[') {
@@ -856,7 +866,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         port
     };
     match port.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(()),
+        Ok(p) if p != 0 => Ok(p),
         _ => Err(format!("has an invalid port {port:?}: use 1 to 65535")),
     }
 }
@@ -911,7 +921,7 @@ mod tests {
             "[::1]:443",
             "[2001:db8::1]:8443",
         ] {
-            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
         }
         for (bad, why) in [
             ("127.0.0.1", "has no port"),

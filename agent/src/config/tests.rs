@@ -291,6 +291,7 @@ fn contract_example_parses() {
             default_key_mode: 0o640,
             validate: vec!["nginx".into(), "-t".into()],
             reload: vec!["nginx".into(), "-s".into(), "reload".into()],
+            reload_hook: None,
             command_timeout: Duration::from_secs(30),
             backup_retention: 3,
             verify: Some(VerifyConfig {
@@ -346,7 +347,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "missing key",
             "[[target]]\nname = \"web\"\nkind = \"file\"\nkey_path = \"tls/k\"\n".into(),
-            "line 1, column 1: missing required key \"cert_path\"",
+            "target \"web\" (target[0]): missing required key \"cert_path\"",
         ),
         (
             "wrong type",
@@ -486,13 +487,13 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         // Kinds and layouts.
         (
             "unavailable kind",
-            web("").replace("nginx", "apache"),
-            "target \"web\" (target[0]).kind: kind \"apache\" is not available in this version of certctl (available: file, nginx)",
+            web("").replace("nginx", "traefik"),
+            "target \"web\" (target[0]).kind: kind \"traefik\" is not available in this version of certctl (available: file, nginx, apache, haproxy, postfix, dovecot, caddy)",
         ),
         (
             "unknown kind",
             web("").replace("nginx", "foo"),
-            "kind: unknown kind \"foo\" (available: file, nginx)",
+            "kind: unknown kind \"foo\" (available: file, nginx, apache, haproxy, postfix, dovecot, caddy)",
         ),
         (
             "generations layout across directories",

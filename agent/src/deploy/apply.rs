@@ -603,21 +603,11 @@ impl<'e> Run<'e> {
         }
 
         // 8. Reload.
-        if !target.reload.is_empty() {
-            match self.run_command(target, "reload", &target.reload).await {
-                Ok(took) => self.stage(
-                    Stage::Reloaded,
-                    format!(
-                        "`{}` ok ({})",
-                        command::display_argv(&target.reload),
-                        fmt_duration(took)
-                    ),
-                ),
-                Err(e) => {
-                    return Err(self
-                        .roll_back(target, committed, previous, e.to_string(), verify)
-                        .await);
-                }
+        match self.reload(target).await {
+            Ok(Some(done)) => self.stage(Stage::Reloaded, done),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(self.roll_back(target, committed, previous, e, verify).await);
             }
         }
 
@@ -735,7 +725,7 @@ impl<'e> Run<'e> {
             self.verification = Verification::Verified;
             return Ok(Outcome::Unchanged);
         }
-        if target.reload.is_empty() {
+        if !target.reloads() {
             self.stage(
                 Stage::VerifyAttempt,
                 format!(
@@ -744,14 +734,13 @@ impl<'e> Run<'e> {
                 ),
             );
         } else {
-            match self.run_command(target, "reload", &target.reload).await {
-                Ok(took) => self.stage(
+            match self.reload(target).await {
+                Ok(done) => self.stage(
                     Stage::Reloaded,
                     format!(
-                        "the files already hold this certificate, but {}: reloaded with `{}` ({})",
+                        "the files already hold this certificate, but {}: reloaded: {}",
                         first.error,
-                        command::display_argv(&target.reload),
-                        fmt_duration(took)
+                        done.unwrap_or_default()
                     ),
                 ),
                 Err(e) => {
@@ -796,10 +785,10 @@ impl<'e> Run<'e> {
     ) -> Failure {
         self.stage(
             Stage::Rollback,
-            if target.reload.is_empty() {
-                "restoring the previous files"
-            } else {
+            if target.reloads() {
                 "restoring the previous files and reloading"
+            } else {
+                "restoring the previous files"
             },
         );
         if let Err(r) = self.undo(committed).await {
@@ -816,9 +805,7 @@ impl<'e> Run<'e> {
                 ),
             );
         }
-        if !target.reload.is_empty()
-            && let Err(r) = self.run_command(target, "reload", &target.reload).await
-        {
+        if let Err(r) = self.reload(target).await {
             return Failure::new(
                 Outcome::RollbackFailed,
                 format!(
@@ -829,7 +816,7 @@ impl<'e> Run<'e> {
         let (Some(v), Some(previous)) = (verify, previous) else {
             let what = if previous.is_none() && verify.is_some() {
                 "there was no previous certificate: the new files were removed"
-            } else if target.reload.is_empty() {
+            } else if !target.reloads() {
                 "the previous files are in place (not verified: no verify endpoint)"
             } else {
                 "the previous files are in place and were reloaded (not verified: no verify endpoint)"
@@ -945,6 +932,33 @@ impl<'e> Run<'e> {
         };
         let out = command::run(&spec).await?;
         Ok(out.duration)
+    }
+
+    /// Stage 8's action: the target's reload hook, else its reload
+    /// command. `Ok(None)`: the target has neither; `Ok(Some(line))`: what
+    /// was done, for the stage message; `Err`: why it failed.
+    pub(super) async fn reload(&self, target: &Target) -> Result<Option<String>, String> {
+        if let Some(hook) = &target.reload_hook {
+            let started = Instant::now();
+            return match hook.run(target.command_timeout).await {
+                Ok(done) => Ok(Some(format!(
+                    "{done} ({})",
+                    fmt_duration(started.elapsed())
+                ))),
+                Err(e) => Err(format!("reload failed: {e}")),
+            };
+        }
+        if target.reload.is_empty() {
+            return Ok(None);
+        }
+        match self.run_command(target, "reload", &target.reload).await {
+            Ok(took) => Ok(Some(format!(
+                "`{}` ok ({})",
+                command::display_argv(&target.reload),
+                fmt_duration(took)
+            ))),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     pub(super) async fn undo(&self, committed: Committed) -> Result<(), FsError> {

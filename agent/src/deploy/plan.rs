@@ -26,6 +26,8 @@ pub enum Role {
     Cert,
     Key,
     Chain,
+    /// Leaf, chain and key in one file (haproxy): a key file for modes.
+    Pem,
 }
 
 impl Role {
@@ -34,7 +36,14 @@ impl Role {
             Role::Cert => "cert",
             Role::Key => "key",
             Role::Chain => "chain",
+            Role::Pem => "pem",
         }
+    }
+
+    /// The file holds a private key: it takes the key's mode, and never an
+    /// "other" bit.
+    pub fn holds_key(self) -> bool {
+        matches!(self, Role::Key | Role::Pem)
     }
 }
 
@@ -125,8 +134,21 @@ pub enum PlanError {
 /// to `key_path`; with `chain_path`, the leaf to `cert_path` and the chain to
 /// `chain_path`; without it, the kind decides whether `cert_path` gets the
 /// leaf followed by the chain (a "fullchain", what nginx expects) or the leaf
-/// alone.
+/// alone. A kind with `combined_pem` (haproxy) gets one file: leaf, chain,
+/// then key.
 pub fn outputs(target: &Target, bundle: &Bundle) -> Result<Vec<Output>, PlanError> {
+    if target.kind.defaults().combined_pem {
+        let fullchain = bundle.fullchain_pem();
+        let key = bundle.key_pem();
+        let mut bytes = Zeroizing::new(Vec::with_capacity(fullchain.len() + key.len()));
+        bytes.extend_from_slice(fullchain.as_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        return Ok(vec![Output {
+            path: target.cert_path.clone(),
+            role: Role::Pem,
+            bytes,
+        }]);
+    }
     let mut out = Vec::with_capacity(3);
     match &target.chain_path {
         Some(chain_path) => {
@@ -216,7 +238,7 @@ fn resolve(
     existing: Option<Existing>,
     warnings: &mut Vec<String>,
 ) -> PlannedFile {
-    let is_key = output.role == Role::Key;
+    let is_key = output.role.holds_key();
     let (explicit_mode, default_mode) = if is_key {
         (policy.key_mode, policy.default_key_mode)
     } else {

@@ -329,44 +329,36 @@ impl Run<'_> {
             }
         }
 
-        if !target.reload.is_empty() {
-            match self.run_command(target, "reload", &target.reload).await {
-                Ok(took) => self.stage(
-                    Stage::Reloaded,
-                    format!(
-                        "`{}` ok ({})",
-                        command::display_argv(&target.reload),
-                        fmt_duration(took)
-                    ),
-                ),
-                Err(e) => {
-                    self.stage(
-                        Stage::Rollback,
-                        "putting back the files from before the rollback and reloading",
-                    );
-                    if let Err(r) = self.undo(committed).await {
-                        return Err(Failure::new(
-                            Outcome::RollbackFailed,
-                            format!(
-                                "reloading the restored files failed: {e}; putting back the files from before the rollback failed too: {r}"
-                            ),
-                        ));
-                    }
-                    let again = self.run_command(target, "reload", &target.reload).await;
+        match self.reload(target).await {
+            Ok(Some(done)) => self.stage(Stage::Reloaded, done),
+            Ok(None) => {}
+            Err(e) => {
+                self.stage(
+                    Stage::Rollback,
+                    "putting back the files from before the rollback and reloading",
+                );
+                if let Err(r) = self.undo(committed).await {
                     return Err(Failure::new(
                         Outcome::RollbackFailed,
-                        match again {
-                            Ok(_) => format!(
-                                "reloading the restored files failed: {e}; the files from before the \
-                                 rollback are back in place and were reloaded"
-                            ),
-                            Err(r) => format!(
-                                "reloading the restored files failed: {e}; the files from before the \
-                                 rollback are back on disk but reloading them failed too: {r}"
-                            ),
-                        },
+                        format!(
+                            "reloading the restored files failed: {e}; putting back the files from before the rollback failed too: {r}"
+                        ),
                     ));
                 }
+                let again = self.reload(target).await;
+                return Err(Failure::new(
+                    Outcome::RollbackFailed,
+                    match again {
+                        Ok(_) => format!(
+                            "reloading the restored files failed: {e}; the files from before the \
+                             rollback are back in place and were reloaded"
+                        ),
+                        Err(r) => format!(
+                            "reloading the restored files failed: {e}; the files from before the \
+                             rollback are back on disk but reloading them failed too: {r}"
+                        ),
+                    },
+                ));
             }
         }
 

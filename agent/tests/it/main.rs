@@ -17,12 +17,16 @@
 mod support;
 
 mod agent_lifecycle;
+mod apache_kind;
+mod caddy_kind;
 mod crash;
 mod deploy_file;
 mod drop;
 mod generations;
+mod haproxy_kind;
 mod harness;
 mod mail;
+mod mail_kinds;
 mod nginx;
 mod strace;
 mod verify;

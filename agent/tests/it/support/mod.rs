@@ -1,11 +1,18 @@
 //! Test support: a temp agent environment, the real binaries, a throw-away PKI,
-//! a real nginx and a TLS probe.
+//! the real servers of each kind and TLS probes.
 //!
 //! - [`TestEnv`]: a temp dir with `agent.toml` (per CONTRACT.md), `run/agent.sock`,
 //!   `state/`, `drop/` and `targets/`; [`TestEnv::spawn_agent`] runs the real
 //!   `certctl-agent`, [`TestEnv::ctl`] the real `certctl`.
 //! - [`pki`]: `Ca::root()`, `.intermediate()`, `.leaf(&[names]).issue()`, [`pki::issue_cert`].
 //! - [`nginx`]: `Nginx::start(prefix, server_name, cert, key)`, [`nginx::nginx_available`].
+//! - One module per other real server, each with `*_available()` and a
+//!   `start` that runs it in the foreground on free loopback ports:
+//!   [`apache`], [`haproxy`] (master CLI and runtime API sockets), [`caddy`]
+//!   (file or admin-API mode), [`postfix`], [`dovecot`] ([`mailtls`] probes
+//!   them through STARTTLS).
+//! - [`kinds`]: what every kind test does: `deploy`, `assert_verified`,
+//!   `assert_validate_failed`, `verify_table`.
 //! - [`tls`]: `served_leaf_sha256(port, sni)`, `served_chain`, `wait_until_served`.
 //! - [`drop`]: hand files over through the drop directory, wait for the agent,
 //!   read its drop events, reason files and memory peak.
@@ -16,11 +23,15 @@
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
+pub mod apache;
 pub mod assert;
+pub mod caddy;
 pub mod dovecot;
 pub mod drop;
 pub mod endpoints;
+pub mod haproxy;
 pub mod invariants;
+pub mod kinds;
 pub mod mailtls;
 pub mod nginx;
 pub mod pki;

@@ -1,0 +1,240 @@
+//! caddy's admin API: loading a certificate into the running server.
+//!
+//! The certificate (leaf and chain) and its key become one entry of the TLS
+//! app's `certificates.load_pem`, tagged and identified (`@id`) as
+//! `certctl-<target>`. A config change makes caddy provision its TLS app
+//! again, which also re-reads every `load_files` certificate, so a config
+//! that loads the target's files (`tls cert key` in a Caddyfile) serves the
+//! same certificate.
+//!
+//! The update is one of, in order: `PATCH /id/<id>` (the entry exists),
+//! `POST /config/apps/tls/certificates/load_pem/...` (append it), `PUT
+//! /config/apps/tls/certificates/load_pem` (the TLS app or its
+//! `certificates` do not exist yet: create them). Every request carries
+//! `Cache-Control: must-revalidate`, so caddy reloads even when the entry
+//! did not change (the same certificate pushed again after a missed reload).
+//!
+//! Guarantees: success means caddy answered 200 to the change, i.e. it
+//! loaded the new config; caddy keeps the old config when a change fails.
+//! The JSON body holding the key is built in a zeroizing buffer sized so it
+//! never reallocates.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use super::http::{self, Endpoint, HttpError, Response};
+
+/// Why caddy did not take the certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum CaddyError {
+    #[error(
+        "caddy admin API: {0}; check that caddy runs with this admin address (`admin` in the Caddyfile's global options, `admin.listen` in JSON)"
+    )]
+    Http(#[from] HttpError),
+    #[error("caddy admin API at {endpoint} refused `{request}` ({status}): {error}")]
+    Refused {
+        endpoint: String,
+        request: String,
+        status: u16,
+        error: String,
+    },
+}
+
+/// Parses an `admin_url`: `http://HOST:PORT`, `HOST:PORT` (caddy's own
+/// form) or `unix/PATH` (caddy's form for a Unix socket, e.g.
+/// `unix//run/caddy/admin.sock`). A relative socket path is taken from
+/// `base`. `Err` completes "admin_url ...".
+pub fn parse_admin_url(text: &str, base: &Path) -> Result<Endpoint, String> {
+    const FORMS: &str = "write \"http://127.0.0.1:2019\", \"localhost:2019\" or \
+                         \"unix//run/caddy/admin.sock\"";
+    if let Some(path) = text.strip_prefix("unix/") {
+        if path.is_empty() {
+            return Err(format!("{text:?} names no socket: {FORMS}"));
+        }
+        let path: PathBuf = base.join(path).components().collect();
+        return Ok(Endpoint::Unix(path));
+    }
+    if text.starts_with("https://") {
+        return Err(format!(
+            "{text:?} uses https: certctl talks plain HTTP to a loopback or Unix-socket admin \
+             endpoint; {FORMS}"
+        ));
+    }
+    let rest = text.strip_prefix("http://").unwrap_or(text);
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('/') || authority.contains('@') {
+        return Err(format!(
+            "{text:?} has a path: give the admin endpoint only; {FORMS}"
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, port) = v6
+            .split_once("]:")
+            .ok_or_else(|| format!("{text:?} has no port: {FORMS}"))?;
+        (format!("[{host}]"), port)
+    } else {
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} has no port: {FORMS}"))?;
+        (host.to_owned(), port)
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("{text:?} has no host: {FORMS}"));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{text:?} has an invalid port {port:?}: {FORMS}"))?;
+    Ok(Endpoint::Tcp { host, port })
+}
+
+#[derive(Serialize)]
+struct LoadPem<'a> {
+    #[serde(rename = "@id")]
+    id: &'a str,
+    certificate: &'a str,
+    key: &'a str,
+    tags: [&'a str; 1],
+}
+
+/// Loads `certificate` (leaf then chain, PEM) and `key` into caddy as the
+/// `load_pem` entry `id`. Returns a line for the stage message.
+pub async fn load_pem(
+    endpoint: &Endpoint,
+    id: &str,
+    certificate: &str,
+    key: &str,
+) -> Result<String, CaddyError> {
+    let entry = LoadPem {
+        id,
+        certificate,
+        key,
+        tags: [id],
+    };
+    // JSON escaping at most doubles a PEM (newlines become `\n`).
+    let cap = 2 * (certificate.len() + key.len()) + 4 * id.len() + 128;
+    let mut one = Zeroizing::new(Vec::with_capacity(cap));
+    let mut list = Zeroizing::new(Vec::with_capacity(cap + 2));
+    // Serializing plain strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *one, &entry);
+    let _ = serde_json::to_writer(&mut *list, &[&entry]);
+    let force = [("Cache-Control", "must-revalidate")];
+
+    let patch = format!("/id/{id}");
+    let r = http::request(endpoint, "PATCH", &patch, &force, &one).await?;
+    if r.status == 200 {
+        return Ok(format!(
+            "caddy admin API: certificate {id} replaced through {endpoint}"
+        ));
+    }
+    if r.status != 404 {
+        return Err(refused(endpoint, "PATCH", &patch, &r));
+    }
+    let append = "/config/apps/tls/certificates/load_pem/...";
+    let r = http::request(endpoint, "POST", append, &force, &list).await?;
+    if r.status == 200 {
+        return Ok(format!(
+            "caddy admin API: certificate {id} loaded through {endpoint}"
+        ));
+    }
+    if !r.body.contains("invalid traversal path") {
+        return Err(refused(endpoint, "POST", append, &r));
+    }
+    let create = "/config/apps/tls/certificates/load_pem";
+    let r = http::request(endpoint, "PUT", create, &force, &list).await?;
+    if r.status == 200 {
+        return Ok(format!(
+            "caddy admin API: TLS certificates created with {id} through {endpoint}"
+        ));
+    }
+    Err(refused(endpoint, "PUT", create, &r))
+}
+
+/// Removes the `load_pem` entry `id` (there is no certificate on disk to
+/// load, e.g. after rolling back a first deploy). An entry that does not
+/// exist is fine.
+pub async fn unload(endpoint: &Endpoint, id: &str) -> Result<String, CaddyError> {
+    let path = format!("/id/{id}");
+    let r = http::request(endpoint, "DELETE", &path, &[], b"").await?;
+    match r.status {
+        200 => Ok(format!(
+            "caddy admin API: no certificate on disk, entry {id} removed through {endpoint}"
+        )),
+        404 => Ok(format!(
+            "caddy admin API: no certificate on disk and no entry {id} at {endpoint}: nothing to load"
+        )),
+        _ => Err(refused(endpoint, "DELETE", &path, &r)),
+    }
+}
+
+fn refused(endpoint: &Endpoint, method: &str, path: &str, r: &Response) -> CaddyError {
+    // caddy answers `{"error": "..."}`.
+    let error = serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| r.body.trim().chars().take(500).collect());
+    CaddyError::Refused {
+        endpoint: endpoint.to_string(),
+        request: format!("{method} {path}"),
+        status: r.status,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_urls() {
+        let base = Path::new("/etc/certctl");
+        let tcp = |host: &str, port| Endpoint::Tcp {
+            host: host.to_owned(),
+            port,
+        };
+        for (text, want) in [
+            ("http://127.0.0.1:2019", tcp("127.0.0.1", 2019)),
+            ("http://localhost:2019/", tcp("localhost", 2019)),
+            ("localhost:2019", tcp("localhost", 2019)),
+            ("[::1]:2019", tcp("[::1]", 2019)),
+            (
+                "unix//run/caddy/admin.sock",
+                Endpoint::Unix(PathBuf::from("/run/caddy/admin.sock")),
+            ),
+            (
+                "unix/run/admin.sock",
+                Endpoint::Unix(PathBuf::from("/etc/certctl/run/admin.sock")),
+            ),
+        ] {
+            assert_eq!(parse_admin_url(text, base), Ok(want), "{text}");
+        }
+        for (text, why) in [
+            ("https://127.0.0.1:2019", "uses https"),
+            ("http://127.0.0.1:2019/config/", "has a path"),
+            ("http://127.0.0.1", "has no port"),
+            ("127.0.0.1:0", "invalid port"),
+            (":2019", "has no host"),
+            ("unix/", "names no socket"),
+        ] {
+            let err = parse_admin_url(text, base).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_entry_is_tagged_and_identified() {
+        let entry = LoadPem {
+            id: "certctl-web",
+            certificate: "C\n",
+            key: "K\n",
+            tags: ["certctl-web"],
+        };
+        assert_eq!(
+            serde_json::to_string(&entry).unwrap(),
+            r#"{"@id":"certctl-web","certificate":"C\n","key":"K\n","tags":["certctl-web"]}"#
+        );
+    }
+}
