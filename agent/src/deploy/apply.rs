@@ -29,6 +29,7 @@ use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
 use crate::config::{Target, VerifyConfig};
 use crate::lock::{LockError, Locks, TargetGuard};
+use crate::metrics::{Metrics, StageTimer};
 
 /// One deploy as asked for by a client.
 pub struct Request {
@@ -67,6 +68,8 @@ pub struct Engine {
     /// wait for the lock fires it, so the holder's verification waits end
     /// early instead of holding the newer deploy up.
     hurry: Mutex<HashMap<String, CancellationToken>>,
+    /// Counters and stage timings of every deploy and rollback.
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -80,7 +83,14 @@ impl Engine {
             served: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             hurry: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// The agent's metrics (also for callers outside deploys, such as the
+    /// drop directory watcher: [`Metrics::drop_outcome`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The agent is stopping: pending verification waits end now (each
@@ -161,7 +171,10 @@ impl Engine {
             if !req.dry_run {
                 run.look_at_disk(&req.target).await;
             }
-            run.finish(outcome, error, req.dry_run)
+            let report = run.finish(outcome, error, req.dry_run);
+            self.metrics
+                .deploy_finished(&req.target.name, report.outcome);
+            report
         }
         .instrument(span)
         .await
@@ -204,6 +217,8 @@ pub(super) struct Run<'e> {
     served: Option<ServedCheck>,
     /// Leaf on `cert_path` when the run ended.
     disk_sha256: String,
+    /// Stage durations for the metrics.
+    timer: StageTimer,
 }
 
 /// Files renamed into place, with what to put back.
@@ -232,6 +247,7 @@ impl<'e> Run<'e> {
             verification: Verification::Unverified,
             served: None,
             disk_sha256: String::new(),
+            timer: StageTimer::new(),
         }
     }
 
@@ -252,10 +268,14 @@ impl<'e> Run<'e> {
     pub(super) fn stage(&self, stage: Stage, message: impl Into<String>) {
         let message = message.into();
         info!(stage = stage.as_str(), "{message}");
+        self.engine.metrics.stage_event(stage, &self.timer);
         self.emit(stage, message, Vec::new(), None);
     }
 
     fn attempt(&self, a: &Attempt) {
+        self.engine
+            .metrics
+            .verify_attempt(&self.target, a.check.ok(), a.check.reason);
         let message = a.describe();
         if a.check.ok() {
             info!(stage = "verify", served = %a.check.served_sha256, "{message}");
@@ -277,10 +297,14 @@ impl<'e> Run<'e> {
         rollback: bool,
     ) -> Result<ServedCheck, ServedCheck> {
         let cancel = self.cancel.clone();
+        let started = Instant::now();
         let result = {
             let this = &*self;
             verify::until_served(v, expect, &cancel, rollback, |a| this.attempt(a)).await
         };
+        self.engine
+            .metrics
+            .verification_finished(started.elapsed(), &self.timer);
         let check = match &result {
             Ok(c) | Err(c) => c.clone(),
         };
@@ -733,8 +757,12 @@ impl<'e> Run<'e> {
             timeout: target.command_timeout,
             env,
         };
-        let out = command::run(&spec).await?;
-        Ok(out.duration)
+        let started = Instant::now();
+        let out = command::run(&spec).await;
+        self.engine
+            .metrics
+            .command_finished(purpose, started.elapsed());
+        Ok(out?.duration)
     }
 
     pub(super) async fn undo(&self, committed: Committed) -> Result<(), FsError> {
@@ -765,11 +793,19 @@ impl<'e> Run<'e> {
         } else {
             format!("{}: {error}", outcome.as_str())
         };
+        self.engine.metrics.run_finished(&self.timer);
+        let not_after = if not_after == 0 {
+            String::new()
+        } else {
+            bundle::rfc3339(not_after)
+        };
         match outcome {
             Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun | Outcome::Restored => {
-                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, verification = self.verification.as_str(), "{message}");
+                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, not_after = %not_after, verification = self.verification.as_str(), "{message}");
             }
-            _ => warn!(outcome = outcome.as_str(), "{message}"),
+            _ => {
+                warn!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, not_after = %not_after, "{message}")
+            }
         }
         if !dry_run {
             lock(&self.engine.last).insert(
