@@ -91,7 +91,7 @@ pub async fn run(
     })?;
     let engine = Engine::new(state_dir.join("locks"));
 
-    let (listener, socket_path, bound_here) = control_socket(&config, activated)?;
+    // The metrics port first: if it is taken, nothing else is left behind.
     let metrics_listener = match config.agent.metrics_listen {
         None => None,
         Some(addr) => Some(
@@ -104,6 +104,7 @@ pub async fn run(
                 })?,
         ),
     };
+    let (listener, socket_path, bound_here) = control_socket(&config, activated)?;
 
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let (down_tx, down_rx) = watch::channel(false);

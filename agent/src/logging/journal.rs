@@ -64,8 +64,7 @@ pub fn stderr_is_journal() -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    nix::sys::stat::fstat(std::io::stderr())
-        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 // === impl JournalLayer ===

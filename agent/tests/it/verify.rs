@@ -557,7 +557,11 @@ fn an_identical_deploy_still_proves_it_is_served_and_reloads_when_it_is_not() {
     let a = pki::issue_cert(&[SNI]);
     let site = start_site(&env, &a);
     env.nginx_target(TARGET, &site.nginx, SNI, None);
-    with_verify(&mut env, TARGET, &verify_table(&site.nginx.endpoint(), SNI, 5));
+    with_verify(
+        &mut env,
+        TARGET,
+        &verify_table(&site.nginx.endpoint(), SNI, 5),
+    );
     let _agent = env.spawn_agent();
 
     // Already on disk and served: unchanged, and verified.
