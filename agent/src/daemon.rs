@@ -144,6 +144,7 @@ pub async fn run(
         ));
     }
     let mut events = shared.engine.subscribe();
+    let mut events_open = true;
     let mut board = StatusBoard::new();
 
     // === start-up done ===
@@ -178,11 +179,12 @@ pub async fn run(
             () = tick(&mut refresh) => {
                 notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
             }
-            ev = events.recv() => {
+            ev = events.recv(), if events_open => {
                 match ev {
                     Ok(ev) => board.observe(&ev),
+                    // Missed events: the next ones correct the line.
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {}
+                    Err(broadcast::error::RecvError::Closed) => events_open = false,
                 }
                 notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
             }
