@@ -195,7 +195,7 @@ fn the_package_runs_hardened_under_real_systemd() {
     ));
     assert_eq!(
         served_sha256(&m),
-        first_sha(&first),
+        leaf_sha256(&first),
         "nginx serves the first certificate"
     );
 
@@ -280,7 +280,7 @@ fn the_package_runs_hardened_under_real_systemd() {
     assert!(out.stdout.contains("verified"), "{}", out.stdout);
     assert_eq!(
         served_sha256(&m),
-        first_sha(&second),
+        leaf_sha256(&second),
         "nginx serves the deployed certificate"
     );
     let out = m.sh("setpriv --reuid=bob --regid=bob --init-groups certctl status");
@@ -307,7 +307,7 @@ fn the_package_runs_hardened_under_real_systemd() {
         .iter()
         .find(|e| field(e, "TARGET") == "web" && field(e, "OUTCOME") == "deployed")
         .unwrap_or_else(|| panic!("no OUTCOME=deployed entry for TARGET=web in:\n{journal}"));
-    assert_eq!(field(done, "CERT_SHA256"), first_sha(&second), "{done}");
+    assert_eq!(field(done, "CERT_SHA256"), leaf_sha256(&second), "{done}");
     assert_eq!(field(done, "DEPLOY_ID"), field(committed, "DEPLOY_ID"));
     assert!(field(done, "NOT_AFTER").ends_with('Z'), "{done}");
     assert_eq!(field(done, "SYSLOG_IDENTIFIER"), "certctl-agent");
@@ -360,7 +360,7 @@ fn the_package_runs_hardened_under_real_systemd() {
     m.ok("dpkg -i /root/certctl.deb");
     m.ok("systemctl is-active certctl-agent.socket certctl-agent.service");
     m.until_ok("the agent serves after an upgrade", WAIT, "certctl status");
-    assert_eq!(served_sha256(&m), first_sha(&second));
+    assert_eq!(served_sha256(&m), leaf_sha256(&second));
     m.ok("dpkg --remove certctl");
     assert_ne!(
         m.sh("systemctl is-active certctl-agent.service")
@@ -373,7 +373,7 @@ fn the_package_runs_hardened_under_real_systemd() {
     m.ok("test ! -e /var/lib/certctl && test ! -e /etc/certctl/agent.toml && getent group certctl");
     assert_eq!(
         served_sha256(&m),
-        first_sha(&second),
+        leaf_sha256(&second),
         "targets are the operator's, untouched"
     );
 
@@ -385,6 +385,6 @@ fn the_package_runs_hardened_under_real_systemd() {
 }
 
 /// SHA-256 of a test leaf's DER, lowercase hex.
-fn first_sha(leaf: &pki::Leaf) -> String {
+fn leaf_sha256(leaf: &pki::Leaf) -> String {
     pki::sha256_hex(&leaf.der)
 }
