@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: installs the real servers the
-# integration tests drive (when root and missing), then tests, lints and
-# format check. Usage: scripts/test.sh
+# The whole test suite, as CI runs it: installs the real servers and the
+# systemd tools the integration tests drive (when root and missing), builds
+# the Debian package the systemd-nspawn test installs (as root), then
+# tests, lints and format check. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,11 @@ command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need+=(apache2)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
+# systemd: systemd-analyze (unit checks) and systemd-socket-activate;
+# systemd-container and debootstrap: the end-to-end test of the package.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "==> installing ${need[*]}"
@@ -37,6 +43,16 @@ EOF
     fi
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
+
+if [ "$(id -u)" -eq 0 ] && [ -z "${CERTCTL_TEST_DEB:-}" ]; then
+    # The package the systemd-nspawn test installs: a release build with
+    # the watchdog failpoint compiled in (installs cargo-deb when missing).
+    echo "==> packaging/build-deb.sh --features failpoints (for the end-to-end test)"
+    deb=$(packaging/build-deb.sh --features failpoints \
+        --output "${CARGO_TARGET_DIR:-target}/debian/e2e")
+    CERTCTL_TEST_DEB=$(realpath "$deb")
+    export CERTCTL_TEST_DEB
+fi
 
 echo "==> cargo test"
 cargo test --workspace --locked

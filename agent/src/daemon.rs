@@ -1,18 +1,34 @@
-//! The agent's life: start-up, serving, configuration reloads, shutdown.
+//! The agent's life: start-up, serving, configuration reloads, shutdown, and
+//! what systemd is told about each.
 //!
-//! Start-up creates the state directory, binds the control socket and only
-//! then serves. `SIGHUP` re-reads the configuration: a bad new one is logged
-//! and the old one stays in force. The drift watch ([`crate::drift`]) runs
-//! beside the server. `SIGTERM`/`SIGINT` stop accepting calls, cut pending
+//! Start-up creates the state directory, takes the control socket (the one
+//! systemd passed by socket activation, else a socket bound here), binds the
+//! optional metrics endpoint, and only then reports `READY=1` and serves:
+//! every start-up step goes before [`run`]'s "start-up done" line, so a
+//! client that systemd queued on the activated socket is answered by an
+//! agent that is fully up.
+//!
+//! The main loop (the future `run` returns, driven by the thread that called
+//! `block_on`) accepts connections, applies `SIGHUP` reloads between
+//! `RELOADING=1` and `READY=1`, keeps `STATUS=` current from engine events,
+//! and sends `WATCHDOG=1` at half the watchdog interval after a round trip
+//! through the task scheduler: if the main loop or the scheduler hangs, the
+//! pings stop and systemd restarts the agent.
+//!
+//! `SIGTERM`/`SIGINT` send `STOPPING=1`, stop accepting calls, cut pending
 //! verification waits short, end watch streams, wait for running deploys to
-//! finish (a deploy is never abandoned between stages) and remove the socket.
+//! finish (a deploy is never abandoned between stages) and remove the socket
+//! if the agent bound it (an activated socket belongs to systemd).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use certctl_proto::agent::v1::agent_server::AgentServer;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
@@ -23,6 +39,10 @@ use crate::deploy::Engine;
 use crate::deploy::atomic;
 use crate::drop;
 use crate::journal::Journal;
+use crate::systemd::{ActivatedSocket, Notifier, StatusBoard};
+
+/// How often `STATUS=` is refreshed while idle (its "3m ago" ages).
+const STATUS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +59,18 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    #[error(
+        "cannot listen on agent.metrics_listen {addr}: {source}; choose a free port in {config} \
+         or stop what listens there"
+    )]
+    Metrics {
+        addr: SocketAddr,
+        config: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the control socket systemd passed: {0}")]
+    Activated(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the control socket failed: {0}")]
@@ -48,9 +80,18 @@ pub enum DaemonError {
 }
 
 /// Runs the agent with `config` (loaded from `config_path`) until a
-/// termination signal.
-pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
+/// termination signal. `activated` is the control socket systemd passed,
+/// if any ([`crate::systemd::take_activated_socket`]).
+pub async fn run(
+    config: Config,
+    config_path: &Path,
+    activated: Option<ActivatedSocket>,
+) -> Result<(), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env());
     let config = Arc::new(config);
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     let state_dir = config.agent.state_dir.clone();
     atomic::create_private_dir(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
@@ -70,14 +111,20 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     // A drop directory the agent cannot use stops it before the socket exists.
     let drops = drop::prepare(&config)?;
 
-    let socket_path = config.agent.socket.clone();
-    let groups: Vec<_> = config
-        .agent
-        .deploy_groups
-        .iter()
-        .chain(&config.agent.read_groups)
-        .collect();
-    let listener = socket::bind(&socket_path, &groups)?;
+    // The metrics port first: if it is taken, nothing else is left behind.
+    let metrics_listener = match config.agent.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics {
+                    addr,
+                    config: config.path.clone(),
+                    source,
+                })?,
+        ),
+    };
+    let (listener, socket_path, bound_here) = control_socket(&config, activated)?;
 
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let (down_tx, down_rx) = watch::channel(false);
@@ -95,30 +142,36 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
-    let reloader = {
-        let shared = shared.clone();
-        let path = config_path.to_owned();
-        async move {
-            loop {
-                hup.recv().await;
-                reload(&shared, &path);
-            }
-        }
-    };
     let stop = {
         let shared = shared.clone();
+        let notifier = notifier.clone();
         async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM: shutting down"),
                 _ = int.recv() => info!("SIGINT: shutting down"),
             }
+            notifier.stopping("stopping: finishing running deploys");
             shared.close();
             shared.engine.shut_down();
             let _ = down_tx.send(true);
         }
     };
     tokio::spawn(crate::drift::run(shared.clone(), shared.shutdown_signal()));
+    if let Some(l) = metrics_listener {
+        info!(listen = %config.agent.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint: GET /metrics");
+        tokio::spawn(crate::metrics::http::serve(
+            l,
+            shared.clone(),
+            shared.shutdown_signal(),
+        ));
+    }
+    let mut events = shared.engine.subscribe();
+    let mut events_open = true;
+    let mut board = StatusBoard::new();
 
+    // === start-up done ===
+    // Every step that must finish before clients are served goes above this
+    // line: the control socket is listening, and READY=1 says so.
     info!(
         socket = %socket_path.display(),
         config = %config_path.display(),
@@ -126,27 +179,119 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         version = env!("CARGO_PKG_VERSION"),
         "ready"
     );
+    notifier.ready(&board.line(config.targets.len(), SystemTime::now()));
+
     let server = tonic::transport::Server::builder()
         .add_service(AgentServer::new(Service::new(shared.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
-    let served = tokio::select! {
-        r = server => r,
-        () = reloader => Ok(()),
+    let mut server = pin!(server);
+    let mut watchdog = notifier.watchdog_period().map(tokio::time::interval);
+    let mut refresh = notifier
+        .enabled()
+        .then(|| tokio::time::interval(STATUS_REFRESH));
+    let served = loop {
+        tokio::select! {
+            r = &mut server => break r,
+            _ = hup.recv() => {
+                notifier.reloading();
+                reload(&shared, config_path);
+                notifier.ready(&board.line(shared.config().targets.len(), SystemTime::now()));
+            }
+            () = tick(&mut watchdog) => watchdog_ping(&notifier).await,
+            () = tick(&mut refresh) => {
+                notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
+            }
+            ev = events.recv(), if events_open => {
+                match ev {
+                    Ok(ev) => board.observe(&ev),
+                    // Missed events: the next ones correct the line.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => events_open = false,
+                }
+                notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
+            }
+        }
     };
     shared.close();
-    socket::remove(&socket_path);
+    if bound_here {
+        socket::remove(&socket_path);
+    }
     served.map_err(DaemonError::Serve)?;
 
     // Every deploy holds a drain sender: recv() returns None when the last
-    // one finished.
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain_rx.recv())
-        .await
-        .is_err()
-    {
-        error!("deploys still running after {DRAIN_TIMEOUT:?}; exiting anyway");
+    // one finished. The watchdog keeps being fed meanwhile.
+    let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
+    let mut deadline = pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = drain_rx.recv() => break,
+            () = &mut deadline => {
+                error!("deploys still running after {DRAIN_TIMEOUT:?}; exiting anyway");
+                break;
+            }
+            () = tick(&mut watchdog) => watchdog_ping(&notifier).await,
+        }
     }
     info!("stopped");
     Ok(())
+}
+
+/// The control socket: systemd's when activated, else bound at
+/// `agent.socket`. Returns the listener, its path and whether the agent
+/// bound it (and so removes it at exit).
+fn control_socket(
+    config: &Config,
+    activated: Option<ActivatedSocket>,
+) -> Result<(tokio::net::UnixListener, PathBuf, bool), DaemonError> {
+    let configured = &config.agent.socket;
+    let Some(a) = activated else {
+        let groups: Vec<_> = config
+            .agent
+            .deploy_groups
+            .iter()
+            .chain(&config.agent.read_groups)
+            .collect();
+        return Ok((socket::bind(configured, &groups)?, configured.clone(), true));
+    };
+    let path = a.path.clone().unwrap_or_else(|| configured.clone());
+    if a.path.as_deref() != Some(configured.as_path()) {
+        warn!(
+            activated = %a.path.as_deref().map_or_else(|| "(unnamed)".to_owned(), |p| p.display().to_string()),
+            configured = %configured.display(),
+            "socket activation: systemd's socket is used; agent.socket in {} names another path, \
+             so certctl needs --socket (or CERTCTL_SOCKET) unless the two agree",
+            config.path.display()
+        );
+    } else {
+        info!(socket = %path.display(), "socket activation: using the socket systemd passed");
+    }
+    a.listener
+        .set_nonblocking(true)
+        .map_err(DaemonError::Activated)?;
+    let listener =
+        tokio::net::UnixListener::from_std(a.listener).map_err(DaemonError::Activated)?;
+    Ok((listener, path, false))
+}
+
+/// Completes at the next tick of `interval`, never when there is none.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One watchdog ping, sent only after a spawned task ran: a scheduler that
+/// no longer runs tasks stops the pings as surely as a hung main loop.
+async fn watchdog_ping(notifier: &Notifier) {
+    crate::systemd::hang_main_loop_if_asked();
+    let period = notifier.watchdog_period().unwrap_or(Duration::from_secs(1));
+    match tokio::time::timeout(period, tokio::spawn(async {})).await {
+        Ok(Ok(())) => notifier.watchdog(),
+        _ => warn!("watchdog: a spawned task did not run within {period:?}; not pinging systemd"),
+    }
 }
 
 fn reload(shared: &Shared, path: &Path) {
@@ -172,10 +317,20 @@ fn reload(shared: &Shared, path: &Path) {
                     );
                 }
             }
+            if new.agent.metrics_listen != shared.config().agent.metrics_listen {
+                warn!(
+                    "agent.metrics_listen changed: the new address takes effect at the next restart"
+                );
+            }
+            for w in new.warnings() {
+                warn!("{w}");
+            }
             info!(targets = new.targets.len(), "configuration reloaded");
+            shared.engine.metrics().config_reload(true);
             shared.replace_config(Arc::new(new));
         }
         Err(e) => {
+            shared.engine.metrics().config_reload(false);
             error!("configuration reload rejected, the previous configuration stays in force: {e}")
         }
     }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bundle;
 pub mod check;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod daemon;
@@ -23,5 +24,7 @@ pub mod journal;
 pub mod kind;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod reload;
+pub mod systemd;
 pub mod verify;

@@ -1,38 +1,13 @@
 //! `certctl-agent`: parse arguments, set up logging, run, map errors to exit
 //! codes. Everything else lives in the `certctl_agent` library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use certctl_agent::cli::{Cli, Command};
+use clap::Parser;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
-
-#[derive(Parser)]
-#[command(
-    name = "certctl-agent",
-    version,
-    about = "Deploys certificates to local servers atomically, reloads and verifies them"
-)]
-struct Cli {
-    /// Configuration file.
-    #[arg(
-        long,
-        global = true,
-        default_value = "/etc/certctl/agent.toml",
-        env = "CERTCTL_CONFIG"
-    )]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Parse and validate the configuration, print the targets, exit 0 or 64.
-    CheckConfig,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,6 +31,15 @@ fn main() -> ExitCode {
         }
         None => {
             certctl_agent::logging::init();
+            // Before the runtime starts threads: taking the socket edits the
+            // environment (LISTEN_FDS/LISTEN_PID are not passed on).
+            let activated = match certctl_agent::systemd::take_activated_socket() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -63,7 +47,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(certctl_agent::daemon::run(config, &cli.config)) {
+            match runtime.block_on(certctl_agent::daemon::run(config, &cli.config, activated)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

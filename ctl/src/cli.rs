@@ -99,4 +99,8 @@ pub struct DeployArgs {
 pub struct StatusArgs {
     /// Only this target.
     pub target: Option<String>,
+    /// Print the agent's Prometheus metrics (text exposition format) instead:
+    /// the same text as its metrics_listen endpoint, over the control socket.
+    #[arg(long, conflicts_with_all = ["target", "json"])]
+    pub prometheus: bool,
 }

@@ -1,4 +1,5 @@
-//! `certctl status`, `certctl targets` and `certctl watch`: read-only views.
+//! `certctl status` (also `--prometheus`), `certctl targets` and
+//! `certctl watch`: read-only views.
 
 use certctl_proto::agent::v1 as pb;
 use serde_json::json;
@@ -14,6 +15,15 @@ use crate::output::{
 
 pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
     let mut client = client::connect(&cli.socket).await?;
+    if args.prometheus {
+        let text = client
+            .metrics(pb::MetricsRequest {})
+            .await?
+            .into_inner()
+            .text;
+        print!("{text}");
+        return Ok(exit::OK);
+    }
     let resp = client
         .status(pb::StatusRequest {
             target: args.target.clone().unwrap_or_default(),

@@ -424,6 +424,15 @@ impl Agent for Service {
         Ok(Response::new(pb::TargetsResponse { targets }))
     }
 
+    async fn metrics(
+        &self,
+        request: Request<pb::MetricsRequest>,
+    ) -> Result<Response<pb::MetricsResponse>, Status> {
+        let (config, _) = self.shared.authorize(&request, Access::Read)?;
+        let text = crate::metrics::exposition(self.shared.engine.metrics(), &config).await;
+        Ok(Response::new(pb::MetricsResponse { text }))
+    }
+
     async fn watch(
         &self,
         request: Request<pb::WatchRequest>,

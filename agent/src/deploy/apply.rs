@@ -32,6 +32,7 @@ use crate::config::{Layout, Target, VerifyConfig};
 use crate::failpoint;
 use crate::journal::{self, FileRecord, Journal};
 use crate::lock::{LockError, Locks, TargetGuard};
+use crate::metrics::{Metrics, StageTimer};
 
 /// One deploy as asked for by a client.
 pub struct Request {
@@ -72,6 +73,8 @@ pub struct Engine {
     hurry: Mutex<HashMap<String, CancellationToken>>,
     /// Every run is recorded here before it touches a file.
     pub(super) journal: Arc<Journal>,
+    /// Counters and stage timings of every deploy and rollback.
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -87,12 +90,19 @@ impl Engine {
             shutdown: CancellationToken::new(),
             hurry: Mutex::new(HashMap::new()),
             journal,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
     /// The deploy journal (history, recovery).
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The agent's metrics (also for callers outside deploys, such as the
+    /// drop directory watcher: [`Metrics::drop_outcome`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The agent is stopping: pending verification waits end now (each
@@ -185,7 +195,10 @@ impl Engine {
             if !req.dry_run {
                 run.look_at_disk(&req.target).await;
             }
-            run.finish(outcome, error, req.dry_run)
+            let report = run.finish(outcome, error, req.dry_run);
+            self.metrics
+                .deploy_finished(&req.target.name, report.outcome);
+            report
         }
         .instrument(span)
         .await
@@ -236,6 +249,8 @@ pub(super) struct Run<'e> {
     pub(super) begun: bool,
     /// Recovery is finishing this run after a restart.
     pub(super) recovered: bool,
+    /// Stage durations for the metrics.
+    timer: StageTimer,
 }
 
 /// Files renamed into place, with what to put back.
@@ -266,6 +281,7 @@ impl<'e> Run<'e> {
             verification: Verification::Unverified,
             served: None,
             disk_sha256: String::new(),
+            timer: StageTimer::new(),
             origin: String::new(),
             op: "deploy",
             begun: false,
@@ -335,10 +351,14 @@ impl<'e> Run<'e> {
         let message = message.into();
         info!(stage = stage.as_str(), "{message}");
         self.journal_stage(stage.as_str(), &message);
+        self.engine.metrics.stage_event(stage, &self.timer);
         self.emit(stage, message, Vec::new(), None);
     }
 
     fn attempt(&self, a: &Attempt) {
+        self.engine
+            .metrics
+            .verify_attempt(&self.target, a.check.ok(), a.check.reason);
         let message = a.describe();
         if a.check.ok() {
             info!(stage = "verify", served = %a.check.served_sha256, "{message}");
@@ -363,10 +383,14 @@ impl<'e> Run<'e> {
         rollback: bool,
     ) -> Result<ServedCheck, ServedCheck> {
         let cancel = self.cancel.clone();
+        let started = Instant::now();
         let result = {
             let this = &*self;
             verify::until_served(v, expect, &cancel, rollback, |a| this.attempt(a)).await
         };
+        self.engine
+            .metrics
+            .verification_finished(started.elapsed(), &self.timer);
         let check = match &result {
             Ok(c) | Err(c) => c.clone(),
         };
@@ -930,8 +954,12 @@ impl<'e> Run<'e> {
             timeout: target.command_timeout,
             env,
         };
-        let out = command::run(&spec).await?;
-        Ok(out.duration)
+        let started = Instant::now();
+        let out = command::run(&spec).await;
+        self.engine
+            .metrics
+            .command_finished(purpose, started.elapsed());
+        Ok(out?.duration)
     }
 
     /// Stage 8's action: the target's reload hook, else its reload
@@ -989,11 +1017,19 @@ impl<'e> Run<'e> {
         } else {
             format!("{}: {error}", outcome.as_str())
         };
+        self.engine.metrics.run_finished(&self.timer);
+        let not_after = if not_after == 0 {
+            String::new()
+        } else {
+            bundle::rfc3339(not_after)
+        };
         match outcome {
             Outcome::Deployed | Outcome::Unchanged | Outcome::DryRun | Outcome::Restored => {
-                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, verification = self.verification.as_str(), "{message}");
+                info!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, not_after = %not_after, verification = self.verification.as_str(), "{message}");
             }
-            _ => warn!(outcome = outcome.as_str(), "{message}"),
+            _ => {
+                warn!(outcome = outcome.as_str(), cert_sha256 = %cert_sha256, not_after = %not_after, "{message}")
+            }
         }
         if !dry_run {
             self.journal_finish(outcome, &error, &report);

@@ -57,7 +57,10 @@ impl Engine {
                 Err(failure) => (failure.outcome, failure.message),
             };
             run.look_at_disk(&req.target).await;
-            run.finish(outcome, error, false)
+            let report = run.finish(outcome, error, false);
+            self.metrics()
+                .rollback_finished(&req.target.name, report.outcome);
+            report
         }
         .instrument(span)
         .await

@@ -186,6 +186,10 @@ impl Ledger {
 /// of each target (or one log line and event without a target).
 pub fn record(engine: &Engine, ledger: &Ledger, info: &Info, message: &str) {
     let at = SystemTime::now();
+    // Once per drop event (not per target); waiting is not an outcome.
+    if info.outcome != DropOutcome::Waiting {
+        engine.metrics().drop_outcome(info.outcome.as_str());
+    }
     let targets: Vec<&str> = if info.targets.is_empty() {
         vec![""]
     } else {

@@ -19,6 +19,10 @@
 //! - [`process`]: [`process::ChildGuard`], which every spawned process lives in:
 //!   it is stopped by PID and reaped on drop, also when the test panics.
 //! - [`strace`]: the agent under `strace -f`, and a parser for the trace.
+//! - [`notify`]: [`notify::NotifySocket`], a stand-in for systemd's
+//!   `NOTIFY_SOCKET` that records `READY=1`, `STATUS=`, `WATCHDOG=1`, ...
+//! - [`nspawn`]: a Debian root booted with `systemd-nspawn` (cached
+//!   `debootstrap`), and a command channel into it (`nsenter`).
 //!
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
@@ -34,6 +38,8 @@ pub mod invariants;
 pub mod kinds;
 pub mod mailtls;
 pub mod nginx;
+pub mod notify;
+pub mod nspawn;
 pub mod pki;
 pub mod postfix;
 pub mod process;
@@ -94,6 +100,16 @@ pub fn find_program(program: &str, fallbacks: &[&str]) -> Option<PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// TOML string literal for `s` (quoted and escaped).
@@ -334,10 +350,23 @@ impl TestEnv {
 
     /// Writes the config, starts `certctl-agent --config agent.toml` (RUST_LOG=debug) and waits until its socket accepts.
     pub fn spawn_agent(&self) -> AgentProc {
+        AgentProc::spawn(self.agent_command(), &self.socket(), &self.agent_log_path())
+    }
+
+    /// Writes the config and returns `certctl-agent --config agent.toml`
+    /// (RUST_LOG=debug) unstarted, for tests that add to its environment.
+    pub fn agent_command(&self) -> Command {
         let config = self.write_config();
         let mut cmd = Command::new(agent_bin());
-        cmd.arg("--config").arg(&config).env("RUST_LOG", "debug");
-        AgentProc::spawn(cmd, &self.socket(), &self.agent_log_path())
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .env_remove("CERTCTL_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .env_remove("JOURNAL_STREAM");
+        cmd
     }
 
     /// [`Self::spawn_agent`] with extra environment (e.g. a crash point).
@@ -420,7 +449,14 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// Spawns `cmd` (output to `log`) and waits until `socket` accepts; panics with the log if it exits or times out.
-    pub fn spawn(mut cmd: Command, socket: &Path, log: &Path) -> AgentProc {
+    pub fn spawn(cmd: Command, socket: &Path, log: &Path) -> AgentProc {
+        let mut agent = Self::start(cmd, log);
+        agent.wait_accepting(socket);
+        agent
+    }
+
+    /// Spawns `cmd` (output to `log`) without waiting for anything.
+    pub fn start(mut cmd: Command, log: &Path) -> AgentProc {
         // Appended, so a restarted agent in the same env keeps its predecessor's
         // log in the file; `log()` returns only this process's part.
         let mut file = std::fs::OpenOptions::new()
@@ -433,24 +469,28 @@ impl AgentProc {
         cmd.stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup agent log"))
             .stderr(file);
-        let mut child =
-            ChildGuard::spawn("certctl-agent", &mut cmd, Signal::SIGTERM, AGENT_STOP_GRACE)
-                .dump_log_on_panic(log);
+        let child = ChildGuard::spawn("certctl-agent", &mut cmd, Signal::SIGTERM, AGENT_STOP_GRACE)
+            .dump_log_on_panic(log);
+        AgentProc {
+            child,
+            log: log.to_owned(),
+            log_offset,
+        }
+    }
+
+    /// Waits until `socket` accepts; panics with the log if the agent exits or it times out.
+    pub fn wait_accepting(&mut self, socket: &Path) {
         let deadline = Instant::now() + AGENT_START_TIMEOUT;
         loop {
-            if let Some(status) = child.try_wait() {
+            if let Some(status) = self.child.try_wait() {
                 panic!(
                     "agent exited during startup ({status}); log {}:\n{}",
-                    log.display(),
-                    process::read_lossy(log)
+                    self.log.display(),
+                    process::read_lossy(&self.log)
                 );
             }
             if UnixStream::connect(socket).is_ok() {
-                return AgentProc {
-                    child,
-                    log: log.to_owned(),
-                    log_offset,
-                };
+                return;
             }
             if Instant::now() >= deadline {
                 // The guard prints the log while unwinding.
