@@ -142,7 +142,8 @@ pub struct Target {
     /// Effective reload argv; empty: no reload command.
     pub reload: Vec<String>,
     /// A reload that is not a command (haproxy's master CLI or runtime API,
-    /// caddy's admin API); when set, `reload` is empty.
+    /// caddy's admin API, traefik's dynamic configuration, envoy's SDS
+    /// file); when set, `reload` is empty.
     pub reload_hook: Option<ReloadHook>,
     /// Limit for each validate or reload command.
     pub command_timeout: Duration,
