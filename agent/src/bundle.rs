@@ -1022,7 +1022,7 @@ pub(crate) mod tests {
     // Keys made with OpenSSL 3.0 for these tests only (ring cannot generate RSA,
     // and writes neither SEC1 nor PKCS#8 v1). `*_PKCS8` is the same key as the
     // fixture above it, converted with `openssl pkey`, for rcgen to sign with.
-    const RSA_PKCS1: &str = "-----BEGIN RSA PRIVATE KEY-----
+    pub(crate) const RSA_PKCS1: &str = "-----BEGIN RSA PRIVATE KEY-----
 MIIEowIBAAKCAQEArXDNpyI9P+6GZSWuFMsbc7Z60VQjFhdIuCoz0PD3EY65IYFC
 O1Y59M7DeShu10Ql12FZs3ROFCtJBR42Adk+jmyzs2Ang9ctiwlnI9Lks7dAmifE
 YNmakXNwupUle2lBgY+UpzQK9CzcG+7k2xvnVKXOW97yfjRAku838wvOxchi5+3Z
@@ -1081,7 +1081,7 @@ L0Shn9W4j218AdsYmou6qX4=
 -----END PRIVATE KEY-----
 ";
     /// `openssl ecparam -genkey` output: an EC PARAMETERS block, then SEC1.
-    const P256_SEC1: &str = "-----BEGIN EC PARAMETERS-----
+    pub(crate) const P256_SEC1: &str = "-----BEGIN EC PARAMETERS-----
 BggqhkjOPQMBBw==
 -----END EC PARAMETERS-----
 -----BEGIN EC PRIVATE KEY-----
@@ -1090,20 +1090,20 @@ AwEHoUQDQgAEI+c3wTavfUgOvBxFAqlx/dBWEG0TObmfzy4hTiwwZ0aq6zvlrgTN
 bEAxfepuqgPeUmIExqgXF1B46ouFXTlbrg==
 -----END EC PRIVATE KEY-----
 ";
-    const P256_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const P256_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgy8TcfkhK659Z6qT+
 lBbDyB8fuUm5gYcLT6Fv7cwteR+hRANCAAQj5zfBNq99SA68HEUCqXH90FYQbRM5
 uZ/PLiFOLDBnRqrrO+WuBM1sQDF96m6qA95SYgTGqBcXUHjqi4VdOVuu
 -----END PRIVATE KEY-----
 ";
-    const P384_SEC1: &str = "-----BEGIN EC PRIVATE KEY-----
+    pub(crate) const P384_SEC1: &str = "-----BEGIN EC PRIVATE KEY-----
 MIGkAgEBBDB3yYzDC58uaTkPJ2QmQMRaHMi+u829Oy1kNHRDs90PD2WSpnCEtxaW
 8ngtmWtBy/SgBwYFK4EEACKhZANiAASB2PRNHFCuHKT8Vsl/ozAW7CEj7BGhlyWK
 Jpw6OAUc07gGy+Y4YEa+IDgBSU1T93USDGRNVy//+ZgWez1b2gSmm/ZU1zDL1s65
 uk/RR9lGRxkNuYxV0dfoj5DlpZvTKvs=
 -----END EC PRIVATE KEY-----
 ";
-    const P384_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const P384_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
 MIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDB3yYzDC58uaTkPJ2Qm
 QMRaHMi+u829Oy1kNHRDs90PD2WSpnCEtxaW8ngtmWtBy/ShZANiAASB2PRNHFCu
 HKT8Vsl/ozAW7CEj7BGhlyWKJpw6OAUc07gGy+Y4YEa+IDgBSU1T93USDGRNVy//
@@ -1218,6 +1218,26 @@ PLR1NGTitwEHbwA=
             key: key.serialize_pem(),
             leaf,
         }
+    }
+
+    /// A checked bundle of root → intermediate → leaf `a.test` whose key is
+    /// `key_pem` (any format), signed with the same key as `signer`: for
+    /// tests of code that lays a bundle out (keystores).
+    pub(crate) fn bundle_for_key(key_pem: &str, signer: &KeyPair) -> Bundle {
+        let root = ca("Test Root", None);
+        let inter = ca("Test Intermediate", Some(&root));
+        let leaf = leaf(signer, &inter);
+        check(&[
+            ("key", key_pem.as_bytes()),
+            ("leaf", leaf.as_bytes()),
+            ("chain", inter.pem.as_bytes()),
+        ])
+        .expect("fixture bundle")
+    }
+
+    /// The DER inside a PEM block.
+    pub(crate) fn pem_der(pem: &str) -> Vec<u8> {
+        pem_body_der(pem)
     }
 
     fn fp(pem: &str) -> String {

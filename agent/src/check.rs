@@ -34,7 +34,16 @@ pub fn describe(config: &Config) -> String {
             t.kind.as_str(),
             t.layout.as_str()
         );
-        if t.kind.defaults().combined_pem {
+        if let Some(ks) = &t.keystore {
+            let _ = writeln!(
+                out,
+                "    keystore  {} ({}, alias {}, password from {})",
+                t.cert_path.display(),
+                ks.store_type.as_str(),
+                ks.alias,
+                ks.password.describe()
+            );
+        } else if t.kind.defaults().combined_pem {
             let _ = writeln!(out, "    pem       {}", t.cert_path.display());
         } else {
             let _ = writeln!(out, "    cert      {}", t.cert_path.display());

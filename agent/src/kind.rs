@@ -38,10 +38,19 @@ pub enum Kind {
     /// Caddy: `caddy validate`, then `caddy reload --force`, or the
     /// certificate loaded through the admin API (`admin_url`).
     Caddy,
+    /// Traefik: the generations layout, and the file provider's dynamic
+    /// configuration (`dynamic_config`) rewritten after every switch.
+    Traefik,
+    /// Envoy: the generations layout, and an SDS resource file (`sds_path`)
+    /// whose secret watches the target's directory.
+    Envoy,
+    /// A Java keystore (`keystore_path`): PKCS#12 written in-process, or JKS
+    /// through `keytool`.
+    Keystore,
 }
 
 /// Kind names that the contract reserves but this version does not implement.
-pub const PLANNED: &[&str] = &["traefik", "envoy", "keystore"];
+pub const PLANNED: &[&str] = &[];
 
 /// The protocol spoken before the TLS handshake when verifying a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,6 +88,18 @@ pub struct KindDefaults {
     /// The certificate, the chain and the key go to one file (`pem_path`),
     /// which gets the key's mode.
     pub combined_pem: bool,
+    /// The layout when the target does not name one.
+    pub layout: DefaultLayout,
+}
+
+/// A kind's layout when the configuration says nothing (the names of
+/// `layout`: `"in-place"`, `"generations"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultLayout {
+    /// Each file replaced by its own rename.
+    InPlace,
+    /// The whole set switched by one rename of `..data`.
+    Generations,
 }
 
 const FILE_DEFAULTS: KindDefaults = KindDefaults {
@@ -91,6 +112,7 @@ const FILE_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::Tls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 const NGINX_DEFAULTS: KindDefaults = KindDefaults {
@@ -104,6 +126,7 @@ const NGINX_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::Tls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 /// `apachectl` is the upstream name (and a symlink on Debian); Debian and
@@ -123,6 +146,7 @@ const APACHE_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::Tls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 /// Where Debian, Ubuntu and RHEL keep haproxy's configuration.
@@ -139,6 +163,7 @@ const HAPROXY_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::Tls,
     combined_pem: true,
+    layout: DefaultLayout::InPlace,
 };
 
 const POSTFIX_DEFAULTS: KindDefaults = KindDefaults {
@@ -153,6 +178,7 @@ const POSTFIX_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::SmtpStarttls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 const DOVECOT_DEFAULTS: KindDefaults = KindDefaults {
@@ -166,6 +192,7 @@ const DOVECOT_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::ImapStarttls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 /// Where Debian's package keeps the Caddyfile.
@@ -201,6 +228,64 @@ const CADDY_DEFAULTS: KindDefaults = KindDefaults {
     fullchain_in_cert: true,
     verify_protocol: VerifyProtocol::Tls,
     combined_pem: false,
+    layout: DefaultLayout::InPlace,
+};
+
+const TRAEFIK_DEFAULTS: KindDefaults = KindDefaults {
+    // traefik has no command that checks a configuration.
+    validate: &[],
+    // The reload is the dynamic configuration rewritten (a hook).
+    reload: &[],
+    cert_mode: 0o644,
+    // traefik runs as root (its images, most hosts) or, with the systemd
+    // unit its documentation and most guides use, as traefik:traefik with
+    // CAP_NET_BIND_SERVICE: 0640 with group traefik serves both; where
+    // the group does not exist the key is root's alone.
+    key_mode: 0o640,
+    owners: &["root"],
+    groups: &["traefik"],
+    // certFile holds the leaf and the chain.
+    fullchain_in_cert: true,
+    verify_protocol: VerifyProtocol::Tls,
+    combined_pem: false,
+    // traefik reads cert and key separately when its configuration
+    // reloads: only one switch guarantees it a matching pair.
+    layout: DefaultLayout::Generations,
+};
+
+const ENVOY_DEFAULTS: KindDefaults = KindDefaults {
+    validate: &[],
+    reload: &[],
+    cert_mode: 0o644,
+    // The official images run envoy as user `envoy`; distribution
+    // packages as root.
+    key_mode: 0o640,
+    owners: &["root"],
+    groups: &["envoy"],
+    // certificate_chain holds the leaf and the chain.
+    fullchain_in_cert: true,
+    verify_protocol: VerifyProtocol::Tls,
+    combined_pem: false,
+    // envoy re-reads the pair when `..data` is renamed in the watched
+    // directory: the Kubernetes-style rotation it is built for.
+    layout: DefaultLayout::Generations,
+};
+
+const KEYSTORE_DEFAULTS: KindDefaults = KindDefaults {
+    validate: &[],
+    // Java services load their keystore at start: the operator names the
+    // restart (`reload = ["systemctl", "restart", "myservice"]`).
+    reload: &[],
+    cert_mode: 0o644,
+    // The keystore holds the key. 0640 so that `group = "<service group>"`
+    // is all a Java service running as its own user needs.
+    key_mode: 0o640,
+    owners: &["root"],
+    groups: &[],
+    fullchain_in_cert: true,
+    verify_protocol: VerifyProtocol::Tls,
+    combined_pem: false,
+    layout: DefaultLayout::InPlace,
 };
 
 // === impl Kind ===
@@ -215,6 +300,9 @@ impl Kind {
         Kind::Postfix,
         Kind::Dovecot,
         Kind::Caddy,
+        Kind::Traefik,
+        Kind::Envoy,
+        Kind::Keystore,
     ];
 
     /// The name used in the configuration file.
@@ -227,6 +315,9 @@ impl Kind {
             Kind::Postfix => "postfix",
             Kind::Dovecot => "dovecot",
             Kind::Caddy => "caddy",
+            Kind::Traefik => "traefik",
+            Kind::Envoy => "envoy",
+            Kind::Keystore => "keystore",
         }
     }
 
@@ -240,6 +331,20 @@ impl Kind {
             Kind::Postfix => POSTFIX_DEFAULTS,
             Kind::Dovecot => DOVECOT_DEFAULTS,
             Kind::Caddy => CADDY_DEFAULTS,
+            Kind::Traefik => TRAEFIK_DEFAULTS,
+            Kind::Envoy => ENVOY_DEFAULTS,
+            Kind::Keystore => KEYSTORE_DEFAULTS,
+        }
+    }
+
+    /// The key that names the one file of a kind that deploys a single
+    /// file (haproxy's combined PEM, a keystore) instead of `cert_path`,
+    /// `key_path` and `chain_path`.
+    pub fn single_file_key(&self) -> Option<&'static str> {
+        match self {
+            Kind::Haproxy => Some("pem_path"),
+            Kind::Keystore => Some("keystore_path"),
+            _ => None,
         }
     }
 
@@ -389,7 +494,8 @@ fn available() -> String {
 mod tests {
     use super::*;
 
-    const ALL: &str = "file, nginx, apache, haproxy, postfix, dovecot, caddy";
+    const ALL: &str =
+        "file, nginx, apache, haproxy, postfix, dovecot, caddy, traefik, envoy, keystore";
 
     #[test]
     fn names_round_trip() {
@@ -408,12 +514,10 @@ mod tests {
             assert!(Kind::ALL.iter().all(|k| k.as_str() != *name));
             assert!(matches!(Kind::parse(name), Err(KindError::NotAvailable(_))));
         }
-        assert_eq!(
-            Kind::parse("traefik").map_err(|e| e.to_string()),
-            Err(format!(
-                "kind \"traefik\" is not available in this version of certctl (available: {ALL})"
-            ))
-        );
+        // Every name the contract reserves is built now.
+        for name in ["traefik", "envoy", "keystore"] {
+            assert!(Kind::parse(name).is_ok(), "{name}");
+        }
     }
 
     #[test]
@@ -476,11 +580,30 @@ mod tests {
         assert_eq!(caddy.key_mode, 0o640);
         assert_eq!(caddy.groups, ["caddy"]);
 
+        for kind in [Kind::Traefik, Kind::Envoy] {
+            let d = kind.defaults();
+            assert!(d.validate.is_empty() && d.reload.is_empty(), "{kind}");
+            assert_eq!(d.layout, DefaultLayout::Generations, "{kind}");
+            assert_eq!(d.key_mode, 0o640, "{kind}");
+        }
+        assert_eq!(Kind::Traefik.defaults().groups, ["traefik"]);
+        assert_eq!(Kind::Envoy.defaults().groups, ["envoy"]);
+        let ks = Kind::Keystore.defaults();
+        assert!(ks.validate.is_empty() && ks.reload.is_empty());
+        assert_eq!((ks.key_mode, ks.layout), (0o640, DefaultLayout::InPlace));
+        assert!(ks.groups.is_empty());
+
         for kind in Kind::ALL {
             let d = kind.defaults();
             assert_eq!(d.key_mode & 0o007, 0, "{kind}: key mode has an other bit");
             assert!(d.fullchain_in_cert);
             assert_eq!(d.combined_pem, *kind == Kind::Haproxy, "{kind}");
+            let single = match kind {
+                Kind::Haproxy => Some("pem_path"),
+                Kind::Keystore => Some("keystore_path"),
+                _ => None,
+            };
+            assert_eq!(kind.single_file_key(), single, "{kind}");
         }
         assert_eq!(
             haproxy_validate(Path::new(HAPROXY_CONFIG)),
@@ -504,6 +627,9 @@ mod tests {
             (Kind::Apache, 443, Tls),
             (Kind::Haproxy, 443, Tls),
             (Kind::Caddy, 443, Tls),
+            (Kind::Traefik, 443, Tls),
+            (Kind::Envoy, 10443, Tls),
+            (Kind::Keystore, 8443, Tls),
             (Kind::File, 25, Tls),
         ];
         for (kind, port, want) in cases {

@@ -21,6 +21,7 @@ pub mod drift;
 pub mod drop;
 pub mod failpoint;
 pub mod journal;
+pub mod keystore;
 pub mod kind;
 pub mod lock;
 pub mod logging;

@@ -22,6 +22,9 @@ _certctl() {
             certctl,help)
                 cmd="certctl__subcmd__help"
                 ;;
+            certctl,history)
+                cmd="certctl__subcmd__history"
+                ;;
             certctl,rollback)
                 cmd="certctl__subcmd__rollback"
                 ;;
@@ -42,6 +45,9 @@ _certctl() {
                 ;;
             certctl__subcmd__help,help)
                 cmd="certctl__subcmd__help__subcmd__help"
+                ;;
+            certctl__subcmd__help,history)
+                cmd="certctl__subcmd__help__subcmd__history"
                 ;;
             certctl__subcmd__help,rollback)
                 cmd="certctl__subcmd__help__subcmd__rollback"
@@ -65,7 +71,7 @@ _certctl() {
 
     case "${cmd}" in
         certctl)
-            opts="-h -V --socket --json --help --version deploy status targets watch rollback verify help"
+            opts="-h -V --socket --json --help --version deploy status targets watch rollback history verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -113,7 +119,7 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__help)
-            opts="deploy status targets watch rollback verify help"
+            opts="deploy status targets watch rollback history verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -141,6 +147,20 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        certctl__subcmd__help__subcmd__history)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -217,6 +237,28 @@ _certctl() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        certctl__subcmd__history)
+            opts="-h --limit --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -337,8 +337,8 @@ impl Agent for Service {
         };
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
-            let path = t.cert_path.clone();
-            let disk = tokio::task::spawn_blocking(move || read_disk_cert(&path))
+            let target = t.clone();
+            let disk = tokio::task::spawn_blocking(move || read_disk_cert(&target))
                 .await
                 .unwrap_or_else(|e| DiskCert::state(format!("cannot read: {e}")));
             let served = self.shared.engine.served(&t.name);
@@ -488,8 +488,11 @@ impl DiskCert {
     }
 }
 
-fn read_disk_cert(path: &std::path::Path) -> DiskCert {
-    match std::fs::read(path) {
+fn read_disk_cert(target: &crate::config::Target) -> DiskCert {
+    if target.keystore.is_some() {
+        return keystore_disk_cert(target);
+    }
+    match std::fs::read(&target.cert_path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskCert::state("missing".to_owned()),
         Err(e) => DiskCert::state(format!("cannot read: {e}")),
         Ok(bytes) => match bundle::first_cert_in_pem(&bytes) {
@@ -506,6 +509,25 @@ fn read_disk_cert(path: &std::path::Path) -> DiskCert {
             Ok(None) => DiskCert::state("no certificate in the file".to_owned()),
             Err(e) => DiskCert::state(format!("unreadable: {e}")),
         },
+    }
+}
+
+/// A keystore target's leaf, read from the keystore: "missing", the leaf,
+/// or "keystore: <why it cannot be read>" (a changed password, say).
+fn keystore_disk_cert(target: &crate::config::Target) -> DiskCert {
+    match verify::on_disk(target) {
+        Ok(None) => DiskCert::state("missing".to_owned()),
+        Ok(Some(d)) => DiskCert {
+            sha256: d.leaf.sha256_hex(),
+            not_after: d.leaf.not_after,
+            subject: d.leaf.subject,
+            state: if d.leaf.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
+                "expired".to_owned()
+            } else {
+                "ok".to_owned()
+            },
+        },
+        Err(e) => DiskCert::state(format!("keystore: {e}")),
     }
 }
 

@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::keystore::KeystoreConfig;
 use crate::kind::Kind;
 pub use crate::kind::VerifyProtocol;
 use crate::reload::ReloadHook;
@@ -95,8 +96,7 @@ pub struct Ident {
 pub enum Layout {
     /// Each configured file is replaced by its own `rename`.
     InPlace,
-    /// One `rename` of `<dir>/..data` switches the whole set. Not available yet:
-    /// the configuration rejects it.
+    /// One `rename` of `<dir>/..data` switches the whole set.
     Generations,
 }
 
@@ -112,9 +112,9 @@ pub struct Target {
     /// How files are replaced.
     pub layout: Layout,
     /// Certificate file (leaf, plus the chain when `chain_path` is `None` and
-    /// the kind says `fullchain_in_cert`). Absolute. For a kind with
-    /// `combined_pem` (haproxy), the one file (`pem_path`) holding leaf,
-    /// chain and key, and then equal to `key_path`.
+    /// the kind says `fullchain_in_cert`). Absolute. For a kind that
+    /// deploys one file (haproxy's `pem_path`, a keystore's
+    /// `keystore_path`), that file, and then equal to `key_path`.
     pub cert_path: PathBuf,
     /// Private key file. Absolute.
     pub key_path: PathBuf,
@@ -142,7 +142,8 @@ pub struct Target {
     /// Effective reload argv; empty: no reload command.
     pub reload: Vec<String>,
     /// A reload that is not a command (haproxy's master CLI or runtime API,
-    /// caddy's admin API); when set, `reload` is empty.
+    /// caddy's admin API, traefik's dynamic configuration, envoy's SDS
+    /// file); when set, `reload` is empty.
     pub reload_hook: Option<ReloadHook>,
     /// Limit for each validate or reload command.
     pub command_timeout: Duration,
@@ -150,6 +151,9 @@ pub struct Target {
     pub backup_retention: u32,
     /// Post-deploy verification; `None`: results are "unverified".
     pub verify: Option<VerifyConfig>,
+    /// Kind `keystore`: format, alias and password of the one file
+    /// (`keystore_path`, which is `cert_path` and `key_path`).
+    pub keystore: Option<KeystoreConfig>,
 }
 
 /// `[target.verify]`, present only when an endpoint is configured.

@@ -37,7 +37,8 @@ pub(super) struct RawTarget {
     pub kind: String,
     pub drop: Option<String>,
     pub layout: Option<String>,
-    /// Required, except for kinds that name their files otherwise (haproxy).
+    /// Required, except for kinds that name their one file otherwise
+    /// (haproxy's `pem_path`, keystore's `keystore_path`).
     pub cert_path: Option<String>,
     pub key_path: Option<String>,
     pub chain_path: Option<String>,
@@ -68,6 +69,22 @@ pub(super) struct RawTarget {
     pub caddy_address: Option<String>,
     /// caddy (admin-API mode): load the certificate through this endpoint.
     pub admin_url: Option<String>,
+    /// traefik: the file provider's dynamic configuration certctl writes.
+    pub dynamic_config: Option<String>,
+    /// envoy: the SDS resource file certctl writes.
+    pub sds_path: Option<String>,
+    /// envoy: the secret's name in the SDS file (default: the target name).
+    pub secret_name: Option<String>,
+    /// keystore: the one keystore file.
+    pub keystore_path: Option<String>,
+    /// keystore: `pkcs12` (default) or `jks`.
+    pub keystore_type: Option<String>,
+    /// keystore: the entry's alias (default: the target name).
+    pub alias: Option<String>,
+    /// keystore: the file holding the keystore password.
+    pub password_file: Option<String>,
+    /// keystore: the systemd credential holding the keystore password.
+    pub password_credential: Option<String>,
 }
 
 impl RawTarget {
@@ -82,6 +99,18 @@ impl RawTarget {
             ("caddy_adapter", "caddy", self.caddy_adapter.is_some()),
             ("caddy_address", "caddy", self.caddy_address.is_some()),
             ("admin_url", "caddy", self.admin_url.is_some()),
+            ("dynamic_config", "traefik", self.dynamic_config.is_some()),
+            ("sds_path", "envoy", self.sds_path.is_some()),
+            ("secret_name", "envoy", self.secret_name.is_some()),
+            ("keystore_path", "keystore", self.keystore_path.is_some()),
+            ("keystore_type", "keystore", self.keystore_type.is_some()),
+            ("alias", "keystore", self.alias.is_some()),
+            ("password_file", "keystore", self.password_file.is_some()),
+            (
+                "password_credential",
+                "keystore",
+                self.password_credential.is_some(),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, kind, set)| set.then_some((key, kind)))

@@ -17,7 +17,7 @@ use super::error::{ConfigError, Problem};
 use super::host::Host;
 use super::raw::{RawAgent, RawConfig, RawMode, RawTarget, RawVerify};
 use super::{AgentConfig, Config, Group, Ident, Layout, Target, VerifyConfig, VerifyProtocol};
-use crate::kind::Kind;
+use crate::kind::{DefaultLayout, Kind};
 
 mod kinds;
 
@@ -46,8 +46,10 @@ pub(super) fn resolve(
         base,
         host,
         problems: Vec::new(),
+        state_dir: PathBuf::new(),
     };
     let agent = r.agent(raw.agent);
+    r.state_dir.clone_from(&agent.state_dir);
     let mut targets = Vec::with_capacity(raw.target.len());
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut files: HashMap<PathBuf, String> = HashMap::new();
@@ -69,15 +71,18 @@ pub(super) fn resolve(
             names.insert(raw_target.name.clone(), index);
         }
         let target = r.target(&label, raw_target);
-        // A combined PEM is one file in two roles, named by one key.
-        let combined = target.kind.defaults().combined_pem;
+        // A combined PEM or a keystore is one file in two roles, named by
+        // one key.
+        let single = target.kind.single_file_key();
+        let written = target.reload_hook.as_ref().and_then(|h| h.writes());
         for (role, file) in [
-            (
-                if combined { "pem_path" } else { "cert_path" },
-                Some(&target.cert_path),
-            ),
-            ("key_path", (!combined).then_some(&target.key_path)),
+            (single.unwrap_or("cert_path"), Some(&target.cert_path)),
+            ("key_path", single.is_none().then_some(&target.key_path)),
             ("chain_path", target.chain_path.as_ref()),
+            (
+                written.map_or("", |(key, _)| key),
+                written.map(|(_, path)| path),
+            ),
         ] {
             let Some(file) = file else { continue };
             let key = format!("{label}.{role}");
@@ -127,6 +132,8 @@ struct Resolver<'h> {
     base: PathBuf,
     host: &'h dyn Host,
     problems: Vec<Problem>,
+    /// `agent.state_dir`, resolved (scratch space of kinds that need it).
+    state_dir: PathBuf,
 }
 
 #[derive(Clone, Copy)]
@@ -265,7 +272,11 @@ impl Resolver<'_> {
         }
         let drop = raw.drop.clone().unwrap_or_else(|| raw.name.clone());
         let layout = match raw.layout.as_deref() {
-            None | Some("in-place") => Layout::InPlace,
+            None => match defaults.layout {
+                DefaultLayout::InPlace => Layout::InPlace,
+                DefaultLayout::Generations => Layout::Generations,
+            },
+            Some("in-place") => Layout::InPlace,
             Some("generations") => Layout::Generations,
             Some(other) => {
                 self.problem(
@@ -279,6 +290,7 @@ impl Resolver<'_> {
         self.foreign_kind_keys(label, kind, &raw);
         let (cert_path, key_path, chain_path) = self.target_files(label, kind, &raw);
         let commands = self.kind_commands(label, kind, &raw, &cert_path, &key_path);
+        let keystore = (kind == Kind::Keystore).then(|| self.keystore(label, &raw));
         if layout == Layout::Generations {
             let dir = cert_path.parent();
             let names: Vec<_> = [Some(&cert_path), Some(&key_path), chain_path.as_ref()]
@@ -365,6 +377,7 @@ impl Resolver<'_> {
             command_timeout,
             backup_retention,
             verify,
+            keystore,
         }
     }
 

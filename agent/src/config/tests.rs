@@ -306,6 +306,7 @@ fn contract_example_parses() {
                 require_chain_match: false,
                 ca_file: Some(dir.join("ca.pem")),
             }),
+            keystore: None,
         }]
     );
     assert!(config.target("web").is_some() && config.target("nope").is_none());
@@ -486,14 +487,14 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         ),
         // Kinds and layouts.
         (
-            "unavailable kind",
+            "traefik without its dynamic configuration",
             web("").replace("nginx", "traefik"),
-            "target \"web\" (target[0]).kind: kind \"traefik\" is not available in this version of certctl (available: file, nginx, apache, haproxy, postfix, dovecot, caddy)",
+            "target \"web\" (target[0]): missing required key \"dynamic_config\" (kind traefik writes the file provider's dynamic configuration there)",
         ),
         (
             "unknown kind",
             web("").replace("nginx", "foo"),
-            "kind: unknown kind \"foo\" (available: file, nginx, apache, haproxy, postfix, dovecot, caddy)",
+            "kind: unknown kind \"foo\" (available: file, nginx, apache, haproxy, postfix, dovecot, caddy, traefik, envoy, keystore)",
         ),
         (
             "generations layout across directories",

@@ -31,6 +31,7 @@ use crate::command;
 use crate::config::{Layout, Target, VerifyConfig};
 use crate::failpoint;
 use crate::journal::{self, FileRecord, Journal};
+use crate::keystore::{KeystoreConfig, StoreType};
 use crate::lock::{LockError, Locks, TargetGuard};
 use crate::metrics::{Metrics, StageTimer};
 
@@ -905,12 +906,21 @@ impl<'e> Run<'e> {
     }
 
     async fn plan(&self, target: &Target, bundle: &Bundle) -> Result<Plan, Failure> {
-        let outputs = plan::outputs(target, bundle)
-            .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?;
+        let (outputs, keystore) = match &target.keystore {
+            None => (
+                plan::outputs(target, bundle)
+                    .map_err(|e| Failure::new(Outcome::Rejected, e.to_string()))?,
+                None,
+            ),
+            Some(ks) => {
+                let (output, password) = self.keystore_output(target, ks, bundle).await?;
+                (vec![output], Some((ks.clone(), password)))
+            }
+        };
         let paths: Vec<PathBuf> = outputs.iter().map(|o| o.path.clone()).collect();
         let linked = target.layout == Layout::Generations;
         let existing = blocking(move || {
-            paths
+            let mut existing = paths
                 .iter()
                 .map(|p| {
                     if linked {
@@ -919,11 +929,64 @@ impl<'e> Run<'e> {
                         atomic::observe(p)
                     }
                 })
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>()?;
+            // A keystore is what it holds: the same material encrypted
+            // again has other bytes.
+            if let (Some((ks, password)), Some(Some(e))) = (&keystore, existing.first_mut())
+                && ks.store_type == StoreType::Pkcs12
+                && let Ok(bytes) = std::fs::read(&paths[0])
+                && let Ok(held) = crate::keystore::read_pkcs12(&bytes, &ks.alias, password)
+                && let Some(digest) = held.digest
+            {
+                e.sha256 = digest;
+            }
+            Ok::<_, FsError>(existing)
         })
         .await
         .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
         Ok(plan::plan(&Policy::of(target), outputs, existing))
+    }
+
+    /// A keystore target's one output, encoded with the password read now
+    /// (returned for reading the keystore on disk).
+    async fn keystore_output(
+        &self,
+        target: &Target,
+        ks: &KeystoreConfig,
+        bundle: &Bundle,
+    ) -> Result<(plan::Output, Zeroizing<String>), Failure> {
+        let failed = |e: crate::keystore::KeystoreError| {
+            Failure::new(Outcome::Internal, format!("{e}; nothing was changed"))
+        };
+        let source = ks.password.clone();
+        let password = tokio::task::spawn_blocking(move || crate::keystore::read_password(&source))
+            .await
+            .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?
+            .map_err(failed)?;
+        // PBKDF2 over the password: CPU work, off the async threads' queue.
+        let (p12, digest) = tokio::task::block_in_place(|| {
+            crate::keystore::pkcs12(bundle, &ks.alias, &password)
+                .map(|b| (b, crate::keystore::bundle_digest(bundle, &ks.alias)))
+        })
+        .map_err(failed)?;
+        let output = match ks.store_type {
+            StoreType::Pkcs12 => plan::keystore_output(target, p12, Some(digest)),
+            // keytool's JKS encryption is salted too, and its key is not
+            // read back here: every deploy writes a new JKS keystore.
+            StoreType::Jks => {
+                let jks = crate::keystore::to_jks(
+                    &p12,
+                    &ks.alias,
+                    &password,
+                    &ks.scratch_dir,
+                    target.command_timeout,
+                )
+                .await
+                .map_err(failed)?;
+                plan::keystore_output(target, jks, None)
+            }
+        };
+        Ok((output, password))
     }
 
     pub(super) async fn run_command(

@@ -142,6 +142,61 @@ pub fn write_temp(
     gid: Option<u32>,
 ) -> Result<PathBuf> {
     let tmp = temp_path(final_path, deploy_id);
+    write_temp_at(&tmp, bytes, mode, uid, gid)?;
+    Ok(tmp)
+}
+
+/// Replaces the configuration file `path` (a file the agent writes for a
+/// server, not a certificate file) with `bytes`, by the same protocol as
+/// every target file: temp, owner and mode before the first byte, fsync,
+/// rename, directory fsync. The replaced file's owner, group and mode are
+/// kept; a new file gets `new_mode` and the agent's user. The temp file is
+/// `.certctl-tmp-<tag>-<name>.part`: a server that loads every `.yml` or
+/// `.json` of a directory (traefik's file provider) never loads it.
+pub fn publish(path: &Path, bytes: &[u8], new_mode: u32, tag: &str) -> Result<()> {
+    let (mode, uid, gid) = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => (m.mode() & 0o7777, Some(m.uid()), Some(m.gid())),
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(FsError {
+                op: "refusing to replace symlink",
+                path: path.to_owned(),
+                source: io::Error::other(
+                    "certctl replaces this file atomically and would replace the link itself: \
+                     name the real file in the configuration",
+                ),
+            });
+        }
+        Ok(_) => {
+            return Err(FsError {
+                op: "refusing to replace",
+                path: path.to_owned(),
+                source: io::Error::other("not a regular file"),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (new_mode, None, None),
+        Err(e) => return Err(FsError::new("cannot inspect", path)(e)),
+    };
+    let mut tmp = temp_path(path, tag).into_os_string();
+    tmp.push(".part");
+    let tmp = PathBuf::from(tmp);
+    remove(&tmp)?;
+    write_temp_at(&tmp, bytes, mode, uid, gid)?;
+    if let Err(e) = rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsync_dir(parent(path))
+}
+
+/// [`write_temp`] at the temp path `tmp`.
+fn write_temp_at(
+    tmp: &Path,
+    bytes: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<()> {
+    let tmp = tmp.to_owned();
     seam("cannot create temp file", &tmp)?;
     // Exclusive create: if the name exists, it is not ours to remove.
     let mut file = OpenOptions::new()
@@ -174,7 +229,7 @@ pub fn write_temp(
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(tmp)
+    Ok(())
 }
 
 /// The fault-injection seam of the crash tests (see [`failpoint`]): a no-op
@@ -441,6 +496,30 @@ mod tests {
         // A second writer with the same id must not clobber it.
         assert!(write_temp(&live, "d1", b"other", 0o600, None, None).is_err());
         assert_eq!(fs::read(&tmp).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn publish_replaces_a_config_file_keeping_its_mode_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("certctl-web.yml");
+        publish(&file, b"one", 0o644, "hook").unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().mode() & 0o777, 0o644);
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+        // A temp left by a crash is replaced, not in the way.
+        let stale = dir.path().join(".certctl-tmp-hook-certctl-web.yml.part");
+        fs::write(&stale, b"partial").unwrap();
+        publish(&file, b"two", 0o644, "hook").unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"two");
+        assert_eq!(fs::metadata(&file).unwrap().mode() & 0o777, 0o640);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["certctl-web.yml"]);
+        let link = dir.path().join("link.yml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let err = publish(&link, b"x", 0o644, "hook").unwrap_err().to_string();
+        assert!(err.contains("refusing to replace symlink"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Role {
     Chain,
     /// Leaf, chain and key in one file (haproxy): a key file for modes.
     Pem,
+    /// A Java keystore holding key and chain: a key file for modes.
+    Keystore,
 }
 
 impl Role {
@@ -37,13 +39,14 @@ impl Role {
             Role::Key => "key",
             Role::Chain => "chain",
             Role::Pem => "pem",
+            Role::Keystore => "keystore",
         }
     }
 
     /// The file holds a private key: it takes the key's mode, and never an
     /// "other" bit.
     pub fn holds_key(self) -> bool {
-        matches!(self, Role::Key | Role::Pem)
+        matches!(self, Role::Key | Role::Pem | Role::Keystore)
     }
 }
 
@@ -75,6 +78,10 @@ pub struct Existing {
     pub gid: u32,
     /// Permission bits only (`st_mode & 0o7777`).
     pub mode: u32,
+    /// What the file holds: the SHA-256 of its bytes, or for a keystore
+    /// that opens with the target's password, its
+    /// [`content_digest`](crate::keystore::content_digest) (the bytes of
+    /// two encodings of the same material differ: fresh salts).
     pub sha256: [u8; 32],
 }
 
@@ -84,6 +91,9 @@ pub struct Output {
     pub path: PathBuf,
     pub role: Role,
     pub bytes: Zeroizing<Vec<u8>>,
+    /// What an existing file's `sha256` is compared with when it is not
+    /// the SHA-256 of `bytes` (a keystore's content digest).
+    pub identity: Option<[u8; 32]>,
 }
 
 /// One file of a plan, fully resolved.
@@ -147,6 +157,7 @@ pub fn outputs(target: &Target, bundle: &Bundle) -> Result<Vec<Output>, PlanErro
             path: target.cert_path.clone(),
             role: Role::Pem,
             bytes,
+            identity: None,
         }]);
     }
     let mut out = Vec::with_capacity(3);
@@ -179,8 +190,25 @@ pub fn outputs(target: &Target, bundle: &Bundle) -> Result<Vec<Output>, PlanErro
         path: target.key_path.clone(),
         role: Role::Key,
         bytes: Zeroizing::new(key.as_bytes().to_vec()),
+        identity: None,
     });
     Ok(out)
+}
+
+/// The one output of a keystore target: the encoded keystore, and the
+/// content digest an existing keystore must have to count as unchanged
+/// (`None`: compare bytes, i.e. always write).
+pub fn keystore_output(
+    target: &Target,
+    bytes: Zeroizing<Vec<u8>>,
+    identity: Option<[u8; 32]>,
+) -> Output {
+    Output {
+        path: target.cert_path.clone(),
+        role: Role::Keystore,
+        bytes,
+        identity,
+    }
 }
 
 fn text_output(path: &Path, role: Role, text: String) -> Output {
@@ -188,6 +216,7 @@ fn text_output(path: &Path, role: Role, text: String) -> Output {
         path: path.to_owned(),
         role,
         bytes: Zeroizing::new(text.into_bytes()),
+        identity: None,
     }
 }
 
@@ -278,10 +307,11 @@ fn resolve(
     };
 
     let sha256: [u8; 32] = Sha256::digest(output.bytes.as_slice()).into();
+    let identity = output.identity.unwrap_or(sha256);
     let changed = match &existing {
         None => true,
         Some(e) => {
-            e.sha256 != sha256
+            e.sha256 != identity
                 || e.mode & 0o7777 != mode
                 || uid.is_some_and(|u| u != e.uid)
                 || gid.is_some_and(|g| g != e.gid)
@@ -354,6 +384,7 @@ mod tests {
             path: PathBuf::from(format!("/t/{}", role.as_str())),
             role,
             bytes: Zeroizing::new(bytes.to_vec()),
+            identity: None,
         }
     }
 
@@ -520,6 +551,43 @@ mod tests {
         );
         assert!(!p.is_noop());
         assert!(!p.files[0].changed && p.files[1].changed);
+    }
+
+    #[test]
+    fn a_keystore_is_compared_by_what_it_holds() {
+        let digest = [7u8; 32];
+        let keystore = |identity| Output {
+            identity,
+            ..out(Role::Keystore, b"fresh salts")
+        };
+        let holding = |sha256| Existing {
+            uid: 0,
+            gid: 33,
+            mode: 0o640,
+            sha256,
+        };
+        // Other bytes, same content: unchanged, with the key's mode.
+        let p = plan(
+            &POLICY,
+            vec![keystore(Some(digest))],
+            vec![Some(holding(digest))],
+        );
+        assert!(p.is_noop());
+        assert_eq!(p.files[0].mode, 0o640);
+        // A keystore that did not open (other password): its byte digest
+        // never equals a content digest.
+        let p = plan(
+            &POLICY,
+            vec![keystore(Some(digest))],
+            vec![Some(holding([1; 32]))],
+        );
+        assert!(!p.is_noop());
+        // No identity (JKS): bytes decide.
+        let p = plan(&POLICY, vec![keystore(None)], vec![Some(holding(digest))]);
+        assert!(!p.is_noop());
+        assert!(Role::Keystore.holds_key());
+        let p = plan(&POLICY, vec![keystore(None)], vec![None]);
+        assert_eq!(p.files[0].mode, 0o640, "a keystore takes the key's mode");
     }
 
     #[test]

@@ -58,10 +58,16 @@ impl Engine {
             let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
                 continue;
             };
-            let dirs: Vec<PathBuf> =
-                super::apply::dirs_of(t.paths().map(PathBuf::from).collect::<Vec<_>>().iter())
-                    .into_iter()
-                    .collect();
+            // With the directory of a file a reload hook writes (its temp
+            // may be left there too).
+            let mut files: Vec<PathBuf> = t.paths().map(PathBuf::from).collect();
+            files.extend(
+                t.reload_hook
+                    .as_ref()
+                    .and_then(|h| h.writes())
+                    .map(|(_, p)| p.clone()),
+            );
+            let dirs: Vec<PathBuf> = super::apply::dirs_of(files.iter()).into_iter().collect();
             let (name, keep) = (t.name.clone(), t.backup_retention as usize);
             let swept = blocking(move || {
                 let mut removed = Vec::new();

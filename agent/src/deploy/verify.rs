@@ -243,8 +243,19 @@ pub struct OnDisk {
 }
 
 /// Reads the target's certificate files (blocking). `Ok(None)`: there is no
-/// certificate file yet.
+/// certificate file yet. A keystore target's file is opened as a keystore
+/// (with its password, for PKCS#12).
 pub fn on_disk(target: &Target) -> Result<Option<OnDisk>, String> {
+    if let Some(ks) = &target.keystore {
+        let Some(contents) =
+            crate::keystore::read(&target.cert_path, ks).map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let (leaf, chain) = crate::keystore::certs_of(&contents)
+            .map_err(|e| format!("{}: {e}", target.cert_path.display()))?;
+        return Ok(Some(OnDisk { leaf, chain }));
+    }
     let read = |path: &Path| match std::fs::read(path) {
         Ok(bytes) => bundle::certs_in_pem(&bytes)
             .map(Some)

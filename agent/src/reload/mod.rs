@@ -1,6 +1,8 @@
 //! Reloads that are not commands: making a server load the files just
 //! committed by talking to its own control socket or API (haproxy's master
-//! CLI and runtime API, caddy's admin API).
+//! CLI and runtime API, caddy's admin API), or by writing the file a
+//! watching server reacts to (traefik's dynamic configuration, envoy's SDS
+//! file).
 //!
 //! A [`ReloadHook`] takes the place of a target's `reload` command at stage
 //! 8 of a deploy, in a rollback and in recovery, with the same meaning: "make
@@ -13,11 +15,13 @@
 //! Guarantees: a hook is bounded by the target's `command_timeout`; key
 //! bytes are read into zeroizing buffers and never appear in a message;
 //! errors say which server refused what and what to check. Talking to the
-//! sockets lives here; starting processes stays in [`crate::command`].
+//! sockets lives here; starting processes stays in [`crate::command`], and
+//! the watched files are written through [`crate::deploy::atomic`].
 
 pub mod caddy;
 pub mod haproxy;
 pub mod http;
+pub mod watched;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,6 +48,23 @@ pub enum ReloadHook {
         cert: PathBuf,
         key: PathBuf,
     },
+    /// traefik's file provider: the dynamic configuration `config` naming
+    /// `cert` and `key`, rewritten with the set's generation and leaf.
+    TraefikDynamic {
+        config: PathBuf,
+        target: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// envoy's file-based SDS: the resource file `sds` with the TLS
+    /// certificate secret `secret` on `cert` and `key`, watching their
+    /// directory.
+    EnvoySds {
+        sds: PathBuf,
+        secret: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
 /// Why a hook did not make the server load the files.
@@ -64,6 +85,8 @@ pub enum ReloadError {
     Haproxy(#[from] haproxy::HaproxyError),
     #[error(transparent)]
     Caddy(#[from] caddy::CaddyError),
+    #[error(transparent)]
+    Watched(#[from] watched::WatchedError),
 }
 
 impl ReloadHook {
@@ -81,6 +104,24 @@ impl ReloadHook {
             ReloadHook::CaddyAdmin { endpoint, id, .. } => {
                 format!("caddy admin API at {endpoint}: load_pem entry {id}")
             }
+            ReloadHook::TraefikDynamic { config, .. } => format!(
+                "traefik dynamic configuration {} rewritten (traefik's file provider watches it)",
+                config.display()
+            ),
+            ReloadHook::EnvoySds { sds, secret, .. } => format!(
+                "envoy SDS file {} (secret {secret}; envoy watches the certificate directory)",
+                sds.display()
+            ),
+        }
+    }
+
+    /// The file this hook writes, with the key naming it, for hooks that
+    /// write one: no two targets may write the same file.
+    pub fn writes(&self) -> Option<(&'static str, &PathBuf)> {
+        match self {
+            ReloadHook::TraefikDynamic { config, .. } => Some(("dynamic_config", config)),
+            ReloadHook::EnvoySds { sds, .. } => Some(("sds_path", sds)),
+            _ => None,
         }
     }
 
@@ -119,6 +160,26 @@ impl ReloadHook {
                 let key_text = self.text(&key_pem, key)?;
                 Ok(caddy::load_pem(endpoint, id, cert_text, key_text).await?)
             }
+            ReloadHook::TraefikDynamic {
+                config,
+                target,
+                cert,
+                key,
+            } => {
+                let (config, target, cert, key) =
+                    (config.clone(), target.clone(), cert.clone(), key.clone());
+                Ok(blocking(move || watched::write_traefik(&config, &target, &cert, &key)).await?)
+            }
+            ReloadHook::EnvoySds {
+                sds,
+                secret,
+                cert,
+                key,
+            } => {
+                let (sds, secret, cert, key) =
+                    (sds.clone(), secret.clone(), cert.clone(), key.clone());
+                Ok(blocking(move || watched::write_envoy(&sds, &secret, &cert, &key)).await?)
+            }
         }
     }
 
@@ -141,6 +202,19 @@ impl ReloadHook {
                 source,
             })
     }
+}
+
+/// Runs a hook's file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, watched::WatchedError> + Send + 'static,
+) -> Result<T, watched::WatchedError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(watched::WatchedError::Read {
+            path: PathBuf::new(),
+            file: PathBuf::new(),
+            why: format!("the file task failed: {e}"),
+        })
+    })
 }
 
 #[cfg(test)]

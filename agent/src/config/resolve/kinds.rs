@@ -1,7 +1,9 @@
 //! The parts of a target that depend on its kind: which keys name its files
-//! (`cert_path`/`key_path`/`chain_path`, or haproxy's `pem_path`), the
-//! kinds' own keys (refused on other kinds), and the default commands or
-//! reload hook built from them.
+//! (`cert_path`/`key_path`/`chain_path`, or the one file of haproxy's
+//! `pem_path` and a keystore's `keystore_path`), the kinds' own keys
+//! (refused on other kinds), the default commands or reload hook built
+//! from them (traefik's dynamic configuration, envoy's SDS file), and a
+//! keystore's format, alias and password source.
 //!
 //! Like the rest of `resolve`, every problem is recorded under its key and
 //! resolution carries on, so one run reports everything.
@@ -9,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use super::Resolver;
+use crate::keystore::{KeystoreConfig, PasswordSource, StoreType};
 use crate::kind::{self, Kind};
 use crate::reload::{ReloadHook, caddy};
 
@@ -35,8 +38,9 @@ impl Resolver<'_> {
         }
     }
 
-    /// `(cert_path, key_path, chain_path)`. For a kind with `combined_pem`
-    /// the one `pem_path` is both the cert and the key file.
+    /// `(cert_path, key_path, chain_path)`. For a kind that deploys one
+    /// file (haproxy's `pem_path`, a keystore's `keystore_path`) that file
+    /// is both the cert and the key file.
     pub(super) fn target_files(
         &mut self,
         label: &str,
@@ -44,7 +48,14 @@ impl Resolver<'_> {
         raw: &super::RawTarget,
     ) -> (PathBuf, PathBuf, Option<PathBuf>) {
         let key = |k: &str| format!("{label}.{k}");
-        if kind.defaults().combined_pem {
+        if let Some(single) = kind.single_file_key() {
+            let (what, raw_path) = match kind {
+                Kind::Keystore => (
+                    "writes leaf, chain and key into one keystore file",
+                    &raw.keystore_path,
+                ),
+                _ => ("reads leaf, chain and key from one file", &raw.pem_path),
+            };
             for (k, set) in [
                 ("cert_path", raw.cert_path.is_some()),
                 ("key_path", raw.key_path.is_some()),
@@ -53,27 +64,37 @@ impl Resolver<'_> {
                 if set {
                     self.problem(
                         key(k),
-                        format!(
-                            "kind {kind} reads leaf, chain and key from one file: \
-                             remove {k} and set pem_path"
-                        ),
+                        format!("kind {kind} {what}: remove {k} and set {single}"),
                     );
                 }
             }
-            let pem = match &raw.pem_path {
-                Some(text) => self.target_file(&key("pem_path"), text),
+            let file = match raw_path {
+                Some(text) => self.target_file(&key(single), text),
                 None => {
-                    self.problem(
-                        label,
-                        format!(
-                            "missing required key \"pem_path\" (kind {kind} deploys leaf, chain \
-                             and key as one PEM file)"
-                        ),
-                    );
+                    let why = match kind {
+                        Kind::Keystore => "kind keystore deploys leaf, chain and key as one \
+                                           keystore file"
+                            .to_owned(),
+                        _ => format!("kind {kind} deploys leaf, chain and key as one PEM file"),
+                    };
+                    self.problem(label, format!("missing required key \"{single}\" ({why})"));
                     PathBuf::new()
                 }
             };
-            return (pem.clone(), pem, None);
+            return (file.clone(), file, None);
+        }
+        if matches!(kind, Kind::Traefik | Kind::Envoy) && raw.chain_path.is_some() {
+            let (file, field) = match kind {
+                Kind::Traefik => ("the dynamic configuration", "certFile"),
+                _ => ("the SDS secret", "certificate_chain"),
+            };
+            self.problem(
+                key("chain_path"),
+                format!(
+                    "{kind} reads the chain from the certificate file ({field} in {file}): \
+                     remove chain_path, and cert_path gets the leaf followed by the chain"
+                ),
+            );
         }
         let mut required = |k: &str, text: &Option<String>| match text {
             Some(text) => self.target_file(&key(k), text),
@@ -114,6 +135,8 @@ impl Resolver<'_> {
             }
             Kind::Haproxy => self.haproxy(label, raw, cert_path, &mut commands),
             Kind::Caddy => self.caddy(label, raw, cert_path, key_path, &mut commands),
+            Kind::Traefik => self.traefik(label, raw, cert_path, key_path, &mut commands),
+            Kind::Envoy => self.envoy(label, raw, cert_path, key_path, &mut commands),
             _ => {}
         }
         if let Some(hook) = &commands.hook
@@ -207,6 +230,174 @@ impl Resolver<'_> {
         }
     }
 
+    /// traefik: the dynamic configuration file written after every switch.
+    fn traefik(
+        &mut self,
+        label: &str,
+        raw: &super::RawTarget,
+        cert: &Path,
+        key: &Path,
+        commands: &mut KindCommands,
+    ) {
+        let Some(config) = self.written_file(
+            label,
+            "dynamic_config",
+            raw.dynamic_config.as_deref(),
+            "kind traefik writes the file provider's dynamic configuration there",
+            &["yml", "yaml"],
+            "traefik's file provider reads .yml, .yaml and .toml files; certctl writes YAML",
+        ) else {
+            return;
+        };
+        commands.hook = Some(ReloadHook::TraefikDynamic {
+            config,
+            target: raw.name.clone(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+
+    /// envoy: the SDS resource file, written when it changes.
+    fn envoy(
+        &mut self,
+        label: &str,
+        raw: &super::RawTarget,
+        cert: &Path,
+        key: &Path,
+        commands: &mut KindCommands,
+    ) {
+        let secret = raw.secret_name.clone().unwrap_or_else(|| raw.name.clone());
+        if secret.is_empty() || secret.chars().any(char::is_control) {
+            self.problem(
+                format!("{label}.secret_name"),
+                format!(
+                    "{secret:?} is not a secret name: give the name the listener's sds_config \
+                     asks for (one line, not empty)"
+                ),
+            );
+        }
+        let Some(sds) = self.written_file(
+            label,
+            "sds_path",
+            raw.sds_path.as_deref(),
+            "kind envoy writes the SDS resource file there",
+            &["yaml", "yml", "json"],
+            "envoy reads a path_config_source as YAML (.yaml, .yml) or JSON (.json) by its \
+             extension",
+        ) else {
+            return;
+        };
+        commands.hook = Some(ReloadHook::EnvoySds {
+            sds,
+            secret,
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+
+    /// A file a kind's hook writes (`dynamic_config`, `sds_path`):
+    /// required, in an existing directory, with one of `extensions`.
+    fn written_file(
+        &mut self,
+        label: &str,
+        name: &str,
+        text: Option<&str>,
+        why_required: &str,
+        extensions: &[&str],
+        why_extension: &str,
+    ) -> Option<PathBuf> {
+        let Some(text) = text else {
+            self.problem(
+                label,
+                format!("missing required key \"{name}\" ({why_required})"),
+            );
+            return None;
+        };
+        let key = format!("{label}.{name}");
+        let path = self.target_file(&key, text);
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !extensions.contains(&ext) {
+            self.problem(
+                key,
+                format!(
+                    "{} must end in .{}: {why_extension}",
+                    path.display(),
+                    extensions.join(" or .")
+                ),
+            );
+        }
+        Some(path)
+    }
+
+    /// A keystore's format, alias and password source.
+    pub(super) fn keystore(&mut self, label: &str, raw: &super::RawTarget) -> KeystoreConfig {
+        let key = |k: &str| format!("{label}.{k}");
+        let store_type = match raw.keystore_type.as_deref() {
+            None => StoreType::Pkcs12,
+            Some(text) => StoreType::parse(text).unwrap_or_else(|| {
+                self.problem(
+                    key("keystore_type"),
+                    format!("unknown keystore type {text:?} (expected \"pkcs12\" or \"jks\")"),
+                );
+                StoreType::Pkcs12
+            }),
+        };
+        if store_type == StoreType::Jks && !self.host.has_program("keytool") {
+            self.problem(
+                key("keystore_type"),
+                "\"jks\" keystores are written by keytool, which is not on the agent's PATH: \
+                 install a JDK (Debian: default-jdk-headless), or use \"pkcs12\", which Java \
+                 reads by default since Java 9",
+            );
+        }
+        let alias = raw.alias.clone().unwrap_or_else(|| raw.name.clone());
+        if alias.is_empty() || alias.chars().any(char::is_control) || alias.len() > 255 {
+            self.problem(
+                key("alias"),
+                format!("{alias:?} is not an alias: use 1 to 255 printable characters"),
+            );
+        }
+        let password = match (&raw.password_file, &raw.password_credential) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    key("password_credential"),
+                    "password_file and password_credential both name the keystore password: \
+                     set one of them",
+                );
+                PasswordSource::File(PathBuf::new())
+            }
+            (Some(file), None) => {
+                PasswordSource::File(self.path(&key("password_file"), file).unwrap_or_default())
+            }
+            (None, Some(name)) => {
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    self.problem(
+                        key("password_credential"),
+                        format!(
+                            "{name:?} is not a credential name: give the name of a systemd \
+                             credential (LoadCredential=NAME:/path), without a /"
+                        ),
+                    );
+                }
+                PasswordSource::Credential(name.clone())
+            }
+            (None, None) => {
+                self.problem(
+                    label,
+                    "missing required key \"password_file\" (or \"password_credential\"): a \
+                     keystore is encrypted with a password, which the agent reads when it deploys",
+                );
+                PasswordSource::File(PathBuf::new())
+            }
+        };
+        KeystoreConfig {
+            store_type,
+            alias,
+            password,
+            scratch_dir: self.state_dir.join("keystore"),
+        }
+    }
+
     fn caddy(
         &mut self,
         label: &str,
@@ -287,7 +478,8 @@ mod tests {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
 
-    use crate::config::{Config, ConfigError, Host, Target, VerifyProtocol, parse_with};
+    use crate::config::{Config, ConfigError, Host, Layout, Target, VerifyProtocol, parse_with};
+    use crate::keystore::{KeystoreConfig, PasswordSource, StoreType};
     use crate::kind::Kind;
     use crate::reload::{Endpoint, ReloadHook};
 
@@ -595,6 +787,212 @@ mod tests {
             got.contains("t.caddy_adapter: \"\" is not an adapter name"),
             "{got}"
         );
+    }
+
+    #[test]
+    fn traefik_and_envoy_switch_generations_and_write_their_files() {
+        let env = Env::new();
+        let t = env.target(&format!(
+            "kind = \"traefik\"\n{FILES}\ndynamic_config = \"tls/certctl-t.yml\""
+        ));
+        assert_eq!(t.layout, Layout::Generations);
+        assert!(t.validate.is_empty() && t.reload.is_empty() && t.reloads());
+        assert_eq!((t.default_cert_mode, t.default_key_mode), (0o644, 0o640));
+        assert_eq!(
+            t.reload_hook,
+            Some(ReloadHook::TraefikDynamic {
+                config: env.dir().join("tls/certctl-t.yml"),
+                target: "t".to_owned(),
+                cert: env.dir().join("tls/c.pem"),
+                key: env.dir().join("tls/k.pem"),
+            })
+        );
+        // An explicit layout wins.
+        let t = env.target(&format!(
+            "kind = \"traefik\"\n{FILES}\ndynamic_config = \"d.yaml\"\nlayout = \"in-place\""
+        ));
+        assert_eq!(t.layout, Layout::InPlace);
+
+        let t = env.target(&format!(
+            "kind = \"envoy\"\n{FILES}\nsds_path = \"sds.yaml\""
+        ));
+        assert_eq!(t.layout, Layout::Generations);
+        assert_eq!(
+            t.reload_hook,
+            Some(ReloadHook::EnvoySds {
+                sds: env.dir().join("sds.yaml"),
+                secret: "t".to_owned(),
+                cert: env.dir().join("tls/c.pem"),
+                key: env.dir().join("tls/k.pem"),
+            })
+        );
+        let t = env.target(&format!(
+            "kind = \"envoy\"\n{FILES}\nsds_path = \"sds.json\"\nsecret_name = \"server_cert\""
+        ));
+        assert!(
+            matches!(t.reload_hook, Some(ReloadHook::EnvoySds { ref secret, .. }) if secret == "server_cert")
+        );
+    }
+
+    #[test]
+    fn traefik_and_envoy_mistakes() {
+        let env = Env::new();
+        for (body, want) in [
+            (
+                format!("kind = \"traefik\"\n{FILES}"),
+                "t: missing required key \"dynamic_config\" (kind traefik writes the file provider's dynamic configuration there)",
+            ),
+            (
+                format!("kind = \"traefik\"\n{FILES}\ndynamic_config = \"d.toml\""),
+                "must end in .yml or .yaml: traefik's file provider reads .yml, .yaml and .toml files; certctl writes YAML",
+            ),
+            (
+                format!(
+                    "kind = \"traefik\"\n{FILES}\ndynamic_config = \"d.yml\"\nchain_path = \"tls/ch.pem\""
+                ),
+                "t.chain_path: traefik reads the chain from the certificate file (certFile in the dynamic configuration): remove chain_path",
+            ),
+            (
+                format!(
+                    "kind = \"traefik\"\n{FILES}\ndynamic_config = \"d.yml\"\nreload = [\"true\"]"
+                ),
+                "t.reload: this target already reloads through traefik dynamic configuration",
+            ),
+            (
+                format!("kind = \"traefik\"\n{FILES}\ndynamic_config = \"no/such/dir/d.yml\""),
+                "t.dynamic_config: directory",
+            ),
+            (
+                format!("kind = \"envoy\"\n{FILES}"),
+                "t: missing required key \"sds_path\" (kind envoy writes the SDS resource file there)",
+            ),
+            (
+                format!("kind = \"envoy\"\n{FILES}\nsds_path = \"sds.txt\""),
+                "must end in .yaml or .yml or .json",
+            ),
+            (
+                format!("kind = \"envoy\"\n{FILES}\nsds_path = \"sds.yaml\"\nsecret_name = \"\""),
+                "t.secret_name: \"\" is not a secret name",
+            ),
+            (
+                format!("kind = \"envoy\"\n{FILES}\nsds_path = \"tls/c.pem\""),
+                "is also t.cert_path",
+            ),
+            (
+                format!(
+                    "kind = \"nginx\"\n{FILES}\nsds_path = \"s.yaml\"\ndynamic_config = \"d.yml\""
+                ),
+                "t.dynamic_config: is a key of kind traefik, and this target's kind is nginx",
+            ),
+        ] {
+            let got = env.errors(&body);
+            assert!(got.contains(want), "got:\n{got}\nwant:\n{want}");
+        }
+        // Two targets cannot write one dynamic configuration.
+        let text = "[[target]]\nname = \"a\"\nkind = \"traefik\"\ncert_path = \"tls/a.pem\"\nkey_path = \"tls/a.key\"\ndynamic_config = \"d.yml\"\n\
+             [[target]]\nname = \"b\"\nkind = \"traefik\"\ncert_path = \"tls/b.pem\"\nkey_path = \"tls/b.key\"\ndynamic_config = \"d.yml\"\n";
+        let err = parse_with(text, &env.dir().join("agent.toml"), &DEBIAN)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("target \"b\" (target[1]).dynamic_config:")
+                && err.contains("is also target \"a\" (target[0]).dynamic_config"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keystore_writes_one_file_with_a_password_from_a_file_or_a_credential() {
+        let env = Env::new();
+        let t = env.target(
+            "kind = \"keystore\"\nkeystore_path = \"tls/app.p12\"\npassword_file = \"tls/pw\"",
+        );
+        let p12 = env.dir().join("tls/app.p12");
+        assert_eq!(
+            (&t.cert_path, &t.key_path, &t.chain_path),
+            (&p12, &p12, &None)
+        );
+        assert_eq!(t.paths().collect::<Vec<_>>(), [p12.as_path()]);
+        assert_eq!(t.layout, Layout::InPlace);
+        assert!(t.validate.is_empty() && t.reload.is_empty() && !t.reloads());
+        assert_eq!(t.default_key_mode, 0o640);
+        assert_eq!(t.default_group, None);
+        assert_eq!(
+            t.keystore,
+            Some(KeystoreConfig {
+                store_type: StoreType::Pkcs12,
+                alias: "t".to_owned(),
+                password: PasswordSource::File(env.dir().join("tls/pw")),
+                scratch_dir: PathBuf::from("/var/lib/certctl/state/keystore"),
+            })
+        );
+        let with_programs = FakeHost {
+            programs: &["keytool"],
+        };
+        let mut c = env
+            .parse_on(
+                "kind = \"keystore\"\nkeystore_path = \"tls/app.jks\"\nkeystore_type = \"jks\"\n\
+                 alias = \"tomcat\"\npassword_credential = \"app-keystore\"\n\
+                 reload = [\"systemctl\", \"restart\", \"tomcat10\"]",
+                &with_programs,
+            )
+            .unwrap();
+        let t = c.targets.remove(0);
+        let ks = t.keystore.unwrap();
+        assert_eq!(ks.store_type, StoreType::Jks);
+        assert_eq!(ks.alias, "tomcat");
+        assert_eq!(
+            ks.password,
+            PasswordSource::Credential("app-keystore".into())
+        );
+        assert_eq!(t.reload, argv(&["systemctl", "restart", "tomcat10"]));
+    }
+
+    #[test]
+    fn keystore_mistakes() {
+        let env = Env::new();
+        let ks = "kind = \"keystore\"\nkeystore_path = \"tls/a.p12\"\n";
+        for (body, want) in [
+            (
+                format!("kind = \"keystore\"\n{FILES}\npassword_file = \"pw\""),
+                "t.cert_path: kind keystore writes leaf, chain and key into one keystore file: remove cert_path and set keystore_path",
+            ),
+            (
+                "kind = \"keystore\"\npassword_file = \"pw\"".to_owned(),
+                "t: missing required key \"keystore_path\" (kind keystore deploys leaf, chain and key as one keystore file)",
+            ),
+            (
+                ks.to_owned(),
+                "t: missing required key \"password_file\" (or \"password_credential\")",
+            ),
+            (
+                format!("{ks}password_file = \"pw\"\npassword_credential = \"c\""),
+                "t.password_credential: password_file and password_credential both name the keystore password: set one of them",
+            ),
+            (
+                format!("{ks}password_credential = \"a/b\""),
+                "t.password_credential: \"a/b\" is not a credential name",
+            ),
+            (
+                format!("{ks}password_file = \"pw\"\nkeystore_type = \"PKCS12\""),
+                "t.keystore_type: unknown keystore type \"PKCS12\" (expected \"pkcs12\" or \"jks\")",
+            ),
+            (
+                format!("{ks}password_file = \"pw\"\nkeystore_type = \"jks\""),
+                "t.keystore_type: \"jks\" keystores are written by keytool, which is not on the agent's PATH",
+            ),
+            (
+                format!("{ks}password_file = \"pw\"\nalias = \"\""),
+                "t.alias: \"\" is not an alias",
+            ),
+            (
+                format!("kind = \"file\"\n{FILES}\nalias = \"x\"\npassword_file = \"pw\""),
+                "t.alias: is a key of kind keystore, and this target's kind is file",
+            ),
+        ] {
+            let got = env.errors(&body);
+            assert!(got.contains(want), "got:\n{got}\nwant:\n{want}");
+        }
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //!   them through STARTTLS).
 //! - [`kinds`]: what every kind test does: `deploy`, `assert_verified`,
 //!   `assert_validate_failed`, `verify_table`.
+//! - [`java`]: the JDK for the `keystore` kind: `keytool -list`, and a Java
+//!   TLS server serving from a keystore.
+//! - [`readers`]: threads that read a target as a watching server does
+//!   (cert and key through the stable names, a configuration file) while a
+//!   test deploys, and count what they saw.
 //! - [`tls`]: `served_leaf_sha256(port, sni)`, `served_chain`, `wait_until_served`.
 //! - [`drop`]: hand files over through the drop directory, wait for the agent,
 //!   read its drop events, reason files and memory peak.
@@ -35,6 +40,7 @@ pub mod drop;
 pub mod endpoints;
 pub mod haproxy;
 pub mod invariants;
+pub mod java;
 pub mod kinds;
 pub mod mailtls;
 pub mod nginx;
@@ -43,6 +49,7 @@ pub mod nspawn;
 pub mod pki;
 pub mod postfix;
 pub mod process;
+pub mod readers;
 pub mod strace;
 pub mod tls;
 
