@@ -88,6 +88,12 @@ pub async fn run(
     activated: Option<ActivatedSocket>,
 ) -> Result<(), DaemonError> {
     let notifier = Arc::new(Notifier::from_env());
+    // Handlers first: once the socket accepts, a SIGHUP or SIGTERM must be
+    // handled, not kill the process with its default action. Signals that
+    // arrive during start-up are queued and acted on when serving starts.
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let config = Arc::new(config);
     for w in config.warnings() {
         warn!("{w}");
@@ -137,10 +143,6 @@ pub async fn run(
     ));
     // Drops already there, or taken before a restart, are picked up now.
     drops.spawn(shared.clone(), down_rx);
-
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
     let stop = {
         let shared = shared.clone();
