@@ -9,13 +9,14 @@
 //! until the next probe is due, so an idle agent does no work; a config
 //! reload wakes it to pick up new intervals. A target being deployed is not
 //! probed (the deploy verifies it); it is looked at again one interval
-//! later. Probes run one after another, each bounded by `verify.timeout`.
+//! later. Up to 16 probes run at once, each bounded by `verify.timeout`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::api::server::Shared;
@@ -23,6 +24,9 @@ use crate::config::Target;
 use crate::deploy::apply::short_hex;
 use crate::deploy::event::{Event, Stage};
 use crate::deploy::verify::{self, CheckState, Expect, ServedCheck};
+
+/// Probes running at once.
+const CONCURRENCY: usize = 16;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -43,15 +47,37 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 due.entry(t.name.clone()).or_insert(now);
             }
         }
-        for t in &config.targets {
-            let Some(interval) = t.verify.as_ref().and_then(|v| v.interval) else {
-                continue;
-            };
-            if due.get(&t.name).is_some_and(|at| *at <= Instant::now()) {
-                if !shared.engine.is_busy(&t.name) {
-                    probe(&shared, t).await;
+        // Every due target, probed CONCURRENCY at a time: one slow or
+        // unreachable endpoint (bounded by its timeout) does not hold up
+        // the others.
+        let mut batch = JoinSet::new();
+        let now = Instant::now();
+        let ready: Vec<&Target> = config
+            .targets
+            .iter()
+            .filter(|t| {
+                t.verify.as_ref().and_then(|v| v.interval).is_some()
+                    && due.get(&t.name).is_some_and(|at| *at <= now)
+            })
+            .collect();
+        let mut due_now = ready.into_iter();
+        loop {
+            while batch.len() < CONCURRENCY {
+                let Some(t) = due_now.next() else { break };
+                let interval = t
+                    .verify
+                    .as_ref()
+                    .and_then(|v| v.interval)
+                    .unwrap_or_default();
+                due.insert(t.name.clone(), now + interval);
+                if shared.engine.is_busy(&t.name) {
+                    continue;
                 }
-                due.insert(t.name.clone(), Instant::now() + interval);
+                let (shared, t) = (shared.clone(), t.clone());
+                batch.spawn(async move { probe(&shared, &t).await });
+            }
+            if batch.join_next().await.is_none() {
+                break;
             }
             if *shutdown.borrow() {
                 return;
