@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the real servers the
-# integration tests drive (when root and missing), then tests, lints and
-# format check. Usage: scripts/test.sh
+# integration tests drive (when root and missing), then tests, the
+# benchmark harness's smoke run, lints and format check. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,10 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 echo "==> cargo test"
 cargo test --workspace --locked
+# The benchmark harness, a few iterations of every figure on the debug
+# binaries cargo test just built, so it cannot rot (docs/performance.md).
+echo "==> cargo xtask bench --smoke"
+cargo run --locked --quiet -p xtask -- bench --smoke
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo fmt --check"
