@@ -30,7 +30,7 @@ use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
 use crate::config::{Layout, Target, VerifyConfig};
 use crate::failpoint;
-use crate::journal::{self, FileRecord, Journal};
+use crate::journal::{self, FileRecord, Journal, Sync};
 use crate::lock::{LockError, Locks, TargetGuard};
 
 /// One deploy as asked for by a client.
@@ -236,6 +236,11 @@ pub(super) struct Run<'e> {
     pub(super) begun: bool,
     /// Recovery is finishing this run after a restart.
     pub(super) recovered: bool,
+    /// Something outside the files acts on them once committed (a validate
+    /// or reload command, a verification) before the outcome is written:
+    /// the `committed` row must be durable first. Conservatively true
+    /// unless a deploy finds otherwise.
+    pub(super) committed_acted_on: bool,
 }
 
 /// Files renamed into place, with what to put back.
@@ -270,6 +275,7 @@ impl<'e> Run<'e> {
             op: "deploy",
             begun: false,
             recovered: false,
+            committed_acted_on: true,
         }
     }
 
@@ -305,15 +311,38 @@ impl<'e> Run<'e> {
         Ok(())
     }
 
-    /// Appends a stage to the run's journal row (durable on return).
+    /// Appends a stage to the run's journal row.
     fn journal_stage(&self, stage: &str, message: &str) {
         if !self.begun {
             return;
         }
-        if let Err(e) =
-            tokio::task::block_in_place(|| self.engine.journal.stage(&self.id, stage, message))
-        {
+        let sync = self.sync_of(stage);
+        if let Err(e) = tokio::task::block_in_place(|| {
+            self.engine.journal.stage(&self.id, stage, message, sync)
+        }) {
             tracing::error!("{e}");
+        }
+    }
+
+    /// How soon the row of `stage` must be on disk. Recovery acts on the
+    /// last stage it finds (`deploy::recover`): a row must be durable
+    /// before anything happens that recovery would have to treat
+    /// differently. `rollback` (the previous files are being put back) is
+    /// always; `committed` is when something outside the files acts on
+    /// them before the outcome is written (validate, reload, verify): the
+    /// server may load the new files, and recovery must then complete the
+    /// deploy rather than quietly restore. With nothing in between, the
+    /// outcome's fsync carries it: lost to a power cut, recovery finds the
+    /// run at `locked` and restores the previous set, which no one was told
+    /// had been replaced. `staged`, `validate-command`, `reloaded` and
+    /// `verify` are treated by recovery exactly as the row before them.
+    /// The start and the outcome are always durable ([`Journal::begin`],
+    /// [`Journal::finish`]).
+    fn sync_of(&self, stage: &str) -> Sync {
+        match stage {
+            "staged" | "validate-command" | "reloaded" | "verify" => Sync::WithNext,
+            "committed" if !self.committed_acted_on => Sync::WithNext,
+            _ => Sync::Now,
         }
     }
 
@@ -447,6 +476,8 @@ impl<'e> Run<'e> {
             .unwrap_or_default();
         self.begin_journal(&req.origin, "deploy", &files, &prev_sha, &inputs)
             .await?;
+        self.committed_acted_on =
+            !target.validate.is_empty() || !target.reload.is_empty() || verify.is_some();
 
         if target.layout == Layout::Generations {
             let committed = self.stage_and_switch(target, &plan).await?;
