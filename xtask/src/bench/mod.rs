@@ -252,13 +252,35 @@ pub fn run(o: &Options) -> Result<()> {
         .build()?;
     let rows = runtime.block_on(figures(&bins, &root, &plan))?;
     println!(
-        "certctl bench{} ({} binaries, {} s)\n",
+        "certctl bench{} ({} binaries, {} s): {}\n",
         if o.smoke { " --smoke" } else { "" },
         bins.profile,
-        started.elapsed().as_secs()
+        started.elapsed().as_secs(),
+        machine(&root)
     );
     print!("{}", stats::render(&rows));
     Ok(())
+}
+
+/// Cores, kernel, and the filesystem the temp directory is on.
+fn machine(dir: &Path) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    #[allow(clippy::disallowed_methods)] // asking df, not deploying
+    let fs = Command::new("df")
+        .arg("--output=fstype")
+        .arg(dir)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.trim().to_owned()))
+        .unwrap_or_default();
+    let parent = dir.parent().unwrap_or(dir);
+    format!(
+        "{cores} cores, Linux {}, {} on {fs}",
+        kernel.trim(),
+        parent.display()
+    )
 }
 
 async fn figures(bins: &Bins, root: &Path, plan: &Plan) -> Result<Vec<Row>> {
