@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use certctl_proto::agent::v1 as pb;
 use certctl_proto::agent::v1::agent_client::AgentClient;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -188,13 +188,16 @@ impl Agent {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// SIGTERM, a bounded wait, then SIGKILL; reaps the process.
+    /// SIGTERM, a bounded wait, then SIGKILL; reaps the process. The
+    /// signals go to the process group the agent was started in (its own),
+    /// so an agent run under `--wrap` (strace detaches on SIGTERM) stops
+    /// too. While the leader is unreaped its group id cannot be reused.
     pub fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
+        let group = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -202,7 +205,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
