@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it: installs the real servers and the
 # systemd tools the integration tests drive (when root and missing), builds
 # the Debian package the systemd-nspawn test installs (as root), then
-# tests, lints and format check. Usage: scripts/test.sh
+# tests, the benchmark harness's smoke run, lints and format check.
+# Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +59,10 @@ fi
 
 echo "==> cargo test"
 cargo test --workspace --locked
+# The benchmark harness, a few iterations of every figure on the debug
+# binaries cargo test just built, so it cannot rot (docs/performance.md).
+echo "==> cargo xtask bench --smoke"
+cargo run --locked --quiet -p xtask -- bench --smoke
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo fmt --check"

@@ -9,11 +9,15 @@
 //! happens; the terminal outcome closes the row. A row without an outcome
 //! after a crash is what recovery (`deploy::recover`) works on.
 //!
-//! Guarantees: every write is a committed transaction that is durable when
-//! the call returns (`synchronous = FULL`); the journal never holds key
-//! material (fingerprints of certificates and of public keys only); the
-//! schema is versioned with `PRAGMA user_version`. The file can be read with
-//! `sqlite3` while the agent runs (WAL).
+//! Guarantees: every write is a committed transaction. The rows recovery
+//! depends on (a run's start, the stages it acts on, the outcome) are
+//! durable when the call returns (`synchronous = FULL`, [`Sync::Now`]);
+//! informational stage rows ([`Sync::WithNext`]) are in the WAL when the
+//! call returns, so they survive the agent being killed, and reach the disk
+//! with the next durable write, which fsyncs the WAL they precede in. The
+//! journal never holds key material (fingerprints of certificates and of
+//! public keys only); the schema is versioned with `PRAGMA user_version`.
+//! The file can be read with `sqlite3` while the agent runs (WAL).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -155,11 +159,32 @@ pub struct Record {
     pub stages: Vec<(SystemTime, String, String)>,
 }
 
+/// How soon a write must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// On disk when the call returns, also across a power cut
+    /// (`synchronous = FULL`: the WAL is fsynced at the commit).
+    Now,
+    /// In the WAL when the call returns (it survives the agent being
+    /// killed), on disk with the next [`Sync::Now`] write
+    /// (`synchronous = NORMAL`). Only for rows recovery does not act on:
+    /// losing one to a power cut leaves recovery doing what it does for
+    /// the row before it.
+    WithNext,
+}
+
+/// The connection and the `synchronous` level it is set to.
+#[derive(Debug)]
+struct Conn {
+    db: Connection,
+    sync: Sync,
+}
+
 /// The journal of one agent.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Mutex<Conn>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -204,7 +229,10 @@ impl Journal {
             .map_err(open_err)?;
         Ok(Journal {
             path,
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Conn {
+                db: conn,
+                sync: Sync::Now,
+            }),
         })
     }
 
@@ -220,7 +248,34 @@ impl Journal {
             .conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut conn).map_err(|source| JournalError::Write {
+        f(&mut conn.db).map_err(|source| JournalError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// [`Self::with`] for a write that must reach the disk as `sync` says.
+    fn write<T>(
+        &self,
+        sync: Sync,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = (|| {
+            if conn.sync != sync {
+                let level = match sync {
+                    Sync::Now => "FULL",
+                    Sync::WithNext => "NORMAL",
+                };
+                conn.db.pragma_update(None, "synchronous", level)?;
+                conn.sync = sync;
+            }
+            f(&mut conn.db)
+        })();
+        result.map_err(|source| JournalError::Write {
             path: self.path.clone(),
             source,
         })
@@ -231,7 +286,7 @@ impl Journal {
         let files = serde_json::to_string(b.files).unwrap_or_default();
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
         let now = ms(SystemTime::now());
-        self.with(|c| {
+        self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
@@ -257,10 +312,16 @@ impl Journal {
         })
     }
 
-    /// Records that run `id` reached `stage`.
-    pub fn stage(&self, id: &str, stage: &str, message: &str) -> Result<(), JournalError> {
+    /// Records that run `id` reached `stage`, on disk as `sync` says.
+    pub fn stage(
+        &self,
+        id: &str,
+        stage: &str,
+        message: &str,
+        sync: Sync,
+    ) -> Result<(), JournalError> {
         let now = ms(SystemTime::now());
-        self.with(|c| {
+        self.write(sync, |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, ?3, ?4)",
@@ -277,7 +338,7 @@ impl Journal {
     /// Closes run `id` with its outcome.
     pub fn finish(&self, id: &str, f: &Finish<'_>) -> Result<(), JournalError> {
         let now = ms(SystemTime::now());
-        self.with(|c| {
+        self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'done', ?3)",
@@ -309,7 +370,7 @@ impl Journal {
         let files = serde_json::to_string(b.files).unwrap_or_default();
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
         let now = ms(SystemTime::now());
-        self.with(|c| {
+        self.write(Sync::Now, |c| {
             c.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
                                       cert_sha256, prev_sha256, inputs, finished_ms, outcome,
@@ -495,8 +556,9 @@ mod tests {
         {
             let j = Journal::open(dir.path()).unwrap();
             j.begin(&begin("d1", &files)).unwrap();
-            j.stage("d1", "staged", "2 temp files").unwrap();
-            j.stage("d1", "committed", "").unwrap();
+            j.stage("d1", "staged", "2 temp files", Sync::WithNext)
+                .unwrap();
+            j.stage("d1", "committed", "", Sync::Now).unwrap();
         }
         let j = Journal::open(dir.path()).unwrap();
         let open = j.unfinished().unwrap();
@@ -541,6 +603,32 @@ mod tests {
             e.contains("schema version 99") && e.contains("move the file aside"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn informational_rows_wait_for_the_next_durable_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let level = |j: &Journal| -> i64 {
+            j.with(|c| c.pragma_query_value(None, "synchronous", |r| r.get(0)))
+                .unwrap()
+        };
+        j.begin(&begin("d1", &[file("cert.pem")])).unwrap();
+        assert_eq!(level(&j), 2, "a run's start is durable");
+        j.stage("d1", "staged", "1 temp file", Sync::WithNext)
+            .unwrap();
+        assert_eq!(level(&j), 1, "synchronous = NORMAL: no fsync");
+        // Visible at once (in the WAL), to readers and to recovery.
+        assert_eq!(j.unfinished().unwrap()[0].stage, "staged");
+        j.finish("d1", &finish("deployed")).unwrap();
+        assert_eq!(
+            level(&j),
+            2,
+            "the outcome is durable, and the rows before it"
+        );
+        let h = j.history(Some("web"), 1).unwrap();
+        let stages: Vec<&str> = h[0].stages.iter().map(|(_, s, _)| s.as_str()).collect();
+        assert_eq!(stages, ["locked", "staged", "done"]);
     }
 
     #[test]

@@ -1,27 +1,48 @@
-//! `cargo xtask`: development tasks.
+//! `cargo xtask <task>`: development tasks for certctl (an alias in
+//! `.cargo/config.toml`).
 //!
 //! - `cargo xtask gen`: regenerate the man pages and shell completions under
 //!   `packaging/` from the CLI definitions (commit the result).
 //! - `cargo xtask check-gen`: fail when they are stale (the test suite does
 //!   the same).
-#![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line tool
+//! - `cargo xtask bench`: the benchmark harness of docs/performance.md.
+// This crate is a command-line program: printing is its job.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod bench;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Development tasks for certctl")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Regenerate the man pages and shell completions under packaging/.
+    Gen,
+    /// Fail when the generated man pages or completions are stale.
+    CheckGen,
+    /// Measure the agent against the floor and the alternatives; print one table.
+    Bench(bench::Options),
+}
+
 fn main() -> ExitCode {
-    let task = std::env::args().nth(1).unwrap_or_default();
-    let result = match task.as_str() {
-        "gen" => gen_files(),
-        "check-gen" => check(),
-        _ => {
-            eprintln!("usage: cargo xtask gen | check-gen");
-            return ExitCode::from(2);
-        }
+    let cli = Cli::parse();
+    let result = match &cli.task {
+        Task::Gen => gen_files(),
+        Task::CheckGen => check(),
+        Task::Bench(o) => bench::run(o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask {task}: {e:#}");
+            eprintln!("xtask: {e:#}");
             ExitCode::FAILURE
         }
     }

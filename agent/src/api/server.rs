@@ -335,6 +335,11 @@ impl Agent for Service {
                     .ok_or_else(|| unknown_target(&config, &want))?,
             ]
         };
+        // The drop counters first: a job records its final outcome before
+        // it stops counting as in flight, so when these say nothing is in
+        // progress, the per-target entries read below are at least as new.
+        let drops_pending = self.shared.drops.pending();
+        let drops_in_flight = self.shared.drops.in_flight();
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
             let target = t.clone();
@@ -379,8 +384,8 @@ impl Agent for Service {
                 config_path: config.path.display().to_string(),
                 socket: self.shared.socket.display().to_string(),
                 drop_dir: dirs.map(|d| d.0.display().to_string()).unwrap_or_default(),
-                drops_pending: u32::try_from(self.shared.drops.pending()).unwrap_or(u32::MAX),
-                drops_in_flight: u32::try_from(self.shared.drops.in_flight()).unwrap_or(u32::MAX),
+                drops_pending: u32::try_from(drops_pending).unwrap_or(u32::MAX),
+                drops_in_flight: u32::try_from(drops_in_flight).unwrap_or(u32::MAX),
                 rejected_dir: dirs.map(|d| d.1.display().to_string()).unwrap_or_default(),
             }),
             targets: out,

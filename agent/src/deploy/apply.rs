@@ -30,7 +30,7 @@ use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
 use crate::config::{Layout, Target, VerifyConfig};
 use crate::failpoint;
-use crate::journal::{self, FileRecord, Journal};
+use crate::journal::{self, FileRecord, Journal, Sync};
 use crate::keystore::{KeystoreConfig, StoreType};
 use crate::lock::{LockError, Locks, TargetGuard};
 use crate::metrics::{Metrics, StageTimer};
@@ -252,6 +252,11 @@ pub(super) struct Run<'e> {
     pub(super) recovered: bool,
     /// Stage durations for the metrics.
     timer: StageTimer,
+    /// Something outside the files acts on them once committed (a validate
+    /// or reload command, a verification) before the outcome is written:
+    /// the `committed` row must be durable first. Conservatively true
+    /// unless a deploy finds otherwise.
+    pub(super) committed_acted_on: bool,
 }
 
 /// Files renamed into place, with what to put back.
@@ -287,6 +292,7 @@ impl<'e> Run<'e> {
             op: "deploy",
             begun: false,
             recovered: false,
+            committed_acted_on: true,
         }
     }
 
@@ -322,15 +328,38 @@ impl<'e> Run<'e> {
         Ok(())
     }
 
-    /// Appends a stage to the run's journal row (durable on return).
+    /// Appends a stage to the run's journal row.
     fn journal_stage(&self, stage: &str, message: &str) {
         if !self.begun {
             return;
         }
-        if let Err(e) =
-            tokio::task::block_in_place(|| self.engine.journal.stage(&self.id, stage, message))
-        {
+        let sync = self.sync_of(stage);
+        if let Err(e) = tokio::task::block_in_place(|| {
+            self.engine.journal.stage(&self.id, stage, message, sync)
+        }) {
             tracing::error!("{e}");
+        }
+    }
+
+    /// How soon the row of `stage` must be on disk. Recovery acts on the
+    /// last stage it finds (`deploy::recover`): a row must be durable
+    /// before anything happens that recovery would have to treat
+    /// differently. `rollback` (the previous files are being put back) is
+    /// always; `committed` is when something outside the files acts on
+    /// them before the outcome is written (validate, reload, verify): the
+    /// server may load the new files, and recovery must then complete the
+    /// deploy rather than quietly restore. With nothing in between, the
+    /// outcome's fsync carries it: lost to a power cut, recovery finds the
+    /// run at `locked` and restores the previous set, which no one was told
+    /// had been replaced. `staged`, `validate-command`, `reloaded` and
+    /// `verify` are treated by recovery exactly as the row before them.
+    /// The start and the outcome are always durable ([`Journal::begin`],
+    /// [`Journal::finish`]).
+    fn sync_of(&self, stage: &str) -> Sync {
+        match stage {
+            "staged" | "validate-command" | "reloaded" | "verify" => Sync::WithNext,
+            "committed" if !self.committed_acted_on => Sync::WithNext,
+            _ => Sync::Now,
         }
     }
 
@@ -472,6 +501,8 @@ impl<'e> Run<'e> {
             .unwrap_or_default();
         self.begin_journal(&req.origin, "deploy", &files, &prev_sha, &inputs)
             .await?;
+        self.committed_acted_on =
+            !target.validate.is_empty() || !target.reload.is_empty() || verify.is_some();
 
         if target.layout == Layout::Generations {
             let committed = self.stage_and_switch(target, &plan).await?;

@@ -148,9 +148,10 @@ impl Ledger {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Drops taken and not finished.
+    /// Drops taken and not finished. Acquire: a job's final record is
+    /// visible to whoever sees it counted out ([`Self::job_ended`]).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// The watched drop directory and `rejected/` (`None` before start).
@@ -171,7 +172,7 @@ impl Ledger {
     }
 
     pub(super) fn job_ended(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
     fn set_last(&self, target: &str, last: LastDrop) {

@@ -65,8 +65,17 @@ fn ignored(name: &str) -> bool {
         || (name.starts_with('#') && name.ends_with('#'))
 }
 
-/// Polls until the agent reports no pending or in-flight drop and the drop
-/// directory holds none; returns the last `certctl --json status`.
+/// Polls until the drop directory holds no drop and then the agent reports
+/// none pending or in flight; returns that `certctl --json status`.
+///
+/// The listing comes first: a drop stays in the directory (as itself or
+/// taken, `.certctl-claimed.*`) until its job removed or moved it, and a
+/// job records its final outcome before it stops counting as in flight;
+/// the agent reads those counters before the per-target entries. So a
+/// status taken after an empty listing that says nothing is in progress
+/// has every drop's final record. (The other way round, a status taken
+/// before the agent noticed a rename could pass for idle once the drop
+/// was dealt with by the time of the listing.)
 pub fn wait_idle(env: &TestEnv, agent: &AgentProc) -> serde_json::Value {
     wait_idle_for(env, agent, DROP_TIMEOUT)
 }
@@ -75,11 +84,12 @@ pub fn wait_idle(env: &TestEnv, agent: &AgentProc) -> serde_json::Value {
 pub fn wait_idle_for(env: &TestEnv, agent: &AgentProc, timeout: Duration) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
+        let listed = drop_entries(env);
         let out = env.ctl(&["--json", "status"]);
         out.assert_code(0);
         let status = out.json();
         let a = &status["agent"];
-        if a["drops_pending"] == 0 && a["drops_in_flight"] == 0 && drop_entries(env).is_empty() {
+        if listed.is_empty() && a["drops_pending"] == 0 && a["drops_in_flight"] == 0 {
             return status;
         }
         assert!(
