@@ -41,6 +41,10 @@ use crate::drop;
 use crate::journal::Journal;
 use crate::systemd::{ActivatedSocket, Notifier, StatusBoard};
 
+/// How far each `EXTEND_TIMEOUT_USEC=` during start-up recovery pushes
+/// systemd's start timeout (re-sent every third of it).
+const RECOVERY_EXTEND: Duration = Duration::from_secs(60);
+
 /// How often `STATUS=` is refreshed while idle (its "3m ago" ages).
 const STATUS_REFRESH: Duration = Duration::from_secs(30);
 
@@ -106,8 +110,24 @@ pub async fn run(
     let journal = Arc::new(Journal::open(&state_dir)?);
     let engine = Engine::new(state_dir.join("locks"), journal);
     // Before any call is accepted: finish what a previous run of the agent
-    // left half done.
-    let recovered = engine.recover(&config).await?;
+    // left half done. A recovery that verifies can take a while: systemd's
+    // start timeout is extended while it runs.
+    let recovered = {
+        let recovery = engine.recover(&config);
+        let mut recovery = pin!(recovery);
+        // Nothing is sent for a quick (or empty) recovery.
+        let every = RECOVERY_EXTEND / 3;
+        let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                r = &mut recovery => break r?,
+                _ = extend.tick() => notifier.starting(
+                    "recovering deploys interrupted by the last stop",
+                    RECOVERY_EXTEND,
+                ),
+            }
+        }
+    };
     for r in &recovered {
         info!(outcome = r.outcome.as_str(), "recovery: {}", r.error);
     }

@@ -112,6 +112,18 @@ impl Notifier {
         self.send(&[NotifyState::Status(&status)]);
     }
 
+    /// Start-up is still busy (recovering interrupted runs): `STATUS=` and
+    /// `EXTEND_TIMEOUT_USEC=`, so systemd's start timeout counts from now
+    /// for another `extend` instead of killing a recovery that verifies.
+    pub fn starting(&self, status: &str, extend: Duration) {
+        let status = one_line(status);
+        let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+        self.send(&[
+            NotifyState::Status(&status),
+            NotifyState::ExtendTimeoutUsec(usec),
+        ]);
+    }
+
     /// The main loop is alive.
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
