@@ -386,7 +386,7 @@ fn wait_for_group(pgid: u32, n: usize) -> Vec<u32> {
 #[test]
 fn tls_probe_reports_errors() {
     // A port nothing listens on.
-    let port = crate::support::nginx::free_port();
+    let port = crate::support::free_port();
     let err = probe(port, "x.test").expect_err("nothing listens");
     assert!(err.contains("connect"), "{err}");
 

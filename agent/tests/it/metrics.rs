@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::support::endpoints::refused_port;
-use crate::support::{TestEnv, pki};
+use crate::support::{TestEnv, free_port, pki};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,14 +33,6 @@ fn http(port: u16, request: &str) -> (String, String) {
         head.lines().next().unwrap_or("").to_owned(),
         body.to_owned(),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::nginx::{SNI, TARGET, assert_served, start_site};
+use crate::nginx::{SNI, Site, TARGET, assert_served, start_site};
 use crate::support::assert::{arg, done, temp_files};
 use crate::support::endpoints::{Endpoint, refused_port};
 use crate::support::nginx::{Nginx, nginx_available};
@@ -35,8 +35,13 @@ fn verify_table(endpoint: &str, server_name: &str, attempts: u32) -> String {
     )
 }
 
-fn with_verify(env: &mut TestEnv, name: &str, table: &str) {
-    env.append_to_target(name, table);
+/// nginx serving `leaf` for target `web`, whose `[target.verify]` probes
+/// it with `attempts` tries; `reload` as in [`TestEnv::nginx_target`].
+fn verified_site(env: &mut TestEnv, leaf: &Leaf, reload: Option<&[String]>, attempts: u32) -> Site {
+    let site = start_site(env, leaf);
+    env.nginx_target(TARGET, &site.nginx, SNI, reload);
+    env.append_to_target(TARGET, &verify_table(&site.nginx.endpoint(), SNI, attempts));
+    site
 }
 
 fn deploy_json(env: &TestEnv, target: &str, leaf: &Leaf, stem: &str) -> crate::support::CtlOutput {
@@ -64,13 +69,7 @@ fn deploy_is_verified_and_rollback_switches_back_and_forth() {
     }
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
-    let site = start_site(&env, &a);
-    env.nginx_target(TARGET, &site.nginx, SNI, None);
-    with_verify(
-        &mut env,
-        TARGET,
-        &verify_table(&site.nginx.endpoint(), SNI, 5),
-    );
+    let site = verified_site(&mut env, &a, None, 5);
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
@@ -134,14 +133,8 @@ fn a_reload_that_does_nothing_is_caught_and_rolled_back() {
     }
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
-    let site = start_site(&env, &a);
     // "Succeeds" without telling nginx anything: nginx keeps serving A.
-    env.nginx_target(TARGET, &site.nginx, SNI, Some(&["true".to_owned()]));
-    with_verify(
-        &mut env,
-        TARGET,
-        &verify_table(&site.nginx.endpoint(), SNI, 3),
-    );
+    let site = verified_site(&mut env, &a, Some(&["true".to_owned()]), 3);
     let _agent = env.spawn_agent();
 
     let b = pki::issue_cert(&[SNI]);
@@ -215,11 +208,7 @@ fn the_wrong_vhost_is_a_mismatch() {
         .start();
     env.nginx_target(TARGET, &nginx, SNI, None);
     // The operator typed the other vhost's name.
-    with_verify(
-        &mut env,
-        TARGET,
-        &verify_table(&nginx.endpoint(), "other.test", 2),
-    );
+    env.append_to_target(TARGET, &verify_table(&nginx.endpoint(), "other.test", 2));
     let _agent = env.spawn_agent();
 
     let v = env.ctl(&["--json", "verify", TARGET]);
@@ -555,13 +544,7 @@ fn an_identical_deploy_still_proves_it_is_served_and_reloads_when_it_is_not() {
     }
     let mut env = TestEnv::new();
     let a = pki::issue_cert(&[SNI]);
-    let site = start_site(&env, &a);
-    env.nginx_target(TARGET, &site.nginx, SNI, None);
-    with_verify(
-        &mut env,
-        TARGET,
-        &verify_table(&site.nginx.endpoint(), SNI, 5),
-    );
+    let site = verified_site(&mut env, &a, None, 5);
     let _agent = env.spawn_agent();
 
     // Already on disk and served: unchanged, and verified.

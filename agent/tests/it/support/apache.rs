@@ -80,7 +80,7 @@ impl Apache {
     /// `cert` (leaf + chain) and `key`.
     pub fn start(dir: &Path, server_name: &str, cert: &Path, key: &Path) -> Apache {
         let bins = bins().expect("apache is not installed (check apache_available() first)");
-        let dir = std::path::absolute(dir).expect("absolute path");
+        let dir = super::absolute(dir);
         std::fs::create_dir_all(&dir).expect("create apache dir");
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {

@@ -155,7 +155,7 @@ impl Caddy {
 
 fn start(dir: &Path, admin: Admin, mode: &Mode<'_>) -> Caddy {
     let bin = bin().expect("caddy is not installed (check caddy_available() first)");
-    let dir = std::path::absolute(dir).expect("absolute path");
+    let dir = super::absolute(dir);
     for sub in ["", "data", "home", "config"] {
         std::fs::create_dir_all(dir.join(sub)).expect("create caddy dir");
     }

@@ -36,12 +36,12 @@
 //! `/usr/share/dovecot/protocols.d` (Debian's main config includes it, this
 //! one does not) `protocols` must be set explicitly.
 
+use super::absolute;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -457,14 +457,8 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// `dc<test pid>-<n>`: distinct across instances and test processes.
 fn unique_token() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "dc{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    super::unique_token("dc")
 }
 
 /// `<dir>/dovecot.log`: the master's stdout and stderr (where `log_path` points).
@@ -474,19 +468,9 @@ fn log_path(dir: &Path) -> PathBuf {
 
 /// A path as a dovecot.conf value (unquoted, so no spaces or specials).
 fn value(path: &Path) -> String {
-    let s = path.to_string_lossy().into_owned();
-    assert!(
-        s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)),
-        "path not safe for dovecot.conf: {s}"
-    );
-    s
+    super::unquoted_value(path, "dovecot.conf")
 }
 
 fn bin_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
-}
-
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).expect("absolute path")
 }

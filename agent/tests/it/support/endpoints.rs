@@ -22,8 +22,7 @@ use super::pki::Leaf;
 
 /// A port on which nothing listens (bound, noted and released).
 pub fn refused_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    l.local_addr().expect("addr").port()
+    super::free_port()
 }
 
 /// A loopback server running `serve` on each accepted connection, on its

@@ -63,7 +63,7 @@ impl Haproxy {
     /// chain, key).
     pub fn start(dir: &Path, pem: &Path) -> Haproxy {
         let bin = bin().expect("haproxy is not installed (check haproxy_available() first)");
-        let dir = std::path::absolute(dir).expect("absolute path");
+        let dir = super::absolute(dir);
         std::fs::create_dir_all(&dir).expect("create haproxy dir");
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {

@@ -79,6 +79,43 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Env var that turns a missing server package from a failure into a printed skip.
 pub const ALLOW_MISSING_SERVERS: &str = "CERTCTL_TEST_ALLOW_MISSING_SERVERS";
 
+/// A loopback port that was free a moment ago (bind :0, read it, release
+/// it): for a server to start on, or as a port nothing listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `path` made absolute (test dirs are absolute already; relative fixtures are not).
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).expect("absolute path")
+}
+
+/// A path as an unquoted value in a server's config file (`what` names the
+/// file in the panic): temp dirs never need quoting, so anything else is a
+/// test bug.
+pub fn unquoted_value(path: &Path, what: &str) -> String {
+    let s = path.to_string_lossy().into_owned();
+    assert!(
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)),
+        "path not safe for {what}: {s}"
+    );
+    s
+}
+
+/// `<prefix><test pid>-<n>`: distinct across instances and test processes.
+pub fn unique_token(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// Handles a missing server binary: panics, or prints a skip line and returns true when `CERTCTL_TEST_ALLOW_MISSING_SERVERS=1`.
 pub fn server_missing(program: &str) -> bool {
     let test = thread::current().name().unwrap_or("<unnamed>").to_owned();

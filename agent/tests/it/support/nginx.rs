@@ -37,7 +37,7 @@
 //! new port (readiness waits for the pid file, which nginx writes only after
 //! binding, so another process on the port is never mistaken for ours).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -394,14 +394,5 @@ fn quote(path: &Path) -> String {
     format!("\"{s}\"")
 }
 
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).expect("absolute path")
-}
-
-/// A loopback port that was free a moment ago (bind :0, read it, release it).
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
+use super::absolute;
+pub use super::free_port;

@@ -44,12 +44,12 @@
 //! traversable by that user ([`Postfix::start`] checks and says which is not);
 //! `postfix check` also creates the missing queue subdirectories.
 
+use super::absolute;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -470,12 +470,7 @@ fn render_master_cf(port: u16) -> String {
 
 /// `pf<test pid>-<n>.certctl.test`: distinct across instances and test processes.
 fn unique_hostname() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "pf{}-{}.certctl.test",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}.certctl.test", super::unique_token("pf"))
 }
 
 /// `<dir>/postfix.log`: the master's stdout and stderr.
@@ -485,15 +480,5 @@ fn log_path(dir: &Path) -> PathBuf {
 
 /// A path as a main.cf value (which has no quoting).
 fn value(path: &Path) -> String {
-    let s = path.to_string_lossy().into_owned();
-    assert!(
-        s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)),
-        "path not safe for main.cf: {s}"
-    );
-    s
-}
-
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).expect("absolute path")
+    super::unquoted_value(path, "main.cf")
 }
