@@ -402,6 +402,18 @@ fn history_survives_restarts_and_status_shows_the_last_outcome() {
         "rejected",
         "{st}"
     );
+    // Bad input: an unknown target, a limit out of range.
+    let unknown = env.ctl(&["history", "nope"]);
+    unknown.assert_code(3);
+    assert!(
+        unknown.stderr.contains("unknown target \"nope\""),
+        "{unknown}"
+    );
+    for limit in ["0", "10001", "many"] {
+        let bad = env.ctl(&["history", "--limit", limit]);
+        bad.assert_code(2);
+        assert!(bad.stderr.contains("--limit"), "{bad}");
+    }
     let human = env.ctl(&["history"]);
     human.assert_code(0);
     assert!(
