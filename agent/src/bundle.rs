@@ -39,7 +39,6 @@ use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
-use x509_parser::time::ASN1Time;
 use zeroize::{Zeroize, Zeroizing};
 
 /// More certificates than this in one deploy is refused: a leaf and its chain
@@ -619,24 +618,7 @@ pub fn certs_in_pem(pem: &[u8]) -> Result<Vec<Cert>, BundleError> {
     Ok(certs)
 }
 
-/// Unix seconds as RFC 3339 UTC, e.g. `2025-01-01T00:00:00Z`.
-pub fn rfc3339(unix: i64) -> String {
-    match ASN1Time::from_timestamp(unix) {
-        Ok(t) => {
-            let t = t.to_datetime();
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        }
-        Err(_) => format!("@{unix}"),
-    }
-}
+pub use crate::model::fmt::rfc3339;
 
 // === PEM ===
 

@@ -15,11 +15,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::config::host::search_path;
+
 /// How much of each output stream is kept for error messages.
 pub const OUTPUT_LIMIT: usize = 8 * 1024;
-
-/// `PATH` given to commands when the agent itself has none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A command to run: its argv, its time limit and the extra environment.
 #[derive(Debug, Clone)]
@@ -93,22 +92,6 @@ pub fn display_argv(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The `PATH` commands run with: the agent's own, else [`DEFAULT_PATH`].
-fn search_path() -> String {
-    std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned())
-}
-
-/// Where `program` (a bare name) would be found when a command runs: the
-/// first executable file of that name on the commands' `PATH`.
-pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(&search_path())
-        .map(|dir| dir.join(program))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// Runs `spec` to completion or timeout. `Ok` only for exit status 0.

@@ -28,15 +28,16 @@ use std::time::{Duration, SystemTime};
 
 use certctl_proto::agent::v1::agent_server::AgentServer;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
-use crate::api::server::{DRAIN_TIMEOUT, Service, Shared};
+use crate::api::server::{DRAIN_TIMEOUT, Service};
 use crate::api::socket;
+use crate::app::App;
+use crate::atomic;
 use crate::config::{self, Config};
 use crate::deploy::Engine;
-use crate::deploy::atomic;
 use crate::drop;
 use crate::journal::Journal;
 use crate::systemd::{ActivatedSocket, Notifier, StatusBoard};
@@ -152,13 +153,11 @@ pub async fn run(
     };
     let (listener, socket_path, bound_here) = control_socket(&config, activated)?;
 
-    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let (down_tx, down_rx) = watch::channel(false);
-    let shared = Arc::new(Shared::new(
+    let shared = Arc::new(App::new(
         config.clone(),
         engine,
         socket_path.clone(),
-        drain_tx,
         down_rx.clone(),
     ));
     // Drops already there, or taken before a restart, are picked up now.
@@ -240,13 +239,13 @@ pub async fn run(
     }
     served.map_err(DaemonError::Serve)?;
 
-    // Every deploy holds a drain sender: recv() returns None when the last
-    // one finished. The watchdog keeps being fed meanwhile.
+    // Every admitted deploy holds a task token: drained() resolves when the
+    // last one finished. The watchdog keeps being fed meanwhile.
     let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
     let mut deadline = pin!(deadline);
     loop {
         tokio::select! {
-            _ = drain_rx.recv() => break,
+            () = shared.drained() => break,
             () = &mut deadline => {
                 error!("deploys still running after {DRAIN_TIMEOUT:?}; exiting anyway");
                 break;
@@ -316,7 +315,7 @@ async fn watchdog_ping(notifier: &Notifier) {
     }
 }
 
-fn reload(shared: &Shared, path: &Path) {
+fn reload(shared: &App, path: &Path) {
     match config::load(path) {
         Ok(new) => {
             if new.agent.socket != shared.socket {

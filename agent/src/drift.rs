@@ -19,17 +19,17 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::api::server::Shared;
+use crate::app::App;
 use crate::config::Target;
-use crate::deploy::apply::short_hex;
-use crate::deploy::event::{Event, Stage};
 use crate::deploy::verify::{self, CheckState, Expect, ServedCheck};
+use crate::model::event::{Event, Stage};
+use crate::model::fmt::short_hex;
 
 /// Probes running at once.
 const CONCURRENCY: usize = 16;
 
 /// Runs until `shutdown` turns true.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
         let config = shared.config();
@@ -98,7 +98,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Probes one target, records the check and reports a change of state.
-async fn probe(shared: &Shared, target: &Target) {
+async fn probe(shared: &App, target: &Target) {
     let Some(v) = &target.verify else { return };
     let t = target.clone();
     let disk = match tokio::task::spawn_blocking(move || verify::on_disk(&t)).await {

@@ -10,6 +10,8 @@
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 pub mod api;
+pub mod app;
+pub mod atomic;
 pub mod bundle;
 pub mod check;
 pub mod cli;
@@ -17,6 +19,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod deploy;
+pub mod disk;
 pub mod drift;
 pub mod drop;
 pub mod failpoint;
@@ -26,6 +29,8 @@ pub mod kind;
 pub mod lock;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod reload;
+pub mod sync;
 pub mod systemd;
 pub mod verify;

@@ -14,8 +14,10 @@
 //! | [`Metrics::drop_outcome`] | the drop directory watcher | `certctl_drops_total` |
 //! | [`Metrics::config_reload`] | `daemon` (SIGHUP) | `certctl_config_reloads_total` |
 //!
-//! [`exposition`] renders everything, adding what is read at scrape time:
-//! each target's certificate `not_after` from disk, up-time, build info.
+//! [`Metrics::render`] renders everything, adding what the caller read at
+//! scrape time (each target's certificate `not_after`, through
+//! [`crate::disk`]: `App::exposition`), up-time and build info. This module
+//! does no I/O and knows no configuration.
 //! `docs/metrics.md` describes every series for operators.
 //!
 //! Guarantees: a series moves only when the code path it names ran (nothing
@@ -27,12 +29,10 @@ pub mod http;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Config;
-use crate::deploy::event::{Outcome, Stage};
+use crate::model::event::{Outcome, Stage};
 
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -467,37 +467,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Renders `metrics` for `config`: reads every target's certificate from
-/// disk (off the async threads) and formats everything.
-pub async fn exposition(metrics: &Metrics, config: &Config) -> String {
-    let targets: Vec<(String, PathBuf)> = config
-        .targets
-        .iter()
-        .map(|t| (t.name.clone(), t.cert_path.clone()))
-        .collect();
-    let certs = tokio::task::spawn_blocking(move || {
-        targets
-            .into_iter()
-            .map(|(target, path)| TargetCert {
-                target,
-                not_after: disk_not_after(&path),
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    metrics.render(&certs)
-}
-
-/// `not_after` of the first certificate in the file at `path`.
-fn disk_not_after(path: &std::path::Path) -> Option<i64> {
-    let bytes = std::fs::read(path).ok()?;
-    crate::bundle::first_cert_in_pem(&bytes)
-        .ok()
-        .flatten()
-        .map(|c| c.not_after)
 }
 
 // === impl StageTimer ===

@@ -25,7 +25,8 @@ use std::time::{Duration, SystemTime};
 
 use sd_notify::NotifyState;
 
-use crate::deploy::event::{Event, Outcome, Stage};
+use crate::model::event::{Event, Outcome, Stage};
+use crate::sync::lock;
 
 // === impl Notifier ===
 
@@ -147,10 +148,6 @@ impl Notifier {
 /// `STATUS=` is one line: a newline would end the field.
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 // === socket activation ===
@@ -359,9 +356,9 @@ pub fn hang_main_loop_if_asked() {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy::event::{Report, Verification};
     use crate::deploy::verify::{Attempt, CheckState, ServedCheck};
     use crate::kind::VerifyProtocol;
+    use crate::model::event::{Report, Verification};
 
     fn event(target: &str, id: &str, stage: Stage) -> Event {
         Event::new(id, target, stage, String::new())

@@ -7,10 +7,10 @@ use certctl_proto::agent::v1 as pb;
 use tonic::Status;
 
 use super::auth::AuthError;
-use crate::deploy::event::{Event, FileSummary, Outcome, Report, Stage};
 use crate::deploy::verify::{Attempt, ServedCheck};
 use crate::drop::{self, DropOutcome};
 use crate::journal::Record;
+use crate::model::event::{Event, FileSummary, Outcome, Report, Stage};
 
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)

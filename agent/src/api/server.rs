@@ -5,14 +5,13 @@
 //! abort it (the target must never be left between stages), and shutdown
 //! waits for it (see `daemon`).
 
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use certctl_proto::agent::v1 as pb;
 use certctl_proto::agent::v1::agent_server::Agent;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -20,90 +19,26 @@ use zeroize::Zeroizing;
 
 use super::auth::{self, Access, Policy};
 use super::convert;
-use crate::bundle;
+use crate::app::App;
 use crate::config::Config;
+use crate::deploy::Request as DeployRequest;
 use crate::deploy::rollback::RollbackRequest;
 use crate::deploy::verify::{self, Expect};
-use crate::deploy::{Engine, Request as DeployRequest};
 
 /// Largest PEM input accepted in one field of a deploy request.
 pub const MAX_PEM_BYTES: usize = 1024 * 1024;
 
-/// State shared by every call.
-pub struct Shared {
-    config: RwLock<Arc<Config>>,
-    pub engine: Engine,
-    pub started: SystemTime,
-    /// The path the socket was bound at (a config reload cannot move it).
-    pub socket: PathBuf,
-    /// Each running deploy holds a clone; shutdown waits for all to drop.
-    drain: std::sync::Mutex<Option<mpsc::Sender<()>>>,
-    /// Flips to true when the agent shuts down; ends watch streams.
-    shutdown: watch::Receiver<bool>,
-    /// Notified after each configuration reload.
-    pub reloaded: tokio::sync::Notify,
-    /// What the drop directory reports to `certctl status`.
-    pub drops: crate::drop::Ledger,
+/// Who may call, from the configuration in force.
+trait Authorize {
+    fn policy(&self, config: &Config) -> Policy;
+    fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        access: Access,
+    ) -> Result<(Arc<Config>, auth::Caller), Status>;
 }
 
-impl Shared {
-    pub fn new(
-        config: Arc<Config>,
-        engine: Engine,
-        socket: PathBuf,
-        drain: mpsc::Sender<()>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
-            config: RwLock::new(config),
-            engine,
-            started: SystemTime::now(),
-            socket,
-            drain: std::sync::Mutex::new(Some(drain)),
-            shutdown,
-            reloaded: tokio::sync::Notify::new(),
-            drops: crate::drop::Ledger::default(),
-        }
-    }
-
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Puts a new configuration in force (SIGHUP).
-    pub fn replace_config(&self, config: Arc<Config>) {
-        *self
-            .config
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
-        self.reloaded.notify_waiters();
-    }
-
-    /// Stops accepting deploys; running ones keep their guard.
-    pub fn close(&self) {
-        self.drain
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-    }
-
-    /// Turns true when the agent shuts down.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.clone()
-    }
-
-    /// A guard that shutdown waits for; `None` once the agent is stopping.
-    pub(crate) fn deploy_guard(&self) -> Option<mpsc::Sender<()>> {
-        self.drain
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
+impl Authorize for App {
     fn policy(&self, config: &Config) -> Policy {
         Policy {
             socket: self.socket.clone(),
@@ -131,11 +66,11 @@ impl Shared {
 /// The `certctl.agent.v1.Agent` service.
 #[derive(Clone)]
 pub struct Service {
-    shared: Arc<Shared>,
+    shared: Arc<App>,
 }
 
 impl Service {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<App>) -> Self {
         Self { shared }
     }
 }
@@ -433,8 +368,8 @@ impl Agent for Service {
         &self,
         request: Request<pb::MetricsRequest>,
     ) -> Result<Response<pb::MetricsResponse>, Status> {
-        let (config, _) = self.shared.authorize(&request, Access::Read)?;
-        let text = crate::metrics::exposition(self.shared.engine.metrics(), &config).await;
+        self.shared.authorize(&request, Access::Read)?;
+        let text = self.shared.exposition().await;
         Ok(Response::new(pb::MetricsResponse { text }))
     }
 
@@ -453,7 +388,7 @@ impl Agent for Service {
         // The stream ends when the agent shuts down, so shutdown is not
         // held up by watchers.
         let down =
-            WatchStream::new(self.shared.shutdown.clone()).filter_map(|down| down.then_some(None));
+            WatchStream::new(self.shared.shutdown_signal()).filter_map(|down| down.then_some(None));
         let stream = events
             .map(Some)
             .merge(down)
@@ -494,45 +429,19 @@ impl DiskCert {
 }
 
 fn read_disk_cert(target: &crate::config::Target) -> DiskCert {
-    if target.keystore.is_some() {
-        return keystore_disk_cert(target);
-    }
-    match std::fs::read(&target.cert_path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskCert::state("missing".to_owned()),
-        Err(e) => DiskCert::state(format!("cannot read: {e}")),
-        Ok(bytes) => match bundle::first_cert_in_pem(&bytes) {
-            Ok(Some(c)) => DiskCert {
-                sha256: c.sha256_hex(),
-                not_after: c.not_after,
-                subject: c.subject,
-                state: if c.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
-                    "expired".to_owned()
-                } else {
-                    "ok".to_owned()
-                },
-            },
-            Ok(None) => DiskCert::state("no certificate in the file".to_owned()),
-            Err(e) => DiskCert::state(format!("unreadable: {e}")),
-        },
-    }
-}
-
-/// A keystore target's leaf, read from the keystore: "missing", the leaf,
-/// or "keystore: <why it cannot be read>" (a changed password, say).
-fn keystore_disk_cert(target: &crate::config::Target) -> DiskCert {
-    match verify::on_disk(target) {
+    match crate::disk::leaf(target) {
         Ok(None) => DiskCert::state("missing".to_owned()),
-        Ok(Some(d)) => DiskCert {
-            sha256: d.leaf.sha256_hex(),
-            not_after: d.leaf.not_after,
-            subject: d.leaf.subject,
-            state: if d.leaf.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
+        Ok(Some(leaf)) => DiskCert {
+            sha256: leaf.sha256_hex(),
+            not_after: leaf.not_after,
+            subject: leaf.subject,
+            state: if leaf.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
                 "expired".to_owned()
             } else {
                 "ok".to_owned()
             },
         },
-        Err(e) => DiskCert::state(format!("keystore: {e}")),
+        Err(e) => DiskCert::state(e.status()),
     }
 }
 

@@ -6,6 +6,25 @@
 
 use nix::unistd::{self, Gid, Uid};
 
+/// `PATH` given to commands when the agent itself has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The `PATH` commands run with: the agent's own, else [`DEFAULT_PATH`].
+pub fn search_path() -> String {
+    std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned())
+}
+
+/// Where `program` (a bare name) would be found when a command runs: the
+/// first executable file of that name on the commands' `PATH`.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&search_path())
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// User and group lookups (through NSS on a real host).
 pub trait Host {
     /// The uid of user `name`; `Ok(None)` when there is no such user.
@@ -20,7 +39,7 @@ pub trait Host {
     fn euid(&self) -> u32;
     /// Whether `program` is found on the `PATH` commands run with.
     fn has_program(&self, program: &str) -> bool {
-        crate::command::find_program(program).is_some()
+        find_program(program).is_some()
     }
 }
 

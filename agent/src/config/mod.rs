@@ -18,7 +18,9 @@
 //! (messages), `host` (user and group lookups, replaceable in tests).
 
 mod error;
-mod host;
+pub mod hook;
+pub mod host;
+pub mod keystore;
 mod raw;
 mod resolve;
 #[cfg(test)]
@@ -28,12 +30,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::keystore::KeystoreConfig;
 use crate::kind::Kind;
 pub use crate::kind::VerifyProtocol;
-use crate::reload::ReloadHook;
 pub use error::{ConfigError, Problem};
+use hook::ReloadHook;
 pub use host::{Host, SystemHost};
+use keystore::KeystoreConfig;
 
 /// Where the agent looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/certctl/agent.toml";

@@ -3,7 +3,7 @@
 //!
 //! Guarantees: nothing beside the target is touched before the input has
 //! been checked and the target locked; every file goes through
-//! [`atomic`](super::atomic) (temp, fsync, rename, directory fsync); the
+//! [`atomic`](crate::atomic) (temp, fsync, rename, directory fsync); the
 //! validate command runs against the committed new files and a failure puts
 //! the previous files back without a reload; a failed reload or a failed
 //! verification puts them back, reloads again and verifies that the previous
@@ -21,11 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 use zeroize::Zeroizing;
 
-use super::atomic::{self, FsError};
-use super::event::{Event, FileSummary, Outcome, Report, Stage, Verification, new_deploy_id};
 use super::generations;
 use super::plan::{self, Plan, Policy};
 use super::verify::{self, Attempt, Expect, OnDisk, ServedCheck};
+use crate::atomic::{self, FsError};
 use crate::bundle::{self, Bundle, CheckOptions, Source};
 use crate::command;
 use crate::config::{Layout, Target, VerifyConfig};
@@ -34,6 +33,11 @@ use crate::journal::{self, FileRecord, Journal, Sync};
 use crate::keystore::{KeystoreConfig, StoreType};
 use crate::lock::{LockError, Locks, TargetGuard};
 use crate::metrics::{Metrics, StageTimer};
+use crate::model::event::{
+    Event, FileSummary, Outcome, Report, Stage, Verification, new_deploy_id,
+};
+use crate::model::fmt::{fmt_duration, short_hex};
+use crate::sync::lock;
 
 /// One deploy as asked for by a client.
 pub struct Request {
@@ -204,10 +208,6 @@ impl Engine {
         .instrument(span)
         .await
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A stage that ended the deploy early.
@@ -1435,24 +1435,4 @@ fn describe_commit(c: &Committed) -> String {
         s.push_str(&format!(", {new} new"));
     }
     s
-}
-
-// === formatting ===
-
-/// `9f3a…e1c2`: enough of a fingerprint to recognise it.
-pub fn short_hex(hex: &str) -> String {
-    if hex.len() <= 12 {
-        hex.to_owned()
-    } else {
-        format!("{}…{}", &hex[..6], &hex[hex.len() - 4..])
-    }
-}
-
-/// `850ms`, `1.2s`.
-pub fn fmt_duration(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
 }

@@ -22,8 +22,9 @@
 use std::path::{Path, PathBuf};
 
 use super::apply::Committed;
-use super::atomic::{self, AGENT_DIR, FsError, Result};
-use super::plan::{Existing, Plan};
+use super::plan::Plan;
+use crate::atomic::Existing;
+use crate::atomic::{self, AGENT_DIR, FsError, Result};
 use crate::failpoint;
 
 /// The symlink to the current generation, in the target's directory.

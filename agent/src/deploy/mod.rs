@@ -3,13 +3,11 @@
 //! that the new certificate is served, and the operator's rollback.
 
 pub mod apply;
-pub mod atomic;
-pub mod event;
 pub mod generations;
 pub mod plan;
 pub mod recover;
 pub mod rollback;
 pub mod verify;
 
+pub use crate::model::event::{Event, Outcome, Report, Stage, Verification};
 pub use apply::{Engine, LastDeploy, Request};
-pub use event::{Event, Outcome, Report, Stage, Verification};

@@ -17,73 +17,11 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::atomic::Existing;
 use crate::bundle::Bundle;
 use crate::config::Target;
-
-/// What a file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Cert,
-    Key,
-    Chain,
-    /// Leaf, chain and key in one file (haproxy): a key file for modes.
-    Pem,
-    /// A Java keystore holding key and chain: a key file for modes.
-    Keystore,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Cert => "cert",
-            Role::Key => "key",
-            Role::Chain => "chain",
-            Role::Pem => "pem",
-            Role::Keystore => "keystore",
-        }
-    }
-
-    /// The file holds a private key: it takes the key's mode, and never an
-    /// "other" bit.
-    pub fn holds_key(self) -> bool {
-        matches!(self, Role::Key | Role::Pem | Role::Keystore)
-    }
-}
-
-/// Where a resolved mode or owner came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Explicit,
-    Existing,
-    Default,
-    /// Nothing configured and no file: the agent's own user and group.
-    Agent,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Explicit => "explicit",
-            Source::Existing => "existing",
-            Source::Default => "default",
-            Source::Agent => "agent",
-        }
-    }
-}
-
-/// A file as found on disk before the deploy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Existing {
-    pub uid: u32,
-    pub gid: u32,
-    /// Permission bits only (`st_mode & 0o7777`).
-    pub mode: u32,
-    /// What the file holds: the SHA-256 of its bytes, or for a keystore
-    /// that opens with the target's password, its
-    /// [`content_digest`](crate::keystore::content_digest) (the bytes of
-    /// two encodings of the same material differ: fresh salts).
-    pub sha256: [u8; 32],
-}
+use crate::model::event::FileSummary;
+pub use crate::model::file::{Role, Source};
 
 /// One output of a deploy, before metadata is resolved.
 #[derive(Debug)]
@@ -360,6 +298,22 @@ impl Source {
             self
         } else {
             other
+        }
+    }
+}
+
+impl From<&PlannedFile> for FileSummary {
+    fn from(f: &PlannedFile) -> Self {
+        Self {
+            path: f.path.clone(),
+            role: f.role,
+            sha256: f.sha256,
+            mode: f.mode,
+            uid: f.uid,
+            gid: f.gid,
+            changed: f.changed,
+            mode_source: f.mode_source,
+            owner_source: f.owner_source,
         }
     }
 }

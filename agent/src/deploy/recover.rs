@@ -26,13 +26,13 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, warn};
 
 use super::apply::{Committed, Engine, Failure, Run, blocking};
-use super::atomic::{self, FsError};
-use super::event::{Outcome, Report, Stage};
 use super::generations::Switch;
 use super::rollback::restored_view;
 use super::verify::{self, Expect};
+use crate::atomic::{self, FsError};
 use crate::config::{Config, Target};
 use crate::journal::{JournalError, Record};
+use crate::model::event::{Outcome, Report, Stage};
 
 /// Stages after which the complete new set is on disk.
 const COMMITTED: &[&str] = &["committed", "validate-command", "reloaded", "verify"];

@@ -18,15 +18,16 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, warn};
 
-use super::apply::{Committed, Engine, Failure, Run, blocking, dirs_of, fmt_duration, short_hex};
-use super::atomic::{self, FsError};
-use super::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
+use super::apply::{Committed, Engine, Failure, Run, blocking, dirs_of};
 use super::generations;
 use super::verify::{self, Expect, OnDisk};
+use crate::atomic::{self, FsError};
 use crate::bundle;
 use crate::command;
 use crate::config::{Layout, Target};
 use crate::journal::FileRecord;
+use crate::model::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
+use crate::model::fmt::{fmt_duration, short_hex};
 
 /// One rollback as asked for by a client.
 pub struct RollbackRequest {

@@ -15,20 +15,24 @@
 //! wait is the last one, so cancellation shortens verification but never
 //! turns a failure into a success.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bundle::{self, Cert};
+use crate::bundle::Cert;
 use crate::config::{Target, VerifyConfig};
-use crate::kind::VerifyProtocol;
+pub use crate::model::check::{Attempt, CheckState, EXPIRY_WARNING, ServedCheck, with_expiry};
+use crate::model::fmt::short_or_nothing as short;
 use crate::verify::backoff::{self, Schedule};
 use crate::verify::{self, Probe, Roots};
 
-/// A certificate that is served with less than this left is reported as
-/// `expiring` by the drift watch.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+fn shorts(hexes: &[String]) -> String {
+    hexes
+        .iter()
+        .map(|h| short(h))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// What the endpoint must serve.
 #[derive(Debug, Clone)]
@@ -72,73 +76,6 @@ pub fn server_name(v: &VerifyConfig, dns_names: &[String]) -> String {
 fn endpoint_host(endpoint: &str) -> &str {
     let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
     host.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// How a probe compared with what was expected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckState {
-    /// The expected leaf (and chain, when required) is served.
-    Verified,
-    /// Another leaf is served.
-    Mismatch,
-    /// The leaf matches but the intermediates differ from the deployed chain
-    /// (only with `require_chain_match`).
-    ChainMismatch,
-    /// The probe failed: no connection, no STARTTLS, no handshake, ...
-    Unreachable,
-    /// The expected leaf is served but expires within [`EXPIRY_WARNING`]
-    /// (drift watch only).
-    Expiring,
-}
-
-impl CheckState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckState::Verified => "verified",
-            CheckState::Mismatch => "mismatch",
-            CheckState::ChainMismatch => "chain-mismatch",
-            CheckState::Unreachable => "unreachable",
-            CheckState::Expiring => "expiring",
-        }
-    }
-
-    /// The word `certctl status` shows in its verification column.
-    pub fn verification(self) -> &'static str {
-        match self {
-            CheckState::Verified | CheckState::Expiring => "verified",
-            CheckState::Mismatch | CheckState::ChainMismatch => "mismatch",
-            CheckState::Unreachable => "unreachable",
-        }
-    }
-}
-
-/// One probe, compared with what was expected.
-#[derive(Debug, Clone)]
-pub struct ServedCheck {
-    pub endpoint: String,
-    pub server_name: String,
-    pub protocol: VerifyProtocol,
-    /// The leaf expected (the one on disk), hex SHA-256.
-    pub want_sha256: String,
-    /// The leaf served; empty when the probe failed.
-    pub served_sha256: String,
-    pub served_chain_sha256: Vec<String>,
-    pub served_subject: String,
-    pub served_not_after: i64,
-    pub state: CheckState,
-    /// Short reason code for a failed check; empty when verified.
-    pub reason: &'static str,
-    /// One line: what differs or why the probe failed; empty when verified.
-    pub error: String,
-    pub checked: SystemTime,
-    pub tls_version: String,
-    pub ca_validated: bool,
-}
-
-impl ServedCheck {
-    pub fn ok(&self) -> bool {
-        matches!(self.state, CheckState::Verified | CheckState::Expiring)
-    }
 }
 
 /// Probes once and compares.
@@ -233,95 +170,11 @@ fn compare(check: &mut ServedCheck, expect: &Expect, require_chain_match: bool) 
     }
 }
 
-/// The certificate set a target has on disk.
-#[derive(Debug, Clone)]
-pub struct OnDisk {
-    pub leaf: Cert,
-    /// The certificates after the leaf in `cert_path`, then those in
-    /// `chain_path`.
-    pub chain: Vec<Cert>,
-}
+pub use crate::disk::OnDisk;
 
-/// Reads the target's certificate files (blocking). `Ok(None)`: there is no
-/// certificate file yet. A keystore target's file is opened as a keystore
-/// (with its password, for PKCS#12).
+/// What is on disk, with the error as one line (see [`crate::disk`]).
 pub fn on_disk(target: &Target) -> Result<Option<OnDisk>, String> {
-    if let Some(ks) = &target.keystore {
-        let Some(contents) =
-            crate::keystore::read(&target.cert_path, ks).map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
-        };
-        let (leaf, chain) = crate::keystore::certs_of(&contents)
-            .map_err(|e| format!("{}: {e}", target.cert_path.display()))?;
-        return Ok(Some(OnDisk { leaf, chain }));
-    }
-    let read = |path: &Path| match std::fs::read(path) {
-        Ok(bytes) => bundle::certs_in_pem(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let Some(mut certs) = read(&target.cert_path)? else {
-        return Ok(None);
-    };
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: holds no certificate",
-            target.cert_path.display()
-        ));
-    }
-    if let Some(chain) = &target.chain_path {
-        certs.extend(read(chain)?.unwrap_or_default());
-    }
-    let leaf = certs.remove(0);
-    Ok(Some(OnDisk { leaf, chain: certs }))
-}
-
-/// One attempt of a retry loop, as reported to the client.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    /// 1-based.
-    pub attempt: u32,
-    pub attempts: u32,
-    pub check: ServedCheck,
-    /// The wait before the next attempt; `None` after the last one or a
-    /// success.
-    pub next_in: Option<Duration>,
-    /// Verifying the previous certificate during a rollback.
-    pub rollback: bool,
-}
-
-impl Attempt {
-    /// `verify attempt 2/3: served 9f…e1, want 4a…07; next in 2.1s`.
-    pub fn describe(&self) -> String {
-        let what = if self.rollback {
-            "rollback verify attempt"
-        } else {
-            "verify attempt"
-        };
-        let mut s = format!("{what} {}/{}: ", self.attempt, self.attempts);
-        let c = &self.check;
-        match c.state {
-            CheckState::Verified | CheckState::Expiring => s.push_str(&format!(
-                "{} serves {} ({})",
-                c.endpoint,
-                short(&c.served_sha256),
-                c.tls_version
-            )),
-            CheckState::Mismatch => s.push_str(&format!(
-                "served {}, want {}",
-                short(&c.served_sha256),
-                short(&c.want_sha256)
-            )),
-            CheckState::ChainMismatch | CheckState::Unreachable => s.push_str(&c.error),
-        }
-        if let Some(next) = self.next_in {
-            s.push_str(&format!("; next in {}", super::apply::fmt_duration(next)));
-        }
-        s
-    }
+    crate::disk::read(target).map_err(|e| e.to_string())
 }
 
 /// Probes until `expect` is served or the attempts are used up, waiting
@@ -382,49 +235,6 @@ pub async fn until_served(
             return if check.ok() { Ok(check) } else { Err(check) };
         }
     }
-}
-
-/// The drift watch's view of a check: `Expiring` when the expected leaf is
-/// served but expires soon.
-pub fn with_expiry(mut check: ServedCheck, now: SystemTime) -> ServedCheck {
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if check.state == CheckState::Verified
-        && check.served_not_after - now < EXPIRY_WARNING.as_secs() as i64
-    {
-        check.state = CheckState::Expiring;
-        check.reason = "expiring";
-        check.error = format!(
-            "{} serves the deployed certificate, but it expires {}: deploy a renewed one",
-            check.endpoint,
-            if check.served_not_after <= now {
-                format!(
-                    "{} (already expired)",
-                    crate::bundle::rfc3339(check.served_not_after)
-                )
-            } else {
-                format!("at {}", crate::bundle::rfc3339(check.served_not_after))
-            }
-        );
-    }
-    check
-}
-
-fn short(hex: &str) -> String {
-    if hex.is_empty() {
-        "nothing".to_owned()
-    } else {
-        super::apply::short_hex(hex)
-    }
-}
-
-fn shorts(hexes: &[String]) -> String {
-    hexes
-        .iter()
-        .map(|h| short(h))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]

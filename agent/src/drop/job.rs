@@ -24,11 +24,11 @@ use super::record::{self, DropOutcome, Info, TargetResult};
 use super::reject::{Dirs, MoveError, Reason};
 use super::scan::{self, Expect, Form, Owners, Problem, ReadError};
 use super::{INCOMPLETE_LIMIT, fmt_limit};
-use crate::api::server::Shared;
+use crate::app::App;
 use crate::bundle::{self, BundleError, CheckOptions, Source};
 use crate::config::{Config, Target};
-use crate::deploy::apply::short_hex;
 use crate::deploy::{Outcome, Request};
+use crate::model::fmt::short_hex;
 
 /// How many drops are read and checked at once: bounds the memory that
 /// raw drop contents can take (each at most 1 MiB) however many arrive.
@@ -36,13 +36,13 @@ const CONCURRENT_READS: usize = 4;
 
 /// State shared by the loop and its jobs.
 pub(super) struct Ctx {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<App>,
     pub dirs: Dirs,
     reads: Semaphore,
 }
 
 impl Ctx {
-    pub fn new(shared: Arc<Shared>, dirs: Dirs) -> Self {
+    pub fn new(shared: Arc<App>, dirs: Dirs) -> Self {
         Self {
             shared,
             dirs,

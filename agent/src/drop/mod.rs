@@ -58,7 +58,7 @@ use std::time::Duration;
 pub use record::{DropOutcome, Info, LastDrop, Ledger, TargetResult};
 pub use scan::{Form, LIMITS, Limits};
 
-use crate::api::server::Shared;
+use crate::app::App;
 use crate::config::Config;
 
 /// How long a directory drop may stay incomplete without any change before
@@ -116,7 +116,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
 impl Prepared {
     /// Spawns the task that takes drops until `shutdown` turns true. Drops
     /// taken before a restart, and drops already there, come first.
-    pub fn spawn(self, shared: Arc<Shared>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub fn spawn(self, shared: Arc<App>, shutdown: tokio::sync::watch::Receiver<bool>) {
         shared.drops.set_dirs(
             self.dirs.root().to_owned(),
             self.dirs.rejected_path().to_owned(),

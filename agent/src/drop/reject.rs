@@ -30,7 +30,6 @@ use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, symlinkat, unlinkat};
 
 use super::{names, scan};
-use crate::deploy::event::civil_from_unix;
 
 /// A failed change, naming the path and the remedy where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +187,7 @@ impl Dirs {
 }
 
 fn make_private_dir(path: &Path) -> Result<(), MoveError> {
-    crate::deploy::atomic::create_private_dir(path).map_err(|e| MoveError {
+    crate::atomic::create_private_dir(path).map_err(|e| MoveError {
         op: "create",
         path: path.to_owned(),
         errno: Errno::from_raw(e.source.raw_os_error().unwrap_or(0)),
@@ -269,15 +268,7 @@ fn shell_quote(p: &Path) -> String {
     }
 }
 
-/// `20261122T144939.032Z`: sorts by time, safe in a file name.
-pub fn file_stamp(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let (y, mo, day, h, mi, s) = civil_from_unix(d.as_secs() as i64);
-    format!(
-        "{y:04}{mo:02}{day:02}T{h:02}{mi:02}{s:02}.{:03}Z",
-        d.subsec_millis()
-    )
-}
+pub use crate::model::fmt::file_stamp;
 
 fn exists(dir: BorrowedFd<'_>, name: &str) -> bool {
     fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()

@@ -49,24 +49,7 @@ pub const LIMITS: Limits = Limits {
     max_files: 16,
 };
 
-/// The form of a drop on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form {
-    File,
-    Directory,
-    /// A symlink, FIFO, socket or device, or nothing readable.
-    Other,
-}
-
-impl Form {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Form::File => "file",
-            Form::Directory => "directory",
-            Form::Other => "other",
-        }
-    }
-}
+pub use crate::model::drop::Form;
 
 /// Which form the entry's name promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::api::server::Shared;
+use crate::app::App;
 
 /// Largest request head read.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -65,11 +65,7 @@ pub fn route(head: &[u8]) -> Route {
 }
 
 /// Serves `listener` until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -99,7 +95,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, shared: &App) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => {
@@ -117,8 +113,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     };
     match route(&head) {
         Route::Metrics { head_only } => {
-            let config = shared.config();
-            let text = super::exposition(shared.engine.metrics(), &config).await;
+            let text = shared.exposition().await;
             respond(&mut stream, 200, "OK", text.as_bytes(), head_only).await
         }
         Route::Error(code, reason) => {

@@ -19,8 +19,6 @@
 //! The JSON body holding the key is built in a zeroizing buffer sized so it
 //! never reallocates.
 
-use std::path::{Path, PathBuf};
-
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -40,55 +38,6 @@ pub enum CaddyError {
         status: u16,
         error: String,
     },
-}
-
-/// Parses an `admin_url`: `http://HOST:PORT`, `HOST:PORT` (caddy's own
-/// form) or `unix/PATH` (caddy's form for a Unix socket, e.g.
-/// `unix//run/caddy/admin.sock`). A relative socket path is taken from
-/// `base`. `Err` completes "admin_url ...".
-pub fn parse_admin_url(text: &str, base: &Path) -> Result<Endpoint, String> {
-    const FORMS: &str = "write \"http://127.0.0.1:2019\", \"localhost:2019\" or \
-                         \"unix//run/caddy/admin.sock\"";
-    if let Some(path) = text.strip_prefix("unix/") {
-        if path.is_empty() {
-            return Err(format!("{text:?} names no socket: {FORMS}"));
-        }
-        let path: PathBuf = base.join(path).components().collect();
-        return Ok(Endpoint::Unix(path));
-    }
-    if text.starts_with("https://") {
-        return Err(format!(
-            "{text:?} uses https: certctl talks plain HTTP to a loopback or Unix-socket admin \
-             endpoint; {FORMS}"
-        ));
-    }
-    let rest = text.strip_prefix("http://").unwrap_or(text);
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains('/') || authority.contains('@') {
-        return Err(format!(
-            "{text:?} has a path: give the admin endpoint only; {FORMS}"
-        ));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (host, port) = v6
-            .split_once("]:")
-            .ok_or_else(|| format!("{text:?} has no port: {FORMS}"))?;
-        (format!("[{host}]"), port)
-    } else {
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{text:?} has no port: {FORMS}"))?;
-        (host.to_owned(), port)
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(format!("{text:?} has no host: {FORMS}"));
-    }
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{text:?} has an invalid port {port:?}: {FORMS}"))?;
-    Ok(Endpoint::Tcp { host, port })
 }
 
 #[derive(Serialize)]
@@ -187,42 +136,6 @@ fn refused(endpoint: &Endpoint, method: &str, path: &str, r: &Response) -> Caddy
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn admin_urls() {
-        let base = Path::new("/etc/certctl");
-        let tcp = |host: &str, port| Endpoint::Tcp {
-            host: host.to_owned(),
-            port,
-        };
-        for (text, want) in [
-            ("http://127.0.0.1:2019", tcp("127.0.0.1", 2019)),
-            ("http://localhost:2019/", tcp("localhost", 2019)),
-            ("localhost:2019", tcp("localhost", 2019)),
-            ("[::1]:2019", tcp("[::1]", 2019)),
-            (
-                "unix//run/caddy/admin.sock",
-                Endpoint::Unix(PathBuf::from("/run/caddy/admin.sock")),
-            ),
-            (
-                "unix/run/admin.sock",
-                Endpoint::Unix(PathBuf::from("/etc/certctl/run/admin.sock")),
-            ),
-        ] {
-            assert_eq!(parse_admin_url(text, base), Ok(want), "{text}");
-        }
-        for (text, why) in [
-            ("https://127.0.0.1:2019", "uses https"),
-            ("http://127.0.0.1:2019/config/", "has a path"),
-            ("http://127.0.0.1", "has no port"),
-            ("127.0.0.1:0", "invalid port"),
-            (":2019", "has no host"),
-            ("unix/", "names no socket"),
-        ] {
-            let err = parse_admin_url(text, base).unwrap_err();
-            assert!(err.contains(why), "{text}: {err}");
-        }
-    }
 
     #[test]
     fn the_entry_is_tagged_and_identified() {

@@ -9,44 +9,15 @@
 //! exchange in time. Request bytes (which may carry a private key) are only
 //! ever in zeroizing buffers and on the socket.
 
-use std::path::PathBuf;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use zeroize::Zeroizing;
 
+pub use crate::config::hook::Endpoint;
+
 /// Responses larger than this are refused: an admin endpoint answers with a
 /// short status or a small JSON error.
 pub const MAX_RESPONSE: usize = 256 * 1024;
-
-/// Where an HTTP endpoint listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `host:port` over TCP; `host` is sent as the `Host` header too.
-    Tcp { host: String, port: u16 },
-    /// A Unix socket; the `Host` header is empty.
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Tcp { host, port } => write!(f, "http://{host}:{port}"),
-            Endpoint::Unix(path) => write!(f, "unix/{}", path.display()),
-        }
-    }
-}
-
-impl Endpoint {
-    /// The `Host` header: `host:port` for TCP (what caddy checks against
-    /// its listen address), empty for a Unix socket.
-    fn host_header(&self) -> String {
-        match self {
-            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
-            Endpoint::Unix(_) => String::new(),
-        }
-    }
-}
 
 /// A response: status code and body (lossily decoded).
 #[derive(Debug, Clone, PartialEq, Eq)]

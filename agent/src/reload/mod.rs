@@ -16,7 +16,7 @@
 //! bytes are read into zeroizing buffers and never appear in a message;
 //! errors say which server refused what and what to check. Talking to the
 //! sockets lives here; starting processes stays in [`crate::command`], and
-//! the watched files are written through [`crate::deploy::atomic`].
+//! the watched files are written through [`crate::atomic`].
 
 pub mod caddy;
 pub mod haproxy;
@@ -28,44 +28,7 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-pub use http::Endpoint;
-
-/// How a target's server is made to load new files, when that is not a
-/// command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReloadHook {
-    /// haproxy's master CLI on `socket`: `reload`, confirmed by `show proc`.
-    HaproxyMaster { socket: PathBuf },
-    /// haproxy's runtime API on `socket` (`stats socket ... level admin`):
-    /// `set ssl cert` + `commit ssl cert` with the content of `pem`, under
-    /// the name haproxy loaded it as (its path); no reload.
-    HaproxyRuntime { socket: PathBuf, pem: PathBuf },
-    /// caddy's admin API at `endpoint`: the certificate in `cert` (leaf and
-    /// chain) with the key in `key`, loaded as the `load_pem` entry `id`.
-    CaddyAdmin {
-        endpoint: Endpoint,
-        id: String,
-        cert: PathBuf,
-        key: PathBuf,
-    },
-    /// traefik's file provider: the dynamic configuration `config` naming
-    /// `cert` and `key`, rewritten with the set's generation and leaf.
-    TraefikDynamic {
-        config: PathBuf,
-        target: String,
-        cert: PathBuf,
-        key: PathBuf,
-    },
-    /// envoy's file-based SDS: the resource file `sds` with the TLS
-    /// certificate secret `secret` on `cert` and `key`, watching their
-    /// directory.
-    EnvoySds {
-        sds: PathBuf,
-        secret: String,
-        cert: PathBuf,
-        key: PathBuf,
-    },
-}
+pub use crate::config::hook::{Endpoint, ReloadHook};
 
 /// Why a hook did not make the server load the files.
 #[derive(Debug, thiserror::Error)]
@@ -90,41 +53,6 @@ pub enum ReloadError {
 }
 
 impl ReloadHook {
-    /// What the hook does, for `check-config` and messages.
-    pub fn describe(&self) -> String {
-        match self {
-            ReloadHook::HaproxyMaster { socket } => {
-                format!("haproxy master CLI `reload` on {}", socket.display())
-            }
-            ReloadHook::HaproxyRuntime { socket, pem } => format!(
-                "haproxy runtime API on {}: set ssl cert {} + commit (no reload)",
-                socket.display(),
-                pem.display()
-            ),
-            ReloadHook::CaddyAdmin { endpoint, id, .. } => {
-                format!("caddy admin API at {endpoint}: load_pem entry {id}")
-            }
-            ReloadHook::TraefikDynamic { config, .. } => format!(
-                "traefik dynamic configuration {} rewritten (traefik's file provider watches it)",
-                config.display()
-            ),
-            ReloadHook::EnvoySds { sds, secret, .. } => format!(
-                "envoy SDS file {} (secret {secret}; envoy watches the certificate directory)",
-                sds.display()
-            ),
-        }
-    }
-
-    /// The file this hook writes, with the key naming it, for hooks that
-    /// write one: no two targets may write the same file.
-    pub fn writes(&self) -> Option<(&'static str, &PathBuf)> {
-        match self {
-            ReloadHook::TraefikDynamic { config, .. } => Some(("dynamic_config", config)),
-            ReloadHook::EnvoySds { sds, .. } => Some(("sds_path", sds)),
-            _ => None,
-        }
-    }
-
     /// Makes the server load what is on disk now, within `timeout`.
     /// Returns a line for the stage message.
     pub async fn run(&self, timeout: Duration) -> Result<String, ReloadError> {

@@ -17,7 +17,7 @@
 //!   (the first deploy, a changed `secret_name`), never on every deploy.
 //!
 //! Guarantees: both files are written through
-//! [`deploy::atomic::publish`](crate::deploy::atomic::publish) (temp,
+//! [`deploy::atomic::publish`](crate::atomic::publish) (temp,
 //! fsync, rename, directory fsync), so a reader never sees a partial file;
 //! the content is computed from the files on disk when the hook runs, so a
 //! rollback (files restored first) rewrites it for the restored set; with
@@ -28,8 +28,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bundle;
-use crate::deploy::atomic::{self, FsError};
+use crate::atomic::{self, FsError};
 use crate::deploy::generations;
 
 /// Mode of a new dynamic configuration or SDS file: it names files and
@@ -129,14 +128,14 @@ fn leaf_sha256(cert: &Path, file: &Path) -> Result<Option<String>, WatchedError>
         file: file.to_owned(),
         why,
     };
-    let bytes = match std::fs::read(cert) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read(e.to_string())),
-    };
-    match bundle::first_cert_in_pem(&bytes) {
+    match crate::disk::leaf_in(cert) {
         Ok(Some(c)) => Ok(Some(c.sha256_hex())),
-        Ok(None) => Err(read("it holds no certificate".to_owned())),
+        Ok(None) => Ok(None),
+        Err(crate::disk::DiskError::NoCertificate { .. }) => {
+            Err(read("it holds no certificate".to_owned()))
+        }
+        Err(crate::disk::DiskError::Read { source, .. }) => Err(read(source.to_string())),
+        Err(crate::disk::DiskError::Pem { error, .. }) => Err(read(error.to_string())),
         Err(e) => Err(read(e.to_string())),
     }
 }
@@ -161,7 +160,7 @@ fn remove(file: &Path) -> Result<String, WatchedError> {
 }
 
 fn short(hex: &str) -> String {
-    crate::deploy::apply::short_hex(hex)
+    crate::model::fmt::short_hex(hex)
 }
 
 // === rendering (pure) ===

@@ -17,6 +17,7 @@
 //!   cancellable ([`backoff`]).
 
 pub mod backoff;
+pub mod phase;
 pub mod probe;
 pub mod starttls;
 

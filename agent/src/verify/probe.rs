@@ -21,7 +21,6 @@
 //! - The crypto provider is ring, passed explicitly: nothing depends on a
 //!   process-wide default provider.
 
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -47,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 
+pub use super::phase::Phase;
 use super::starttls::{self, Speaker, StarttlsError};
 use crate::bundle;
 use crate::kind::VerifyProtocol;
@@ -85,36 +85,6 @@ pub struct Served {
     pub tls_version: String,
     /// The chain and name were validated against [`Probe::roots`].
     pub ca_validated: bool,
-}
-
-/// The part of an attempt that was running when it failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Resolve,
-    Connect,
-    /// Waiting for the plaintext greeting of a STARTTLS protocol.
-    Greeting,
-    /// The plaintext commands up to the go-ahead for TLS.
-    Starttls,
-    Handshake,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Resolve => "resolve",
-            Phase::Connect => "connect",
-            Phase::Greeting => "greeting",
-            Phase::Starttls => "starttls",
-            Phase::Handshake => "handshake",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Why an attempt did not yield a [`Served`]. Every message is one line that

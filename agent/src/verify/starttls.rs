@@ -21,7 +21,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use super::probe::Phase;
+use super::phase::Phase;
 use crate::kind::VerifyProtocol;
 
 /// The most bytes read from the server before the TLS handshake.

@@ -220,3 +220,85 @@ fn a_password_that_no_longer_opens_the_keystore_shows_in_status_and_a_deploy_rew
     );
     assert_eq!(std::fs::read(&keystore).unwrap(), before);
 }
+
+/// The value of `certctl_cert_not_after_seconds` for `target` in the
+/// exposition `certctl status --prometheus` prints.
+fn not_after_metric(env: &TestEnv, target: &str) -> Option<i64> {
+    let out = env.ctl(&["status", "--prometheus"]);
+    out.assert_code(0);
+    let series = format!("certctl_cert_not_after_seconds{{target=\"{target}\"}} ");
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse::<f64>().ok())
+        .map(|v| v as i64)
+}
+
+/// `<env>/bin/keytool`: runs the JDK's keytool and appends one line per run
+/// to `<env>/keytool.runs`, so a test can count the runs.
+fn counting_keytool(env: &TestEnv) -> (PathBuf, PathBuf) {
+    let real = crate::support::find_program("keytool", &["/usr/bin/keytool"]).expect("keytool");
+    let bin = env.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let runs = env.path().join("keytool.runs");
+    let script = bin.join("keytool");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> '{}'\nexec '{}' \"$@\"\n",
+            runs.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (bin, runs)
+}
+
+fn runs(file: &Path) -> usize {
+    std::fs::read_to_string(file).map_or(0, |s| s.lines().count())
+}
+
+#[test]
+fn keystore_expiry_is_exported_from_the_keystore_itself() {
+    if !java_available() {
+        return;
+    }
+    let mut env = TestEnv::new();
+    let pass = password_file(&env);
+    let dir = env.target_dir(TARGET);
+    target(&mut env, &dir.join("app.p12"), &pass, "");
+    env.target(
+        "legacy",
+        &format!(
+            "kind = \"keystore\"\nkeystore_type = \"jks\"\nkeystore_path = {}\nalias = \"{ALIAS}\"\npassword_file = {}\n",
+            toml_path(&dir.join("legacy.jks")),
+            toml_path(&pass),
+        ),
+    );
+    let (bin, runs_file) = counting_keytool(&env);
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let agent = env.spawn_agent_env(&[("PATH", &path)]);
+
+    // Nothing deployed yet: no sample (a missing file is not a date).
+    assert_eq!(not_after_metric(&env, TARGET), None, "{}", agent.log());
+
+    let leaf = pki::issue_cert(&[SNI]);
+    for target in [TARGET, "legacy"] {
+        let out = deploy(&env, target, &leaf, target);
+        assert_eq!(out.code, 0, "{out}\n{}", agent.log());
+        let want = done(&out.json_lines())["not_after_unix"].as_i64().unwrap();
+        assert!(want > 0, "{out}");
+        assert_eq!(
+            not_after_metric(&env, target),
+            Some(want),
+            "the expiry of {target}'s keystore is exported\n{}",
+            agent.log()
+        );
+    }
+    // One JKS deploy encodes the keystore once: one keytool conversion.
+    assert_eq!(runs(&runs_file), 1, "keytool runs of one JKS deploy");
+}

@@ -27,6 +27,7 @@ mod generations;
 mod haproxy_kind;
 mod harness;
 mod keystore_kind;
+mod layering;
 mod mail;
 mod mail_kinds;
 mod metrics;

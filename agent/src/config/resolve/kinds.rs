@@ -11,9 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use super::Resolver;
-use crate::keystore::{KeystoreConfig, PasswordSource, StoreType};
+use crate::config::hook::{self, ReloadHook};
+use crate::config::keystore::{KeystoreConfig, PasswordSource, StoreType};
 use crate::kind::{self, Kind};
-use crate::reload::{ReloadHook, caddy};
 
 /// The default validate and reload argv of a target, and its reload hook.
 pub(super) struct KindCommands {
@@ -423,7 +423,7 @@ impl Resolver<'_> {
                     );
                 }
             }
-            match caddy::parse_admin_url(url, &self.base) {
+            match hook::parse_admin_url(url, &self.base) {
                 Ok(endpoint) => {
                     commands.validate.clear();
                     commands.reload.clear();
@@ -478,10 +478,10 @@ mod tests {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
 
+    use crate::config::hook::{Endpoint, ReloadHook};
+    use crate::config::keystore::{KeystoreConfig, PasswordSource, StoreType};
     use crate::config::{Config, ConfigError, Host, Layout, Target, VerifyProtocol, parse_with};
-    use crate::keystore::{KeystoreConfig, PasswordSource, StoreType};
     use crate::kind::Kind;
-    use crate::reload::{Endpoint, ReloadHook};
 
     /// A Debian-like host as root, with the given programs on `PATH`.
     struct FakeHost {

@@ -22,8 +22,21 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::plan::Existing;
 use crate::failpoint;
+
+/// A file as found on disk before the deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Existing {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits only (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// What the file holds: the SHA-256 of its bytes, or for a keystore
+    /// that opens with the target's password, its
+    /// [`content_digest`](crate::keystore::content_digest) (the bytes of
+    /// two encodings of the same material differ: fresh salts).
+    pub sha256: [u8; 32],
+}
 
 /// Prefix of every temp file the agent creates beside a target.
 pub const TEMP_PREFIX: &str = ".certctl-tmp-";

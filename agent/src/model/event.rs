@@ -1,0 +1,108 @@
+//! What a deploy reports while it runs and when it ends.
+//!
+//! These are the agent's own types, and the one spelling of stages,
+//! outcomes and operations: the journal, log fields, metrics labels, the
+//! API conversion and the docs all use [`Stage::as_str`],
+//! [`Outcome::as_str`] and [`Op::as_str`]. The API layer converts them to
+//! the protobuf messages in exactly one place (`api::convert`).
+
+use std::time::{Duration, SystemTime};
+
+use super::check::{Attempt, ServedCheck};
+use super::drop::DropInfo;
+use super::file::{Role, Source};
+
+pub use super::stage::{Op, Outcome, Stage, Verification};
+
+/// One planned file, without its bytes: safe to log and send.
+#[derive(Debug, Clone)]
+pub struct FileSummary {
+    pub path: std::path::PathBuf,
+    pub role: Role,
+    pub sha256: [u8; 32],
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub changed: bool,
+    pub mode_source: Source,
+    pub owner_source: Source,
+}
+
+/// The end of a deploy.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// Empty on success; never holds key material.
+    pub error: String,
+    pub cert_sha256: String,
+    pub not_after: i64,
+    pub subject: String,
+    pub verification: Verification,
+    pub warnings: Vec<String>,
+    pub duration: Duration,
+    /// Leaf on `cert_path` when the deploy ended; empty when none.
+    pub disk_sha256: String,
+    /// Leaf served at the last probe; empty when not probed.
+    pub served_sha256: String,
+}
+
+/// One event of one deploy.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub deploy_id: String,
+    pub target: String,
+    pub stage: Stage,
+    pub message: String,
+    pub at: SystemTime,
+    /// Set on [`Stage::Planned`].
+    pub files: Vec<FileSummary>,
+    /// Set on [`Stage::Done`].
+    pub report: Option<Report>,
+    /// Set on [`Stage::VerifyAttempt`] events of the retry loop.
+    pub attempt: Option<Attempt>,
+    /// Set on [`Stage::Drift`].
+    pub served: Option<ServedCheck>,
+    /// Set on [`Stage::Drop`].
+    pub drop: Option<DropInfo>,
+}
+
+impl Event {
+    /// An event with only the common fields set.
+    pub fn new(deploy_id: &str, target: &str, stage: Stage, message: String) -> Self {
+        Self {
+            deploy_id: deploy_id.to_owned(),
+            target: target.to_owned(),
+            stage,
+            message,
+            at: SystemTime::now(),
+            files: Vec::new(),
+            report: None,
+            attempt: None,
+            served: None,
+            drop: None,
+        }
+    }
+}
+
+/// A new deploy id: UTC time to the millisecond plus 16 random bits, so ids
+/// sort by start time and two deploys in one millisecond differ.
+pub fn new_deploy_id(now: SystemTime) -> String {
+    format!(
+        "{}-{:04x}",
+        super::fmt::file_stamp(now),
+        rand::random::<u16>()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_ids_sort_by_time() {
+        let a = new_deploy_id(SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_001));
+        let b = new_deploy_id(SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_002));
+        assert!(a < b, "{a} {b}");
+        assert!(a.starts_with("20261118T110640.001Z-"), "{a}");
+    }
+}
