@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
+use crate::api::metrics_endpoint::{self, Exposition};
 use crate::api::server::{DRAIN_TIMEOUT, Service};
 use crate::api::socket;
 use crate::app::App;
@@ -180,9 +181,9 @@ pub async fn run(
     tokio::spawn(crate::drift::run(shared.clone(), shared.shutdown_signal()));
     if let Some(l) = metrics_listener {
         info!(listen = %config.agent.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint: GET /metrics");
-        tokio::spawn(crate::metrics::http::serve(
+        tokio::spawn(metrics_endpoint::serve(
             l,
-            shared.clone(),
+            Arc::new(Scrape(shared.clone())),
             shared.shutdown_signal(),
         ));
     }
@@ -292,6 +293,16 @@ fn control_socket(
     let listener =
         tokio::net::UnixListener::from_std(a.listener).map_err(DaemonError::Activated)?;
     Ok((listener, path, false))
+}
+
+/// What the metrics endpoint serves: the engine's metrics with what is
+/// read at scrape time, as `certctl status --prometheus` gets them.
+struct Scrape(Arc<App>);
+
+impl Exposition for Scrape {
+    async fn render(&self) -> String {
+        self.0.exposition().await
+    }
 }
 
 /// Completes at the next tick of `interval`, never when there is none.

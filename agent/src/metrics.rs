@@ -25,17 +25,12 @@
 //! and never does I/O; rendering is deterministic (series sorted by labels)
 //! and label values are escaped, so the text always parses.
 
-pub mod http;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::model::event::{Outcome, Stage};
-
-/// `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Upper bounds (seconds) of the stage-duration histogram buckets: from
 /// sub-millisecond planning to verification loops with backoff.
