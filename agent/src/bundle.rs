@@ -559,27 +559,35 @@ pub fn parse_and_check(
         });
     }
 
-    // 6. Validity, then the name.
-    check_validity(&certs[leaf].1, CertRole::Leaf, opts)?;
-    for &i in &path {
-        check_validity(&certs[i].1, CertRole::Chain, opts)?;
-    }
-    let leaf_cert = &certs[leaf].1;
-    if let Some(server_name) = opts.server_name
-        && !leaf_cert.covers(server_name)
-    {
-        return Err(BundleError::NameNotCovered {
-            leaf: leaf_cert.display_name(),
-            server_name: printable(server_name.as_bytes()),
-            covers: leaf_cert.covered_names(),
-        });
-    }
-
-    Ok(Bundle {
-        leaf: leaf_cert.clone(),
+    let bundle = Bundle {
+        leaf: certs[leaf].1.clone(),
         chain: path.iter().map(|&i| certs[i].1.clone()).collect(),
         key,
-    })
+    };
+    // 6. Validity, then the name.
+    check_against(&bundle, opts)?;
+    Ok(bundle)
+}
+
+/// The checks of a parsed bundle that depend on the time and the target:
+/// the validity of the leaf and of each chain certificate, and that the
+/// leaf covers `opts.server_name`. A drop's bundle is parsed once and
+/// checked here once per target.
+pub fn check_against(bundle: &Bundle, opts: &CheckOptions<'_>) -> Result<(), BundleError> {
+    check_validity(&bundle.leaf, CertRole::Leaf, opts)?;
+    for cert in &bundle.chain {
+        check_validity(cert, CertRole::Chain, opts)?;
+    }
+    if let Some(server_name) = opts.server_name
+        && !bundle.leaf.covers(server_name)
+    {
+        return Err(BundleError::NameNotCovered {
+            leaf: bundle.leaf.display_name(),
+            server_name: printable(server_name.as_bytes()),
+            covers: bundle.leaf.covered_names(),
+        });
+    }
+    Ok(())
 }
 
 /// Parse one certificate's facts from DER (e.g. to describe what is on disk).

@@ -21,9 +21,9 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::Target;
-use crate::deploy::verify::{self, CheckState, Expect, ServedCheck};
 use crate::model::event::{Event, Stage};
 use crate::model::fmt::short_hex;
+use crate::verify::served::{self as verify, CheckState, Expect, ServedCheck};
 
 /// Probes running at once.
 const CONCURRENCY: usize = 16;
@@ -101,7 +101,7 @@ pub async fn run(shared: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 async fn probe(shared: &App, target: &Target) {
     let Some(v) = &target.verify else { return };
     let t = target.clone();
-    let disk = match tokio::task::spawn_blocking(move || verify::on_disk(&t)).await {
+    let disk = match tokio::task::spawn_blocking(move || crate::disk::read(&t)).await {
         Ok(Ok(Some(disk))) => disk,
         // Nothing deployed yet: nothing to compare.
         Ok(Ok(None)) => return,

@@ -14,7 +14,7 @@
 //! does to unsynced data).
 //!
 //! Filesystem seam: `CERTCTL_FAULT_FS=<n>:<errno>[:persist]` makes the n-th
-//! filesystem operation of `deploy::atomic` (1-based, counted over the whole
+//! filesystem operation of `atomic` (1-based, counted over the whole
 //! process) fail with `EIO` or `ENOSPC`, once, or with `persist` from then
 //! on.
 
@@ -155,7 +155,7 @@ pub fn hit(name: &str) {
     let _ = name;
 }
 
-/// Called before every filesystem operation of `deploy::atomic`; fails it
+/// Called before every filesystem operation of `atomic`; fails it
 /// when the test asks for it.
 #[inline(always)]
 pub fn fs_op(op: &str, path: &std::path::Path) -> std::io::Result<()> {

@@ -9,8 +9,8 @@
 //! |---|---|---|
 //! | [`Metrics::deploy_finished`] | `Engine::deploy` | `certctl_deploys_total`, automatic `certctl_rollbacks_total` |
 //! | [`Metrics::rollback_finished`] | `Engine::rollback` | operator `certctl_rollbacks_total` |
-//! | [`Metrics::stage_event`], [`Metrics::command_finished`], [`Metrics::verification_finished`], [`Metrics::run_finished`] | `deploy::apply::Run` | `certctl_stage_duration_seconds` |
-//! | [`Metrics::verify_attempt`] | `deploy::apply::Run` | `certctl_verify_attempts_total` |
+//! | [`Metrics::stage_event`], [`Metrics::command_finished`], [`Metrics::verification_finished`], [`Metrics::run_finished`] | `deploy::progress::Run` | `certctl_stage_duration_seconds` |
+//! | [`Metrics::verify_attempt`] | `deploy::progress::Run` | `certctl_verify_attempts_total` |
 //! | [`Metrics::drop_outcome`] | the drop directory watcher | `certctl_drops_total` |
 //! | [`Metrics::config_reload`] | `daemon` (SIGHUP) | `certctl_config_reloads_total` |
 //!

@@ -356,8 +356,8 @@ pub fn hang_main_loop_if_asked() {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deploy::verify::{Attempt, CheckState, ServedCheck};
     use crate::kind::VerifyProtocol;
+    use crate::model::check::{Attempt, CheckState, ServedCheck};
     use crate::model::event::{Report, Verification};
 
     fn event(target: &str, id: &str, stage: Stage) -> Event {
@@ -368,6 +368,7 @@ mod tests {
         Event {
             at,
             report: Some(Report {
+                deploy_id: id.to_owned(),
                 outcome,
                 error: String::new(),
                 cert_sha256: String::new(),

@@ -7,9 +7,9 @@ use certctl_proto::agent::v1 as pb;
 use tonic::Status;
 
 use super::auth::AuthError;
-use crate::deploy::verify::{Attempt, ServedCheck};
 use crate::drop::{self, DropOutcome};
 use crate::journal::Record;
+use crate::model::check::{Attempt, ServedCheck};
 use crate::model::event::{Event, FileSummary, Outcome, Report, Stage};
 
 pub fn unix_ms(t: SystemTime) -> i64 {

@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::deploy::Request as DeployRequest;
 use crate::deploy::rollback::RollbackRequest;
-use crate::deploy::verify::{self, Expect};
+use crate::verify::served::{self as verify, Expect};
 
 /// Largest PEM input accepted in one field of a deploy request.
 pub const MAX_PEM_BYTES: usize = 1024 * 1024;
@@ -136,7 +136,7 @@ impl Agent for Service {
         })?;
         let deploy = DeployRequest {
             target,
-            sources,
+            input: crate::deploy::Input::Pem(sources),
             dry_run: req.dry_run,
             no_verify: req.no_verify,
             no_wait: req.no_wait,
@@ -201,7 +201,7 @@ impl Agent for Service {
             )));
         };
         let t = target.clone();
-        let disk = tokio::task::spawn_blocking(move || verify::on_disk(&t))
+        let disk = tokio::task::spawn_blocking(move || crate::disk::read(&t))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {

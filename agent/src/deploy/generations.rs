@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::apply::Committed;
+use super::commit::{self, Committed};
 use super::plan::Plan;
 use crate::atomic::Existing;
 use crate::atomic::{self, AGENT_DIR, FsError, Result};
@@ -32,20 +32,7 @@ pub const DATA: &str = "..data";
 
 const PREFIX: &str = "gen-";
 
-/// A `..data` switch made by a run, with what undoing it means.
-#[derive(Debug, Clone)]
-pub struct Switch {
-    /// `<dir>/..data`.
-    pub data: PathBuf,
-    /// Where `..data` pointed before (as written in the link); `None` when
-    /// it did not exist.
-    pub previous: Option<PathBuf>,
-    /// The generation `..data` points at after the switch.
-    pub generation: PathBuf,
-    /// The run wrote that generation (undo removes it); false when it
-    /// switched to an existing one (`certctl rollback`).
-    pub created: bool,
-}
+pub use super::commit::Switch;
 
 pub fn data_link(dir: &Path) -> PathBuf {
     dir.join(DATA)
@@ -228,7 +215,7 @@ pub(super) fn commit(
     // Stable names.
     for ((live, _), backup) in convert.iter().zip(backups) {
         if let Err(e) = atomic::switch_link(live, &name_link(live), id) {
-            let _ = super::apply::undo(&committed, id);
+            let _ = commit::undo(&committed, id);
             return Err(e);
         }
         committed.files.push((live.clone(), backup));
@@ -236,7 +223,7 @@ pub(super) fn commit(
     if !convert.is_empty()
         && let Err(e) = atomic::fsync_dir(dir)
     {
-        let _ = super::apply::undo(&committed, id);
+        let _ = commit::undo(&committed, id);
         return Err(e);
     }
     Ok(committed)
@@ -259,22 +246,6 @@ pub(super) fn switch_to(dir: &Path, to: &str, id: &str) -> Result<Committed> {
             created: false,
         }),
     })
-}
-
-/// Puts `..data` back where it pointed before the switch (or removes it),
-/// and removes the generation the run created.
-pub fn unswitch(s: &Switch, id: &str) -> Result<()> {
-    let dir = atomic::parent(&s.data);
-    match &s.previous {
-        Some(p) => atomic::switch_link(&s.data, p, &format!("{id}-restore"))?,
-        None => atomic::remove(&s.data)?,
-    }
-    failpoint::hit("during-rollback");
-    atomic::fsync_dir(dir)?;
-    if s.created {
-        atomic::remove_tree(&s.generation)?;
-    }
-    Ok(())
 }
 
 /// Keeps the newest `keep` generations besides the current one.

@@ -24,7 +24,7 @@ use crate::model::event::FileSummary;
 pub use crate::model::file::{Role, Source};
 
 /// One output of a deploy, before metadata is resolved.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Output {
     pub path: PathBuf,
     pub role: Role,

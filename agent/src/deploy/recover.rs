@@ -25,17 +25,26 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 use tracing::{Instrument, warn};
 
-use super::apply::{Committed, Engine, Failure, Run, blocking};
+use super::commit::{Committed, blocking};
+use super::engine::Engine;
+use super::error::DeployError;
 use super::generations::Switch;
+use super::progress::Run;
 use super::rollback::restored_view;
-use super::verify::{self, Expect};
 use crate::atomic::{self, FsError};
 use crate::config::{Config, Target};
 use crate::journal::{JournalError, Record};
 use crate::model::event::{Outcome, Report, Stage};
+use crate::model::stage::Op;
+use crate::verify::served::Expect;
 
 /// Stages after which the complete new set is on disk.
-const COMMITTED: &[&str] = &["committed", "validate-command", "reloaded", "verify"];
+const COMMITTED: &[Stage] = &[
+    Stage::Committed,
+    Stage::ValidateCommand,
+    Stage::Reloaded,
+    Stage::VerifyAttempt,
+];
 
 impl Engine {
     /// Finishes every run the journal left open; returns one report per
@@ -67,14 +76,14 @@ impl Engine {
                     .and_then(|h| h.writes())
                     .map(|(_, p)| p.clone()),
             );
-            let dirs: Vec<PathBuf> = super::apply::dirs_of(files.iter()).into_iter().collect();
+            let dirs: Vec<PathBuf> = super::commit::dirs_of(files.iter()).into_iter().collect();
             let (name, keep) = (t.name.clone(), t.backup_retention as usize);
             let swept = blocking(move || {
                 let mut removed = Vec::new();
                 for d in &dirs {
                     removed.extend(atomic::remove_temps(d)?);
                 }
-                super::apply::prune(&dirs.iter().cloned().collect(), &name, keep)?;
+                super::commit::prune(&dirs.iter().cloned().collect(), &name, keep)?;
                 Ok::<_, FsError>(removed)
             })
             .await;
@@ -94,11 +103,7 @@ impl Engine {
         let mut run = Run::new(self, rec.id.clone(), &rec.target, tx);
         run.begun = true;
         run.recovered = true;
-        run.op = if rec.op == "rollback" {
-            "rollback"
-        } else {
-            "deploy"
-        };
+        run.op = Op::parse(&rec.op).unwrap_or(Op::Deploy);
         run.origin.clone_from(&rec.origin);
         run.leaf = Some((rec.cert_sha256.clone(), 0, String::new()));
         let target = config.target(&rec.target).cloned();
@@ -112,7 +117,7 @@ impl Engine {
             );
             let (outcome, error) = match run.execute_recovery(&rec, target.as_ref()).await {
                 Ok(outcome) => (outcome, String::new()),
-                Err(failure) => (failure.outcome, failure.message),
+                Err(e) => (e.outcome(), e.to_string()),
             };
             if let Some(t) = &target {
                 run.look_at_disk(t).await;
@@ -129,7 +134,7 @@ impl Run<'_> {
         &mut self,
         rec: &Record,
         target: Option<&Target>,
-    ) -> Result<Outcome, Failure> {
+    ) -> Result<Outcome, DeployError> {
         let _guard = match target {
             Some(t) => Some(self.lock(t, false).await?),
             None => None,
@@ -149,10 +154,9 @@ impl Run<'_> {
         let files = rec.files.clone();
         let id = rec.id.clone();
         let committed = blocking(move || sweep(&files, &id)).await.map_err(|e| {
-            Failure::new(
-                Outcome::RollbackFailed,
-                format!("{interrupted}; recovery could not inspect the files: {e}"),
-            )
+            DeployError::RollbackFailed(format!(
+                "{interrupted}; recovery could not inspect the files: {e}"
+            ))
         })?;
         // Where the previous certificate set is now: the backups, or with
         // the generations layout the generation `..data` pointed at.
@@ -187,20 +191,16 @@ impl Run<'_> {
                 "the target is no longer configured: putting the previous files back, no commands",
             );
             return match self.undo(committed).await {
-                Ok(()) => Err(Failure::new(
-                    Outcome::RolledBack,
-                    format!(
-                        "{interrupted}; the target is no longer configured: the previous files are back, no command was run"
-                    ),
-                )),
-                Err(e) => Err(Failure::new(
-                    Outcome::RollbackFailed,
-                    format!("{interrupted}; putting the previous files back failed: {e}"),
-                )),
+                Ok(()) => Err(DeployError::RolledBack(format!(
+                    "{interrupted}; the target is no longer configured: the previous files are back, no command was run"
+                ))),
+                Err(e) => Err(DeployError::RollbackFailed(format!(
+                    "{interrupted}; putting the previous files back failed: {e}"
+                ))),
             };
         };
 
-        let committed_stage = COMMITTED.contains(&rec.stage.as_str());
+        let committed_stage = Stage::parse(&rec.stage).is_some_and(|s| COMMITTED.contains(&s));
         let previous = {
             let t = target.clone();
             blocking(move || restored_view(&t, &pairs))
@@ -210,11 +210,11 @@ impl Run<'_> {
         };
         let verify = target.verify.as_ref();
 
-        if rec.op == "deploy" && committed_stage {
+        if Op::parse(&rec.op) == Some(Op::Deploy) && committed_stage {
             // The whole new set is in place: finish what was started.
             let t = target.clone();
             let now = blocking(move || {
-                verify::on_disk(&t).map_err(|e| FsError {
+                crate::disk::read(&t).map_err(|e| FsError {
                     op: "cannot read",
                     path: PathBuf::new(),
                     source: std::io::Error::other(e),
@@ -252,7 +252,10 @@ impl Run<'_> {
             return Ok(outcome);
         }
 
-        if committed_stage || rec.stage == "rollback" || rec.op == "rollback" {
+        if committed_stage
+            || Stage::parse(&rec.stage) == Some(Stage::Rollback)
+            || Op::parse(&rec.op) == Some(Op::Rollback)
+        {
             // The server may have loaded the new files: put the previous
             // ones back, reload, and prove they are served.
             return Err(self
@@ -267,16 +270,12 @@ impl Run<'_> {
             "putting the previous files back (no reload)",
         );
         match self.undo(committed).await {
-            Ok(()) => Err(Failure::new(
-                Outcome::RolledBack,
-                format!(
-                    "{interrupted}, before the commit completed; the previous files are in place"
-                ),
-            )),
-            Err(e) => Err(Failure::new(
-                Outcome::RollbackFailed,
-                format!("{interrupted}; putting the previous files back failed: {e}"),
-            )),
+            Ok(()) => Err(DeployError::RolledBack(format!(
+                "{interrupted}, before the commit completed; the previous files are in place"
+            ))),
+            Err(e) => Err(DeployError::RollbackFailed(format!(
+                "{interrupted}; putting the previous files back failed: {e}"
+            ))),
         }
     }
 }

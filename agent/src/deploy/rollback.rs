@@ -18,16 +18,21 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, warn};
 
-use super::apply::{Committed, Engine, Failure, Run, blocking, dirs_of};
+use super::commit::{Committed, blocking, dirs_of};
+use super::engine::Engine;
+use super::error::DeployError;
 use super::generations;
-use super::verify::{self, Expect, OnDisk};
+use super::progress::Run;
 use crate::atomic::{self, FsError};
 use crate::bundle;
 use crate::command;
 use crate::config::{Layout, Target};
+use crate::disk::OnDisk;
 use crate::journal::FileRecord;
 use crate::model::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
 use crate::model::fmt::{fmt_duration, short_hex};
+use crate::model::stage::Op;
+use crate::verify::served::Expect;
 
 /// One rollback as asked for by a client.
 pub struct RollbackRequest {
@@ -50,12 +55,12 @@ impl Engine {
         let span = tracing::info_span!("rollback", target = %req.target.name, deploy_id = %id);
         let mut run = Run::new(self, id, &req.target.name, sink);
         run.origin.clone_from(&req.origin);
-        run.op = "rollback";
+        run.op = Op::Rollback;
         async move {
             info!(origin = %req.origin, "rollback requested");
             let (outcome, error) = match run.execute_rollback(&req).await {
                 Ok(outcome) => (outcome, String::new()),
-                Err(failure) => (failure.outcome, failure.message),
+                Err(e) => (e.outcome(), e.to_string()),
             };
             run.look_at_disk(&req.target).await;
             let report = run.finish(outcome, error, false);
@@ -85,14 +90,14 @@ impl Run<'_> {
     async fn prepare_in_place(
         &mut self,
         req: &RollbackRequest,
-    ) -> Result<(Committed, Option<OnDisk>, Cleanup), Failure> {
+    ) -> Result<(Committed, Option<OnDisk>, Cleanup), DeployError> {
         let target = &req.target;
 
         let set = {
             let t = target.clone();
             blocking(move || newest_set(&t)).await
         }
-        .map_err(|e| Failure::new(Outcome::Internal, format!("cannot read the backups: {e}")))?
+        .map_err(|e| DeployError::Internal(format!("cannot read the backups: {e}")))?
         .ok_or_else(|| {
             let dirs: Vec<String> =
                 dirs_of(target.paths().map(PathBuf::from).collect::<Vec<_>>().iter())
@@ -103,16 +108,13 @@ impl Run<'_> {
                             .to_string()
                     })
                     .collect();
-            Failure::new(
-                Outcome::Rejected,
-                format!(
-                    "nothing to roll back to: target {} has no backup in {}; backups are kept \
+            DeployError::Refused(format!(
+                "nothing to roll back to: target {} has no backup in {}; backups are kept \
                      when a deploy replaces files (the newest {} per target)",
-                    target.name,
-                    dirs.join(", "),
-                    target.backup_retention
-                ),
-            )
+                target.name,
+                dirs.join(", "),
+                target.backup_retention
+            ))
         })?;
 
         // What will be on disk afterwards: the set's files over the current ones.
@@ -121,7 +123,7 @@ impl Run<'_> {
             let files = set.files.clone();
             blocking(move || restored_view(&t, &files)).await
         }
-        .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
+        .map_err(|e| DeployError::Internal(e.to_string()))?;
         if let Some(r) = &restored {
             self.leaf = Some((
                 r.leaf.sha256_hex(),
@@ -160,7 +162,7 @@ impl Run<'_> {
             })
             .collect();
         let prev = self.leaf_on_disk(target).await;
-        self.begin_journal(&req.origin, "rollback", &records, &prev, &[])
+        self.begin_journal(&req.origin, Op::Rollback, &records, &prev, &[])
             .await?;
 
         let committed = {
@@ -169,12 +171,7 @@ impl Run<'_> {
             let id = self.id.clone();
             blocking(move || swap_in(&files, &name, &id)).await
         }
-        .map_err(|e| {
-            Failure::new(
-                Outcome::Internal,
-                format!("rollback failed, nothing changed: {e}"),
-            )
-        })?;
+        .map_err(|e| DeployError::Internal(format!("rollback failed, nothing changed: {e}")))?;
         self.stage(
             Stage::Committed,
             format!(
@@ -199,7 +196,7 @@ impl Run<'_> {
     async fn prepare_generations(
         &mut self,
         req: &RollbackRequest,
-    ) -> Result<(Committed, Option<OnDisk>, Cleanup), Failure> {
+    ) -> Result<(Committed, Option<OnDisk>, Cleanup), DeployError> {
         let target = &req.target;
         let dir = atomic::parent(&target.cert_path).to_owned();
         let (to, current) = {
@@ -212,21 +209,13 @@ impl Run<'_> {
             })
             .await
         }
-        .map_err(|e| {
-            Failure::new(
-                Outcome::Internal,
-                format!("cannot read the generations: {e}"),
-            )
-        })?;
+        .map_err(|e| DeployError::Internal(format!("cannot read the generations: {e}")))?;
         let Some(to) = to else {
-            return Err(Failure::new(
-                Outcome::Rejected,
-                format!(
-                    "nothing to roll back to: target {} has no generation besides the current one in {}",
-                    target.name,
-                    dir.join(".certctl").display()
-                ),
-            ));
+            return Err(DeployError::Refused(format!(
+                "nothing to roll back to: target {} has no generation besides the current one in {}",
+                target.name,
+                dir.join(".certctl").display()
+            )));
         };
         let records = vec![FileRecord {
             live: generations::data_link(&dir),
@@ -237,28 +226,23 @@ impl Run<'_> {
             created_generation: false,
         }];
         let prev = self.leaf_on_disk(target).await;
-        self.begin_journal(&req.origin, "rollback", &records, &prev, &[])
+        self.begin_journal(&req.origin, Op::Rollback, &records, &prev, &[])
             .await?;
         let committed = {
             let (dir, to, id) = (dir.clone(), to.clone(), self.id.clone());
             blocking(move || generations::switch_to(&dir, &to, &id)).await
         }
-        .map_err(|e| {
-            Failure::new(
-                Outcome::Internal,
-                format!("rollback failed, nothing changed: {e}"),
-            )
-        })?;
+        .map_err(|e| DeployError::Internal(format!("rollback failed, nothing changed: {e}")))?;
         let t = target.clone();
         let restored = blocking(move || {
-            verify::on_disk(&t).map_err(|e| FsError {
+            crate::disk::read(&t).map_err(|e| FsError {
                 op: "cannot read",
                 path: t.cert_path.clone(),
                 source: std::io::Error::other(e),
             })
         })
         .await
-        .map_err(|e| Failure::new(Outcome::Internal, e.to_string()))?;
+        .map_err(|e| DeployError::Internal(e.to_string()))?;
         if let Some(r) = &restored {
             self.leaf = Some((
                 r.leaf.sha256_hex(),
@@ -278,7 +262,7 @@ impl Run<'_> {
         let t = target.clone();
         blocking(move || {
             Ok::<_, FsError>(
-                verify::on_disk(&t)
+                crate::disk::read(&t)
                     .ok()
                     .flatten()
                     .map(|d| d.leaf.sha256_hex())
@@ -289,7 +273,7 @@ impl Run<'_> {
         .unwrap_or_default()
     }
 
-    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Outcome, Failure> {
+    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Outcome, DeployError> {
         let target = &req.target;
         let _guard = self.lock(target, req.no_wait).await?;
         let (committed, restored, cleanup) = if target.layout == Layout::Generations {
@@ -314,20 +298,14 @@ impl Run<'_> {
                         "putting back the files from before the rollback (no reload)",
                     );
                     return Err(match self.undo(committed).await {
-                        Ok(()) => Failure::new(
-                            Outcome::ValidateFailed,
-                            format!(
-                                "the restored files fail validation: {e}; the files from before the \
+                        Ok(()) => DeployError::ValidateFailed(format!(
+                            "the restored files fail validation: {e}; the files from before the \
                                  rollback are back in place and the server was not reloaded"
-                            ),
-                        ),
-                        Err(r) => Failure::new(
-                            Outcome::RollbackFailed,
-                            format!(
-                                "the restored files fail validation: {e}; putting back the files from \
+                        )),
+                        Err(r) => DeployError::RollbackFailed(format!(
+                            "the restored files fail validation: {e}; putting back the files from \
                                  before the rollback failed: {r}"
-                            ),
-                        ),
+                        )),
                     });
                 }
             }
@@ -342,54 +320,42 @@ impl Run<'_> {
                     "putting back the files from before the rollback and reloading",
                 );
                 if let Err(r) = self.undo(committed).await {
-                    return Err(Failure::new(
-                        Outcome::RollbackFailed,
-                        format!(
-                            "reloading the restored files failed: {e}; putting back the files from before the rollback failed too: {r}"
-                        ),
-                    ));
+                    return Err(DeployError::RollbackFailed(format!(
+                        "reloading the restored files failed: {e}; putting back the files from before the rollback failed too: {r}"
+                    )));
                 }
                 let again = self.reload(target).await;
-                return Err(Failure::new(
-                    Outcome::RollbackFailed,
-                    match again {
-                        Ok(_) => format!(
-                            "reloading the restored files failed: {e}; the files from before the \
+                return Err(DeployError::RollbackFailed(match again {
+                    Ok(_) => format!(
+                        "reloading the restored files failed: {e}; the files from before the \
                              rollback are back in place and were reloaded"
-                        ),
-                        Err(r) => format!(
-                            "reloading the restored files failed: {e}; the files from before the \
+                    ),
+                    Err(r) => format!(
+                        "reloading the restored files failed: {e}; the files from before the \
                              rollback are back on disk but reloading them failed too: {r}"
-                        ),
-                    },
-                ));
+                    ),
+                }));
             }
         }
 
         if let (Some(v), false) = (&target.verify, req.no_verify) {
             let Some(restored) = &restored else {
-                return Err(Failure::new(
-                    Outcome::RollbackFailed,
-                    format!(
-                        "the restored files are in place, but {} holds no readable certificate to verify",
-                        target.cert_path.display()
-                    ),
-                ));
+                return Err(DeployError::RollbackFailed(format!(
+                    "the restored files are in place, but {} holds no readable certificate to verify",
+                    target.cert_path.display()
+                )));
             };
             let expect = Expect::of(v, &restored.leaf, &restored.chain);
             match self.verify(v, &expect, false).await {
                 Ok(_) => self.verification = Verification::Verified,
                 Err(check) => {
-                    return Err(Failure::new(
-                        Outcome::RollbackFailed,
-                        format!(
-                            "the restored files (leaf {}) are in place and were reloaded, but {}; \
+                    return Err(DeployError::RollbackFailed(format!(
+                        "the restored files (leaf {}) are in place and were reloaded, but {}; \
                              `certctl rollback {}` again switches back to the files from before",
-                            short_hex(&expect.leaf_sha256),
-                            check.error,
-                            target.name
-                        ),
-                    ));
+                        short_hex(&expect.leaf_sha256),
+                        check.error,
+                        target.name
+                    )));
                 }
             }
         }
@@ -430,7 +396,7 @@ impl Cleanup {
                 for d in &dirs {
                     atomic::remove_tree(&atomic::backup_dir(d, target, &id))?;
                 }
-                super::apply::prune(&dirs.iter().cloned().collect(), target, keep)
+                super::commit::prune(&dirs.iter().cloned().collect(), target, keep)
             }
             Cleanup::Generations { dir } => generations::prune(&dir, keep),
         }
@@ -483,7 +449,7 @@ pub(super) fn restored_view(
     let mut view = target.clone();
     view.cert_path = source(&target.cert_path);
     view.chain_path = target.chain_path.as_ref().map(source);
-    verify::on_disk(&view).map_err(|e| FsError {
+    crate::disk::read(&view).map_err(|e| FsError {
         op: "cannot read the backup",
         path: view.cert_path.clone(),
         source: std::io::Error::other(e),
@@ -523,7 +489,7 @@ fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Commi
     }
     for ((live, from), kept) in files.iter().zip(kept) {
         if let Err(e) = atomic::restore(from, live, id) {
-            if let Err(r) = super::apply::undo(&committed, id) {
+            if let Err(r) = super::commit::undo(&committed, id) {
                 warn!("putting back the files from before the rollback failed: {r}");
             }
             return Err(e);
@@ -532,7 +498,7 @@ fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Commi
     }
     for d in &dirs_of(files.iter().map(|(l, _)| l)) {
         if let Err(e) = atomic::fsync_dir(d) {
-            if let Err(r) = super::apply::undo(&committed, id) {
+            if let Err(r) = super::commit::undo(&committed, id) {
                 warn!("putting back the files from before the rollback failed: {r}");
             }
             return Err(e);

@@ -17,7 +17,6 @@ use nix::errno::Errno;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::error;
-use zeroize::Zeroizing;
 
 use super::names::{self, Entry};
 use super::record::{self, DropOutcome, Info, TargetResult};
@@ -27,7 +26,7 @@ use super::{INCOMPLETE_LIMIT, fmt_limit};
 use crate::app::App;
 use crate::bundle::{self, BundleError, CheckOptions, Source};
 use crate::config::{Config, Target};
-use crate::deploy::{Outcome, Request};
+use crate::deploy::{Input, Outcome, Request};
 use crate::model::fmt::short_hex;
 
 /// How many drops are read and checked at once: bounds the memory that
@@ -156,8 +155,9 @@ pub(super) async fn run(ctx: &Arc<Ctx>, job: &Job) {
 /// What reading and checking a taken drop gave.
 enum Checked {
     Ok {
-        /// Key, leaf and chain, normalized: a few KiB whatever was dropped.
-        pem: Zeroizing<Vec<u8>>,
+        /// Parsed and checked once; each target's deploy checks it for
+        /// itself without going back to PEM.
+        bundle: Arc<bundle::Bundle>,
         sha256: String,
         subject: String,
     },
@@ -198,15 +198,11 @@ async fn read_and_check(
             }
         };
         match check(&contents, &config) {
-            Ok(b) => {
-                let mut pem = Zeroizing::new(b.key_pem().as_bytes().to_vec());
-                pem.extend_from_slice(b.fullchain_pem().as_bytes());
-                Checked::Ok {
-                    pem,
-                    sha256: b.leaf.sha256_hex(),
-                    subject: b.leaf.subject.clone(),
-                }
-            }
+            Ok(b) => Checked::Ok {
+                sha256: b.leaf.sha256_hex(),
+                subject: b.leaf.subject.clone(),
+                bundle: Arc::new(b),
+            },
             Err(e) => {
                 let (code, problem) = bundle_verdict(&e, incomplete_expired);
                 Checked::Rejected { code, problem }
@@ -295,12 +291,13 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         return;
     }
 
-    let (pem, sha256, subject) = match read_and_check(ctx, job, expect, incomplete_expired).await {
+    let (bundle, sha256, subject) = match read_and_check(ctx, job, expect, incomplete_expired).await
+    {
         Checked::Ok {
-            pem,
+            bundle,
             sha256,
             subject,
-        } => (pem, sha256, subject),
+        } => (bundle, sha256, subject),
         Checked::Gone => {
             info.outcome = DropOutcome::Withdrawn;
             info.reason = "withdrawn".to_owned();
@@ -335,7 +332,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         let shared = ctx.shared.clone();
         let req = Request {
             target: target.clone(),
-            sources: vec![(public.display().to_string(), pem.clone())],
+            input: Input::Checked(bundle.clone()),
             dry_run: false,
             no_verify: false,
             no_wait: false,
@@ -343,13 +340,12 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             clock_skew_grace: config.agent.clock_skew_grace,
         };
         set.spawn(async move {
-            let (tx, mut rx) = mpsc::unbounded_channel();
+            // Nobody reads this run's events here: watchers get them from
+            // the engine's broadcast, and the report names the run.
+            let (tx, _) = mpsc::unbounded_channel();
             let name = req.target.name.clone();
             let report = shared.engine.deploy(req, tx).await;
-            let mut deploy_id = String::new();
-            while let Ok(e) = rx.try_recv() {
-                deploy_id = e.deploy_id;
-            }
+            let deploy_id = report.deploy_id.clone();
             (
                 i,
                 TargetResult {
@@ -361,7 +357,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             )
         });
     }
-    drop(pem);
+    drop(bundle);
     let mut results: Vec<(usize, TargetResult)> = Vec::with_capacity(targets.len());
     while let Some(joined) = set.join_next().await {
         match joined {

@@ -84,6 +84,9 @@ fn log(target: &str, info: &Info, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::drop::Form;
+    use crate::model::stage::Outcome;
+    use std::path::PathBuf;
 
     #[test]
     fn each_target_gets_the_event_its_last_drop_and_its_deploy_id() {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::model::event::Outcome;
+use super::stage::Outcome;
 
 /// The name the drop directory's code uses.
 pub type Info = DropInfo;

@@ -31,6 +31,8 @@ pub struct FileSummary {
 /// The end of a deploy.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// The run this report ends.
+    pub deploy_id: String,
     pub outcome: Outcome,
     /// Empty on success; never holds key material.
     pub error: String,

@@ -55,15 +55,21 @@ pub enum ReloadError {
 impl ReloadHook {
     /// Makes the server load what is on disk now, within `timeout`.
     /// Returns a line for the stage message.
-    pub async fn run(&self, timeout: Duration) -> Result<String, ReloadError> {
+    /// `generation`: the generation `..data` points at, for hooks that
+    /// name it (traefik); `None` with the in-place layout.
+    pub async fn run(
+        &self,
+        timeout: Duration,
+        generation: Option<&str>,
+    ) -> Result<String, ReloadError> {
         let what = self.describe();
         crate::failpoint::hit("during-reload");
-        tokio::time::timeout(timeout, self.run_unbounded())
+        tokio::time::timeout(timeout, self.run_unbounded(generation.map(str::to_owned)))
             .await
             .unwrap_or(Err(ReloadError::Timeout { what, timeout }))
     }
 
-    async fn run_unbounded(&self) -> Result<String, ReloadError> {
+    async fn run_unbounded(&self, generation: Option<String>) -> Result<String, ReloadError> {
         match self {
             ReloadHook::HaproxyMaster { socket } => Ok(haproxy::master_reload(socket).await?),
             ReloadHook::HaproxyRuntime { socket, pem } => {
@@ -96,7 +102,10 @@ impl ReloadHook {
             } => {
                 let (config, target, cert, key) =
                     (config.clone(), target.clone(), cert.clone(), key.clone());
-                Ok(blocking(move || watched::write_traefik(&config, &target, &cert, &key)).await?)
+                Ok(blocking(move || {
+                    watched::write_traefik(&config, &target, &cert, &key, generation.as_deref())
+                })
+                .await?)
             }
             ReloadHook::EnvoySds {
                 sds,
@@ -162,7 +171,7 @@ mod tests {
             }
         });
         let hook = ReloadHook::HaproxyMaster { socket };
-        let err = hook.run(Duration::from_millis(50)).await.unwrap_err();
+        let err = hook.run(Duration::from_millis(50), None).await.unwrap_err();
         assert!(matches!(err, ReloadError::Timeout { .. }), "{err}");
         assert!(
             err.to_string()
@@ -178,7 +187,7 @@ mod tests {
             pem: PathBuf::from("/nonexistent/live.pem"),
         };
         let err = hook
-            .run(Duration::from_secs(5))
+            .run(Duration::from_secs(5), None)
             .await
             .unwrap_err()
             .to_string();

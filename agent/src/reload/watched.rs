@@ -17,7 +17,7 @@
 //!   (the first deploy, a changed `secret_name`), never on every deploy.
 //!
 //! Guarantees: both files are written through
-//! [`deploy::atomic::publish`](crate::atomic::publish) (temp,
+//! [`atomic::publish`](crate::atomic::publish) (temp,
 //! fsync, rename, directory fsync), so a reader never sees a partial file;
 //! the content is computed from the files on disk when the hook runs, so a
 //! rollback (files restored first) rewrites it for the restored set; with
@@ -29,7 +29,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::atomic::{self, FsError};
-use crate::deploy::generations;
 
 /// Mode of a new dynamic configuration or SDS file: it names files and
 /// holds no key, and the server (often not root) must read it.
@@ -56,18 +55,20 @@ pub enum WatchedError {
 }
 
 /// The traefik dynamic configuration for `target`'s `cert` and `key`:
-/// what is written, and a line for the stage message.
+/// what is written, and a line for the stage message. `generation` is the
+/// set `..data` points at (generations layout), named in the file so that
+/// it changes with every switch; the caller reads it.
 pub fn write_traefik(
     config: &Path,
     target: &str,
     cert: &Path,
     key: &Path,
+    generation: Option<&str>,
 ) -> Result<String, WatchedError> {
     let Some(leaf) = leaf_sha256(cert, config)? else {
         return remove(config);
     };
-    let generation = generations::current(atomic::parent(cert)).ok().flatten();
-    let text = traefik_yaml(target, cert, key, generation.as_deref(), &leaf);
+    let text = traefik_yaml(target, cert, key, generation, &leaf);
     atomic::publish(config, text.as_bytes(), CONFIG_MODE, TAG).map_err(|source| {
         WatchedError::Write {
             file: config.to_owned(),

@@ -19,6 +19,7 @@
 pub mod backoff;
 pub mod phase;
 pub mod probe;
+pub mod served;
 pub mod starttls;
 
 pub use backoff::{Schedule, jitter, jittered, sleep_or_cancel};

@@ -31,7 +31,7 @@
 //!    sends the event to the client, so no client and no log reader learns
 //!    of the step before the directory entry is durable.
 //!
-//! Backups (what `deploy/atomic.rs` promises: kept "by hard link …, falling
+//! Backups (what `atomic.rs` promises: kept "by hard link …, falling
 //! back to an fsynced copy", and `commit` fsyncs their directory before any
 //! rename): for every backup created under `<dir>/.certctl/backup/`, before
 //! the rename that replaces the live file it preserves, the backup's file

@@ -1,6 +1,6 @@
-//! Stage 9: proving that the certificate on disk is the one served.
+//! Stage 9: proving that the expected certificate is the one served.
 //!
-//! This module turns single probes ([`crate::verify`]) into the answers the
+//! This module turns single probes ([`super::probe`]) into the answers the
 //! engine, `certctl verify` and the drift watch need: a [`ServedCheck`]
 //! comparing what the endpoint served with what was expected, and
 //! [`until_served`], the retry loop with backoff and jitter whose every
@@ -19,12 +19,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::{self, Schedule};
+use super::probe::{self, Probe, Roots};
 use crate::bundle::Cert;
-use crate::config::{Target, VerifyConfig};
+use crate::config::VerifyConfig;
 pub use crate::model::check::{Attempt, CheckState, EXPIRY_WARNING, ServedCheck, with_expiry};
 use crate::model::fmt::short_or_nothing as short;
-use crate::verify::backoff::{self, Schedule};
-use crate::verify::{self, Probe, Roots};
 
 fn shorts(hexes: &[String]) -> String {
     hexes
@@ -122,7 +122,7 @@ pub async fn check_once(v: &VerifyConfig, expect: &Expect) -> ServedCheck {
         timeout: v.timeout,
         roots: roots.as_ref(),
     };
-    let served = match verify::probe(&probe).await {
+    let served = match probe::probe(&probe).await {
         Ok(served) => served,
         Err(e) => {
             check.reason = e.reason();
@@ -168,13 +168,6 @@ fn compare(check: &mut ServedCheck, expect: &Expect, require_chain_match: bool) 
     } else {
         check.state = CheckState::Verified;
     }
-}
-
-pub use crate::disk::OnDisk;
-
-/// What is on disk, with the error as one line (see [`crate::disk`]).
-pub fn on_disk(target: &Target) -> Result<Option<OnDisk>, String> {
-    crate::disk::read(target).map_err(|e| e.to_string())
 }
 
 /// Probes until `expect` is served or the attempts are used up, waiting
@@ -240,6 +233,7 @@ pub async fn until_served(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kind::VerifyProtocol;
 
     fn vc(endpoint: &str, server_name: Option<&str>) -> VerifyConfig {
         VerifyConfig {

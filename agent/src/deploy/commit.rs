@@ -1,0 +1,127 @@
+//! Committed files and how they are undone and pruned: shared by both
+//! layouts, by rollback and by recovery. Blocking filesystem work, run
+//! off the async threads through [`blocking`].
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::atomic::{self, FsError};
+use crate::failpoint;
+
+/// Files renamed into place, with what to put back.
+pub(super) struct Committed {
+    /// (live path, backup of the previous file or None when there was none)
+    pub(super) files: Vec<(PathBuf, Option<PathBuf>)>,
+    pub(super) backup_dirs: Vec<PathBuf>,
+    /// The `..data` switch of the generations layout.
+    pub(super) switch: Option<Switch>,
+}
+
+// === filesystem phases (blocking) ===
+
+/// Runs filesystem work off the async threads.
+pub(super) async fn blocking<
+    T: Send + 'static,
+    E: From<tokio::task::JoinError> + Send + 'static,
+>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(E::from(e)))
+}
+
+impl From<tokio::task::JoinError> for FsError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        FsError {
+            op: "filesystem task failed",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
+/// The directories holding `paths`, each once.
+pub(super) fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTreeSet<PathBuf> {
+    paths
+        .into_iter()
+        .map(|p| atomic::parent(p).to_owned())
+        .collect()
+}
+
+/// Puts the previous files back (a file that did not exist is removed),
+/// fsyncs, and drops this deploy's backups.
+pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
+    let mut first_err = None;
+    for (live, backup) in committed.files.iter().rev() {
+        let r = match backup {
+            Some(b) => atomic::restore(b, live, id),
+            None => atomic::remove(live),
+        };
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+        failpoint::hit("during-rollback");
+    }
+    for d in &dirs_of(committed.files.iter().map(|(l, _)| l)) {
+        if let Err(e) = atomic::fsync_dir(d) {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(s) = &committed.switch
+        && let Err(e) = unswitch(s, id)
+    {
+        first_err.get_or_insert(e);
+    }
+    if let Some(e) = first_err {
+        // Keep the backups: they are what an operator needs now.
+        return Err(e);
+    }
+    for d in &committed.backup_dirs {
+        let _ = atomic::remove_tree(d);
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` backup generations of `target` in each directory.
+pub(super) fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
+    for dir in dirs {
+        let ids = atomic::list_backups(dir, target)?;
+        let excess = ids.len().saturating_sub(keep);
+        for id in &ids[..excess] {
+            atomic::remove_tree(&atomic::backup_dir(dir, target, id))?;
+        }
+    }
+    Ok(())
+}
+
+/// A `..data` switch made by a run, with what undoing it means.
+#[derive(Debug, Clone)]
+pub struct Switch {
+    /// `<dir>/..data`.
+    pub data: PathBuf,
+    /// Where `..data` pointed before (as written in the link); `None` when
+    /// it did not exist.
+    pub previous: Option<PathBuf>,
+    /// The generation `..data` points at after the switch.
+    pub generation: PathBuf,
+    /// The run wrote that generation (undo removes it); false when it
+    /// switched to an existing one (`certctl rollback`).
+    pub created: bool,
+}
+
+/// Puts `..data` back where it pointed before the switch (or removes it),
+/// and removes the generation the run created.
+pub fn unswitch(s: &Switch, id: &str) -> Result<(), FsError> {
+    let dir = atomic::parent(&s.data);
+    match &s.previous {
+        Some(p) => atomic::switch_link(&s.data, p, &format!("{id}-restore"))?,
+        None => atomic::remove(&s.data)?,
+    }
+    failpoint::hit("during-rollback");
+    atomic::fsync_dir(dir)?;
+    if s.created {
+        atomic::remove_tree(&s.generation)?;
+    }
+    Ok(())
+}
