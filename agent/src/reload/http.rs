@@ -8,6 +8,11 @@
 //! whole request still has its answer read. The caller bounds the whole
 //! exchange in time. Request bytes (which may carry a private key) are only
 //! ever in zeroizing buffers and on the socket.
+//!
+//! Why not hyper's client (compiled in through tonic): a request body goes
+//! through its `Bytes` buffers, which are freed without being wiped, and
+//! the key sent to caddy must never sit in memory the agent cannot zero.
+//! One request on a local socket is a few dozen lines, kept here.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
