@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::deploy::Engine;
 use crate::metrics::TargetCert;
 use crate::model::drop::LastDrop;
+use crate::model::stage::Outcome;
 use crate::sync::lock;
 
 /// State shared by every call.
@@ -103,18 +104,21 @@ impl App {
     /// async threads; keystore targets are opened as keystores).
     pub async fn exposition(&self) -> String {
         let config = self.config();
-        let certs = tokio::task::spawn_blocking(move || {
+        // Disk reads and journal queries: off the async threads' queue.
+        let certs = tokio::task::block_in_place(|| {
             config
                 .targets
                 .iter()
                 .map(|t| TargetCert {
                     target: t.name.clone(),
                     not_after: crate::disk::leaf(t).ok().flatten().map(|c| c.not_after),
+                    needs_operator: self
+                        .engine
+                        .last(&t.name)
+                        .is_some_and(|l| l.outcome == Outcome::RollbackFailed),
                 })
                 .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        });
         self.engine.metrics().render(&certs)
     }
 

@@ -290,7 +290,43 @@ pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
 /// its parent.
 pub fn make_private_dir(dir: &Path) -> Result<()> {
     seam("cannot create directory", dir)?;
-    create_private_dir(dir)
+    create_private_dir(dir)?;
+    // The agent's directories above it, up to `.certctl`, existing from
+    // earlier runs or made by someone else: as private as documented
+    // (`.certctl` may be 0711 for the generations layout).
+    for ancestor in dir.ancestors().skip(1) {
+        if ancestor.file_name().is_some_and(|n| n == AGENT_DIR) {
+            tighten_dir(ancestor, 0o711)?;
+            break;
+        }
+        tighten_dir(ancestor, 0o700)?;
+    }
+    Ok(())
+}
+
+/// Removes from the mode of the existing directory `dir` every bit that
+/// `max` does not allow (a `rejected/` or backup directory someone made
+/// 0755 would show keys to every local user), with a warning naming the
+/// modes. A missing directory is left alone.
+pub fn tighten_dir(dir: &Path, max: u32) -> Result<()> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(FsError::new("cannot inspect", dir)(e)),
+    };
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || mode & !max == 0 {
+        return Ok(());
+    }
+    let tight = mode & max;
+    fs::set_permissions(dir, fs::Permissions::from_mode(tight))
+        .map_err(FsError::new("cannot set mode of", dir))?;
+    tracing::warn!(
+        dir = %dir.display(),
+        "{} was {mode:04o}, looser than the agent allows for it: tightened to {tight:04o}",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// [`make_private_dir`] for the agent's own directories (state, drop,
@@ -320,7 +356,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         }
         fsync_dir(parent(d))?;
     }
-    Ok(())
+    tighten_dir(dir, 0o700)
 }
 
 /// Keeps the current `live` file as `backup` (a hard link: same inode,
@@ -366,16 +402,22 @@ fn copy_preserving(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Puts `backup` back at `live` atomically: a new link (or copy) under a
-/// temp name, then a rename. The backup itself stays.
-pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
+/// temp name, then a rename. The backup itself stays. A private key (PEM
+/// key text, a PKCS#12 or JKS keystore) loses its "other" permission bits
+/// before it becomes visible, whatever mode it had before the run that is
+/// undone: `Some(line)` says what was tightened, for the run's warnings.
+pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<Option<String>> {
     // The backup is a hard link of the live file when nothing replaced it
     // yet (a commit cut short): nothing to do, and renaming a link over
     // another link of the same inode would do nothing and leave the temp.
     if let (Ok(b), Ok(l)) = (fs::symlink_metadata(backup), fs::symlink_metadata(live))
         && (b.dev(), b.ino()) == (l.dev(), l.ino())
     {
-        return Ok(());
+        return tighten_private(live, live);
     }
+    // The backup's inode is what becomes live: tightened first, while it is
+    // only in the private backup directory.
+    let tightened = tighten_private(backup, live)?;
     let tmp = temp_path(live, &format!("{deploy_id}-restore"));
     remove(&tmp)?;
     keep_backup(backup, &tmp)?;
@@ -383,7 +425,47 @@ pub fn restore(backup: &Path, live: &Path, deploy_id: &str) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(())
+    Ok(tightened)
+}
+
+/// Removes the "other" permission bits of `path` when it holds a private
+/// key; `shown` is the path named in the warning.
+fn tighten_private(path: &Path, shown: &Path) -> Result<Option<String>> {
+    let meta = fs::symlink_metadata(path).map_err(FsError::new("cannot inspect", path))?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_file() || mode & 0o007 == 0 || !holds_private_key(path) {
+        return Ok(None);
+    }
+    let tight = mode & !0o007;
+    seam("cannot set mode of", path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(tight))
+        .map_err(FsError::new("cannot set mode of", path))?;
+    Ok(Some(format!(
+        "{} holds a private key and was {mode:04o} before: restored as {tight:04o} \
+         (a key file never keeps an \"other\" permission bit)",
+        shown.display()
+    )))
+}
+
+/// Whether the file at `path` holds a private key: PEM key text (a key
+/// file, or haproxy's combined file), or a keystore (PKCS#12, JKS).
+pub fn holds_private_key(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let mut head = Vec::with_capacity(8192);
+    if file.take(1024 * 1024).read_to_end(&mut head).is_err() {
+        return false;
+    }
+    let pem_key = head.windows(16).any(|w| w == b"PRIVATE KEY-----");
+    let jks = head.starts_with(&[0xFE, 0xED, 0xFE, 0xED]);
+    // PFX ::= SEQUENCE { version INTEGER (3), ... } in DER.
+    let pkcs12 = match head.as_slice() {
+        [0x30, 0x82, _, _, 0x02, 0x01, 0x03, ..] | [0x30, 0x81, _, 0x02, 0x01, 0x03, ..] => true,
+        [0x30, l, 0x02, 0x01, 0x03, ..] => *l < 0x80,
+        _ => false,
+    };
+    pem_key || jks || pkcs12
 }
 
 /// Points the symlink `link` at `target` atomically: a temp symlink beside

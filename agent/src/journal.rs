@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Current schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deploys (
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS deploys (
     verification  TEXT,
     disk_sha256   TEXT,
     served_sha256 TEXT,
-    recovered     INTEGER NOT NULL DEFAULT 0
+    recovered     INTEGER NOT NULL DEFAULT 0,
+    no_reload     INTEGER NOT NULL DEFAULT 0 -- deployed with --no-reload (since version 2)
 );
 CREATE INDEX IF NOT EXISTS deploys_target ON deploys (target, started_ms);
 CREATE INDEX IF NOT EXISTS deploys_open ON deploys (outcome)
@@ -122,6 +123,9 @@ pub struct Begin<'a> {
     pub prev_sha256: &'a str,
     /// Input fingerprints: `(role, sha256)` of certificates and public keys.
     pub inputs: &'a [(String, String)],
+    /// Deployed with `--no-reload`: recovery completes it without reload
+    /// or verification.
+    pub no_reload: bool,
 }
 
 /// What is recorded when a run ends.
@@ -155,6 +159,8 @@ pub struct Record {
     pub disk_sha256: String,
     pub served_sha256: String,
     pub recovered: bool,
+    /// Deployed with `--no-reload`.
+    pub no_reload: bool,
     /// Stages with their times, oldest first (only filled by `history`).
     pub stages: Vec<(SystemTime, String, String)>,
 }
@@ -225,6 +231,13 @@ impl Journal {
             });
         }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        if version == 1 {
+            // Version 1 had no no_reload column; its runs all reloaded.
+            conn.execute_batch(
+                "ALTER TABLE deploys ADD COLUMN no_reload INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(open_err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         Ok(Journal {
@@ -290,8 +303,8 @@ impl Journal {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
-                                      cert_sha256, prev_sha256, inputs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9)",
+                                      cert_sha256, prev_sha256, inputs, no_reload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9, ?10)",
                 params![
                     b.id,
                     b.target,
@@ -301,7 +314,8 @@ impl Journal {
                     files,
                     b.cert_sha256,
                     b.prev_sha256,
-                    inputs
+                    inputs,
+                    b.no_reload
                 ],
             )?;
             tx.execute(
@@ -397,14 +411,13 @@ impl Journal {
         })
     }
 
-    /// Runs recovery must look at, oldest first: those without an outcome
-    /// (interrupted by a crash), and those that ended `rollback_failed`
-    /// and were not yet retried by a recovery (their backups may still
-    /// hold the previous files: a failing disk or a full one may have
-    /// recovered since).
+    /// Runs recovery must finish, oldest first: those without an outcome
+    /// (interrupted by a crash). A recorded outcome is final: a run that
+    /// ended `rollback_failed` is the operator's to look at (its backups
+    /// are kept), never retried behind their back.
     pub fn unfinished(&self) -> Result<Vec<Record>, JournalError> {
         self.query(
-            "WHERE outcome IS NULL OR (outcome = 'rollback_failed' AND recovered = 0)
+            "WHERE outcome IS NULL
              ORDER BY started_ms, id",
             params![],
         )
@@ -456,7 +469,8 @@ impl Journal {
     fn query(&self, tail: &str, args: impl rusqlite::Params) -> Result<Vec<Record>, JournalError> {
         let sql = format!(
             "SELECT id, target, op, origin, started_ms, stage, files, cert_sha256, prev_sha256,
-                    finished_ms, outcome, error, verification, disk_sha256, served_sha256, recovered
+                    finished_ms, outcome, error, verification, disk_sha256, served_sha256, recovered,
+                    no_reload
              FROM deploys {tail}"
         );
         let rows: Vec<(Record, String)> = self.with(|c| {
@@ -480,6 +494,7 @@ impl Journal {
                         disk_sha256: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
                         served_sha256: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
                         recovered: r.get(15)?,
+                        no_reload: r.get(16)?,
                         stages: Vec::new(),
                     },
                     r.get::<_, String>(6)?,
@@ -535,6 +550,7 @@ mod tests {
             cert_sha256: "aa",
             prev_sha256: "bb",
             inputs: &[],
+            no_reload: false,
         }
     }
 
@@ -589,6 +605,48 @@ mod tests {
         assert_eq!(ids, ["d4", "d3", "d2"]);
         assert!(j.history(Some("other"), 3).unwrap().is_empty());
         assert!(j.contains("d0").unwrap());
+    }
+
+    #[test]
+    fn a_version_1_journal_is_migrated_and_keeps_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("journal.sqlite")).unwrap();
+            // Version 1's table: no no_reload column.
+            let v1 = SCHEMA.replace(
+                ",\n    no_reload     INTEGER NOT NULL DEFAULT 0 -- deployed with --no-reload (since version 2)",
+                "",
+            );
+            assert!(!v1.contains("no_reload"));
+            c.execute_batch(&v1).unwrap();
+            c.execute(
+                "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
+                                      cert_sha256, prev_sha256, inputs)
+                 VALUES ('d1', 'web', 'deploy', 'cli', 1, 'committed', '[]', 'aa', 'bb', '[]')",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let open = j.unfinished().unwrap();
+        assert_eq!(open.len(), 1);
+        assert!(!open[0].no_reload);
+        j.begin(&Begin {
+            no_reload: true,
+            ..begin("d2", &[])
+        })
+        .unwrap();
+        assert!(j.unfinished().unwrap()[1].no_reload);
+    }
+
+    #[test]
+    fn a_final_outcome_is_never_handed_to_recovery_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.begin(&begin("d1", &[])).unwrap();
+        j.finish("d1", &finish("rollback_failed")).unwrap();
+        assert!(j.unfinished().unwrap().is_empty());
     }
 
     #[test]

@@ -140,6 +140,10 @@ fn open_lock_file(dir: &Path, path: &Path) -> Result<File, LockError> {
         .mode(0o700)
         .create(dir)
         .map_err(open_err)?;
+    crate::atomic::tighten_dir(dir, 0o700).map_err(|e| LockError::Open {
+        path: dir.to_owned(),
+        source: e.source,
+    })?;
     OpenOptions::new()
         .read(true)
         .write(true)

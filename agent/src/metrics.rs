@@ -119,6 +119,9 @@ pub struct TargetCert {
     /// `not_after` of the leaf at `cert_path`, Unix seconds; `None` when the
     /// file is missing or holds no readable certificate.
     pub not_after: Option<i64>,
+    /// The target's last run ended `rollback_failed`: an operator has to
+    /// look (it is never retried behind their back).
+    pub needs_operator: bool,
 }
 
 impl Default for Metrics {
@@ -460,6 +463,20 @@ impl Metrics {
                 );
             }
         }
+        header(
+            &mut out,
+            "certctl_target_needs_operator",
+            "gauge",
+            "1 while the target's last run ended rollback_failed (what is on disk or served is not what the agent could prove); absent otherwise.",
+        );
+        for c in certs.iter().filter(|c| c.needs_operator) {
+            sample(
+                &mut out,
+                "certctl_target_needs_operator",
+                &[("target", &c.target)],
+                1.0,
+            );
+        }
         out
     }
 }
@@ -593,10 +610,12 @@ mod tests {
             TargetCert {
                 target: "web".into(),
                 not_after: Some(1_900_000_000),
+                needs_operator: false,
             },
             TargetCert {
                 target: "gone".into(),
                 not_after: None,
+                needs_operator: false,
             },
         ])
     }
@@ -782,6 +801,31 @@ mod tests {
     }
 
     #[test]
+    fn a_target_whose_rollback_failed_needs_an_operator() {
+        let m = Metrics::new();
+        let t = m.render(&[
+            TargetCert {
+                target: "web".into(),
+                not_after: None,
+                needs_operator: true,
+            },
+            TargetCert {
+                target: "ok".into(),
+                not_after: None,
+                needs_operator: false,
+            },
+        ]);
+        assert_eq!(
+            value(&t, "certctl_target_needs_operator{target=\"web\"}"),
+            Some(1.0)
+        );
+        assert!(
+            !t.contains("certctl_target_needs_operator{target=\"ok\"}"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn gauges_and_format() {
         let m = Metrics::new();
         let t = render(&m);
@@ -816,7 +860,8 @@ mod tests {
         let types = t.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = t.lines().filter(|l| l.starts_with("# HELP ")).count();
         assert_eq!(types, helps);
-        assert_eq!(types, 11);
+        // 12 families since certctl_target_needs_operator.
+        assert_eq!(types, 12);
     }
 
     #[test]

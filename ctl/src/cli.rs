@@ -90,6 +90,10 @@ pub struct DeployArgs {
     /// Skip the TLS check of the served certificate after the reload.
     #[arg(long)]
     pub no_verify: bool,
+    /// Install without reloading or verifying (the server is not running
+    /// yet): write the files atomically, run the validate command, stop.
+    #[arg(long)]
+    pub no_reload: bool,
     /// Fail with exit code 8 instead of waiting when the target is busy.
     #[arg(long)]
     pub no_wait: bool,

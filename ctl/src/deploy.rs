@@ -40,6 +40,7 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {
         },
         dry_run: args.dry_run,
         no_verify: args.no_verify,
+        no_reload: args.no_reload,
         no_wait: args.no_wait,
     };
     let mut client = client::connect(&cli.socket).await?;

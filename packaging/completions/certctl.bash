@@ -89,7 +89,7 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__deploy)
-            opts="-h --cert --key --chain --dry-run --no-verify --no-wait --socket --json --help"
+            opts="-h --cert --key --chain --dry-run --no-verify --no-reload --no-wait --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

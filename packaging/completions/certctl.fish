@@ -42,6 +42,7 @@ complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l chain -d 'Int
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l socket -d 'The agent\'s control socket' -r -F
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l dry-run -d 'Check the input and show what would be written; change nothing'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-verify -d 'Skip the TLS check of the served certificate after the reload'
+complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-reload -d 'Install without reloading or verifying (the server is not running yet): write the files atomically, run the validate command, stop'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-wait -d 'Fail with exit code 8 instead of waiting when the target is busy'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -s h -l help -d 'Print help'

@@ -139,6 +139,7 @@ impl Agent for Service {
             input: crate::deploy::Input::Pem(sources),
             dry_run: req.dry_run,
             no_verify: req.no_verify,
+            no_reload: req.no_reload,
             no_wait: req.no_wait,
             origin: format!("cli {}", caller.describe()),
             clock_skew_grace: config.agent.clock_skew_grace,

@@ -17,6 +17,15 @@ pub(super) struct Committed {
     pub(super) switch: Option<Switch>,
 }
 
+impl Committed {
+    /// Nothing was there before the run: every committed path is new (a
+    /// first deploy). Undoing it leaves the target empty, as it was.
+    pub(super) fn created_everything(&self) -> bool {
+        self.files.iter().all(|(_, backup)| backup.is_none())
+            && self.switch.as_ref().is_none_or(|s| s.previous.is_none())
+    }
+}
+
 // === filesystem phases (blocking) ===
 
 /// Runs filesystem work off the async threads.
@@ -51,15 +60,20 @@ pub(super) fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTree
 
 /// Puts the previous files back (a file that did not exist is removed),
 /// fsyncs, and drops this deploy's backups.
-pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
+pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsError> {
     let mut first_err = None;
+    let mut warnings = Vec::new();
     for (live, backup) in committed.files.iter().rev() {
         let r = match backup {
             Some(b) => atomic::restore(b, live, id),
-            None => atomic::remove(live),
+            None => atomic::remove(live).map(|()| None),
         };
-        if let Err(e) = r {
-            first_err.get_or_insert(e);
+        match r {
+            Ok(Some(w)) => warnings.push(w),
+            Ok(None) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
         failpoint::hit("during-rollback");
     }
@@ -80,7 +94,10 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<(), FsError> {
     for d in &committed.backup_dirs {
         let _ = atomic::remove_tree(d);
     }
-    Ok(())
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(warnings)
 }
 
 /// Keeps the newest `keep` backup generations of `target` in each directory.

@@ -39,6 +39,9 @@ pub struct Request {
     pub input: Input,
     pub dry_run: bool,
     pub no_verify: bool,
+    /// Stop after the validate command: no reload, no verification (a
+    /// server that is not running yet).
+    pub no_reload: bool,
     pub no_wait: bool,
     /// Who asked, for the log: "cli uid=1000 pid=4242".
     pub origin: String,

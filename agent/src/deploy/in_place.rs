@@ -100,7 +100,7 @@ pub(super) fn commit(
         if let Err(e) = atomic::rename(&s.tmp, &s.live) {
             remove_temps(i);
             return Err(match undo(&committed, id) {
-                Ok(()) => CommitError::Restored(e),
+                Ok(_) => CommitError::Restored(e),
                 Err(r) => CommitError::NotRestored(e, r),
             });
         }
@@ -112,7 +112,7 @@ pub(super) fn commit(
     for d in &dirs_of(staged.iter().map(|s| &s.live)) {
         if let Err(e) = atomic::fsync_dir(d) {
             return Err(match undo(&committed, id) {
-                Ok(()) => CommitError::Restored(e),
+                Ok(_) => CommitError::Restored(e),
                 Err(r) => CommitError::NotRestored(e, r),
             });
         }

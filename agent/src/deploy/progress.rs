@@ -59,6 +59,8 @@ pub(super) struct Run<'e> {
     /// the `committed` row must be durable first. Conservatively true
     /// unless a deploy finds otherwise.
     pub(super) committed_acted_on: bool,
+    /// Stop after the validate command (`--no-reload`).
+    pub(super) no_reload: bool,
 }
 
 impl<'e> Run<'e> {
@@ -86,6 +88,7 @@ impl<'e> Run<'e> {
             begun: false,
             recovered: false,
             committed_acted_on: true,
+            no_reload: false,
         }
     }
 
@@ -113,6 +116,7 @@ impl<'e> Run<'e> {
             cert_sha256: &cert,
             prev_sha256,
             inputs,
+            no_reload: self.no_reload,
         };
         tokio::task::block_in_place(|| self.engine.journal.begin(&begin))?;
         self.op = op;
@@ -310,6 +314,7 @@ impl<'e> Run<'e> {
                         cert_sha256: &report.cert_sha256,
                         prev_sha256: "",
                         inputs: &[],
+                        no_reload: self.no_reload,
                     },
                     &finish,
                 )

@@ -1,8 +1,9 @@
 //! Recovery at start-up: every run the journal left without an outcome
 //! (the agent was killed, crashed or lost power in the middle of it) is
-//! finished before the agent accepts work. A run that ended
-//! `rollback_failed` is retried once the same way (the cause, a full disk
-//! say, may be gone), and keeps its outcome if it fails again.
+//! finished before the agent accepts work. A recorded outcome is final:
+//! a run that ended (`rollback_failed` included) is never acted on again,
+//! and recovery never changes a target whose files are no longer what the
+//! interrupted run left there ([`Run::still_ours`]).
 //!
 //! What is done depends on the last stage the journal recorded:
 //!
@@ -35,6 +36,7 @@ use crate::atomic::{self, FsError};
 use crate::config::{Config, Target};
 use crate::journal::{JournalError, Record};
 use crate::model::event::{Outcome, Report, Stage};
+use crate::model::fmt::short_hex;
 use crate::model::stage::Op;
 use crate::verify::served::Expect;
 
@@ -106,6 +108,7 @@ impl Engine {
         run.op = Op::parse(&rec.op).unwrap_or(Op::Deploy);
         run.origin.clone_from(&rec.origin);
         run.leaf = Some((rec.cert_sha256.clone(), 0, String::new()));
+        run.no_reload = rec.no_reload;
         let target = config.target(&rec.target).cloned();
         async move {
             warn!(
@@ -130,6 +133,54 @@ impl Engine {
 }
 
 impl Run<'_> {
+    /// Recovery changes a target only when its files are still what the
+    /// interrupted run left there: no later run of the target was
+    /// recorded, and the certificate on disk is the run's new one or the
+    /// one it replaced. Anything else (a later deploy, an operator who
+    /// replaced the files) is live and is left alone; the run is closed
+    /// `internal` saying so.
+    async fn still_ours(
+        &self,
+        rec: &Record,
+        target: &Target,
+        interrupted: &str,
+    ) -> Result<(), DeployError> {
+        let later = tokio::task::block_in_place(|| self.engine.journal.last(&rec.target))
+            .ok()
+            .flatten()
+            .filter(|last| last.id != rec.id && last.started > rec.started);
+        if let Some(later) = later {
+            return Err(DeployError::Internal(format!(
+                "{interrupted}; a later run ({}, {}) has changed the target since, so recovery \
+                 left its files alone",
+                later.id,
+                later.outcome.as_deref().unwrap_or("open")
+            )));
+        }
+        let t = target.clone();
+        let on_disk = blocking(move || {
+            crate::disk::leaf(&t).map_err(|e| FsError {
+                op: "cannot read",
+                path: t.cert_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+        .await;
+        if let Ok(Some(leaf)) = on_disk {
+            let sha = leaf.sha256_hex();
+            if sha != rec.cert_sha256 && sha != rec.prev_sha256 {
+                return Err(DeployError::Internal(format!(
+                    "{interrupted}; {} now holds {}, neither this run's certificate nor the one it \
+                     replaced: the files were replaced since, so recovery left them alone; check \
+                     them and deploy again",
+                    target.cert_path.display(),
+                    short_hex(&sha)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn execute_recovery(
         &mut self,
         rec: &Record,
@@ -139,16 +190,13 @@ impl Run<'_> {
             Some(t) => Some(self.lock(t, false).await?),
             None => None,
         };
-        let interrupted = match rec.outcome.as_deref() {
-            Some(outcome) => format!(
-                "ended {outcome} at stage {} ({}); retried at start-up",
-                rec.stage, rec.error
-            ),
-            None => format!(
-                "interrupted at stage {} by an agent stop (crash, kill or power loss)",
-                rec.stage
-            ),
-        };
+        let interrupted = format!(
+            "interrupted at stage {} by an agent stop (crash, kill or power loss)",
+            rec.stage
+        );
+        if let Some(t) = target {
+            self.still_ours(rec, t, &interrupted).await?;
+        }
 
         // Temp files are never published: whatever is left goes.
         let files = rec.files.clone();

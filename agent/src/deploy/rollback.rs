@@ -172,6 +172,8 @@ impl Run<'_> {
             blocking(move || swap_in(&files, &name, &id)).await
         }
         .map_err(|e| DeployError::Internal(format!("rollback failed, nothing changed: {e}")))?;
+        let (committed, tightened) = committed;
+        self.warnings.extend(tightened);
         self.stage(
             Stage::Committed,
             format!(
@@ -458,7 +460,12 @@ pub(super) fn restored_view(
 
 /// Keeps the current files as backup set `id`, then puts each backup of
 /// `files` in place. On failure, puts the current files back.
-fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Committed, FsError> {
+fn swap_in(
+    files: &[(PathBuf, PathBuf)],
+    target: &str,
+    id: &str,
+) -> Result<(Committed, Vec<String>), FsError> {
+    let mut warnings = Vec::new();
     let mut committed = Committed {
         files: Vec::new(),
         backup_dirs: Vec::new(),
@@ -488,7 +495,12 @@ fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Commi
         atomic::fsync_dir(d)?;
     }
     for ((live, from), kept) in files.iter().zip(kept) {
-        if let Err(e) = atomic::restore(from, live, id) {
+        let restored = atomic::restore(from, live, id);
+        if let Ok(Some(w)) = &restored {
+            warn!("{w}");
+            warnings.push(w.clone());
+        }
+        if let Err(e) = restored {
             if let Err(r) = super::commit::undo(&committed, id) {
                 warn!("putting back the files from before the rollback failed: {r}");
             }
@@ -504,5 +516,5 @@ fn swap_in(files: &[(PathBuf, PathBuf)], target: &str, id: &str) -> Result<Commi
             return Err(e);
         }
     }
-    Ok(committed)
+    Ok((committed, warnings))
 }

@@ -85,6 +85,7 @@ impl Engine {
 impl Run<'_> {
     async fn execute(&mut self, req: &Request) -> Result<Outcome, DeployError> {
         let target = &req.target;
+        self.no_reload = req.no_reload;
 
         // 1. Check the input.
         let bundle = self.check(req)?;
@@ -108,7 +109,10 @@ impl Run<'_> {
         let _guard = self.lock(target, req.no_wait).await?;
         let plan = Arc::new(self.plan(target, &outputs).await?);
         drop(outputs);
-        let verify = target.verify.as_ref().filter(|_| !req.no_verify);
+        let verify = target
+            .verify
+            .as_ref()
+            .filter(|_| !req.no_verify && !req.no_reload);
         if plan.is_noop() {
             return match verify {
                 None => Ok(Outcome::Unchanged),
@@ -130,8 +134,8 @@ impl Run<'_> {
             .unwrap_or_default();
         self.begin_journal(&req.origin, Op::Deploy, &files, &prev_sha, &inputs)
             .await?;
-        self.committed_acted_on =
-            !target.validate.is_empty() || !target.reload.is_empty() || verify.is_some();
+        self.committed_acted_on = !target.validate.is_empty()
+            || (!req.no_reload && (target.reloads() || verify.is_some()));
 
         // 5 and 6. Stage and commit, in the target's layout.
         let committed = self.stage_and_commit(target, &plan).await?;
@@ -459,8 +463,20 @@ impl Run<'_> {
                     ),
                 ),
                 Err(e) => {
-                    self.stage(Stage::Rollback, "restoring the previous files (no reload)");
+                    let first = committed.created_everything();
+                    self.stage(
+                        Stage::Rollback,
+                        if first {
+                            "there was no previous certificate: removing the new files (no reload)"
+                        } else {
+                            "restoring the previous files (no reload)"
+                        },
+                    );
                     return Err(match self.undo(committed).await {
+                        Ok(()) if first => DeployError::ValidateFailed(format!(
+                            "{e}; there was no previous certificate: the new files were removed \
+                             and the server was not reloaded"
+                        )),
                         Ok(()) => DeployError::ValidateFailed(format!(
                             "{e}; the previous files are back in place and the server was not reloaded"
                         )),
@@ -472,27 +488,37 @@ impl Run<'_> {
             }
         }
 
-        // 8. Reload.
-        match self.reload(target).await {
-            Ok(Some(done)) => self.stage(Stage::Reloaded, done),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(self.roll_back(target, committed, previous, e, verify).await);
+        if self.no_reload {
+            // Installed for a server that is not running: it loads these
+            // files when it starts. Nothing to reload, nothing to verify.
+            let w = "not reloaded and not verified (--no-reload): the server loads the new \
+                     files when it starts or is next reloaded"
+                .to_owned();
+            warn!("{w}");
+            self.warnings.push(w);
+        } else {
+            // 8. Reload.
+            match self.reload(target).await {
+                Ok(Some(done)) => self.stage(Stage::Reloaded, done),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(self.roll_back(target, committed, previous, e, verify).await);
+                }
             }
-        }
 
-        // 9. Verify.
-        if let (Some(v), Some(expect)) = (verify, expect) {
-            match self.verify(v, expect, false).await {
-                Ok(_) => self.verification = Verification::Verified,
-                Err(check) => {
-                    let why = format!(
-                        "verification failed after {} attempt(s): {}",
-                        v.attempts, check.error
-                    );
-                    return Err(self
-                        .roll_back(target, committed, previous, why, verify)
-                        .await);
+            // 9. Verify.
+            if let (Some(v), Some(expect)) = (verify, expect) {
+                match self.verify(v, expect, false).await {
+                    Ok(_) => self.verification = Verification::Verified,
+                    Err(check) => {
+                        let why = format!(
+                            "verification failed after {} attempt(s): {}",
+                            v.attempts, check.error
+                        );
+                        return Err(self
+                            .roll_back(target, committed, previous, why, verify)
+                            .await);
+                    }
                 }
             }
         }
@@ -694,12 +720,13 @@ impl Run<'_> {
         why: String,
         verify: Option<&VerifyConfig>,
     ) -> DeployError {
+        let first = committed.created_everything();
         self.stage(
             Stage::Rollback,
-            if target.reloads() {
-                "restoring the previous files and reloading"
-            } else {
-                "restoring the previous files"
+            match (first, target.reloads()) {
+                (true, _) => "there was no previous certificate: removing the new files",
+                (false, true) => "restoring the previous files and reloading",
+                (false, false) => "restoring the previous files",
             },
         );
         if let Err(r) = self.undo(committed).await {
@@ -712,6 +739,9 @@ impl Run<'_> {
                 ))
                 .display()
             ));
+        }
+        if first {
+            return self.rolled_back_first(target, why).await;
         }
         if let Err(r) = self.reload(target).await {
             return DeployError::RollbackFailed(format!(
@@ -743,8 +773,37 @@ impl Run<'_> {
         }
     }
 
-    pub(super) async fn undo(&self, committed: Committed) -> Result<(), FsError> {
+    /// The end of a rollback of a first deploy: the new files are gone and
+    /// the target is exactly as before, empty. The server is reloaded so it
+    /// lets go of anything it loaded of them; when that reload fails the
+    /// server is most likely not running (it could not start without a
+    /// certificate): still `rolled_back`, since nothing of the deploy is
+    /// left and nothing that was there before is lost, with the way to
+    /// install a first certificate.
+    async fn rolled_back_first(&mut self, target: &Target, why: String) -> DeployError {
+        let base = "there was no previous certificate: the new files were removed";
+        if !target.reloads() {
+            return DeployError::RolledBack(format!("{why}; rolled back: {base}"));
+        }
+        match self.reload(target).await {
+            Ok(_) => DeployError::RolledBack(format!(
+                "{why}; rolled back: {base} and the server was reloaded without them"
+            )),
+            Err(r) => DeployError::RolledBack(format!(
+                "{why}; rolled back: {base}; reloading the server without them failed too ({r}): \
+                 it is probably not running. To install the first certificate of a server that \
+                 is not running, deploy with --no-reload, then start the server"
+            )),
+        }
+    }
+
+    /// Puts the previous files back; what had to be tightened on the way
+    /// (a private key restored without its "other" bits) joins the run's
+    /// warnings.
+    pub(super) async fn undo(&mut self, committed: Committed) -> Result<(), FsError> {
         let id = self.id.clone();
-        blocking(move || undo(&committed, &id)).await
+        let warnings = blocking(move || undo(&committed, &id)).await?;
+        self.warnings.extend(warnings);
+        Ok(())
     }
 }

@@ -335,6 +335,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             input: Input::Checked(bundle.clone()),
             dry_run: false,
             no_verify: false,
+            no_reload: false,
             no_wait: false,
             origin: format!("drop {}", public.display()),
             clock_skew_grace: config.agent.clock_skew_grace,

@@ -28,6 +28,7 @@ mod haproxy_kind;
 mod harness;
 mod keystore_kind;
 mod layering;
+mod live_state;
 mod mail;
 mod mail_kinds;
 mod metrics;
