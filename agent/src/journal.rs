@@ -378,6 +378,18 @@ impl Journal {
         })
     }
 
+    /// Marks a finished run as looked at by recovery, its outcome
+    /// unchanged: it is never handed to recovery again.
+    pub fn settle(&self, id: &str) -> Result<(), JournalError> {
+        self.write(Sync::Now, |c| {
+            c.execute(
+                "UPDATE deploys SET recovered = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Records a run that ended before it took the lock (rejected input,
     /// busy): one closed row, so history shows every request.
     pub fn closed(&self, b: &Begin<'_>, f: &Finish<'_>) -> Result<(), JournalError> {
@@ -411,13 +423,14 @@ impl Journal {
         })
     }
 
-    /// Runs recovery must finish, oldest first: those without an outcome
-    /// (interrupted by a crash). A recorded outcome is final: a run that
-    /// ended `rollback_failed` is the operator's to look at (its backups
-    /// are kept), never retried behind their back.
+    /// Runs recovery must look at, oldest first: those without an outcome
+    /// (interrupted by a crash), and those that ended `rollback_failed` and
+    /// were not looked at by a recovery yet. Recovery retries the latter
+    /// only when nothing has happened to the target since
+    /// (`deploy::recover`), and [`Journal::settle`]s them either way.
     pub fn unfinished(&self) -> Result<Vec<Record>, JournalError> {
         self.query(
-            "WHERE outcome IS NULL
+            "WHERE outcome IS NULL OR (outcome = 'rollback_failed' AND recovered = 0)
              ORDER BY started_ms, id",
             params![],
         )
@@ -641,12 +654,16 @@ mod tests {
     }
 
     #[test]
-    fn a_final_outcome_is_never_handed_to_recovery_again() {
+    fn a_settled_run_is_never_handed_to_recovery_again() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         j.begin(&begin("d1", &[])).unwrap();
         j.finish("d1", &finish("rollback_failed")).unwrap();
+        assert_eq!(j.unfinished().unwrap().len(), 1);
+        j.settle("d1").unwrap();
         assert!(j.unfinished().unwrap().is_empty());
+        let last = j.last("web").unwrap().unwrap();
+        assert_eq!(last.outcome.as_deref(), Some("rollback_failed"));
     }
 
     #[test]

@@ -5,10 +5,23 @@
 
 use crate::atomic::FsError;
 use crate::bundle::BundleError;
+use crate::command::CommandError;
 use crate::journal::JournalError;
 use crate::keystore::KeystoreError;
 use crate::lock::LockError;
 use crate::model::stage::Outcome;
+use crate::reload::ReloadError;
+
+/// Why stage 8 did not make the server load the files.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadFailed {
+    /// A reload hook (the server's control socket or admin API) failed.
+    #[error("reload failed: {0}")]
+    Hook(#[from] ReloadError),
+    /// The reload command failed or timed out.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {

@@ -1,9 +1,13 @@
 //! Recovery at start-up: every run the journal left without an outcome
 //! (the agent was killed, crashed or lost power in the middle of it) is
-//! finished before the agent accepts work. A recorded outcome is final:
-//! a run that ended (`rollback_failed` included) is never acted on again,
-//! and recovery never changes a target whose files are no longer what the
-//! interrupted run left there ([`Run::still_ours`]).
+//! finished before the agent accepts work. Recovery never changes a
+//! target whose files are no longer what the run left there
+//! ([`Run::still_ours`]). A recorded outcome is final, with one exception
+//! that changes nothing live: a run that ended `rollback_failed` (its
+//! disk failed while putting the previous files back, say) is retried
+//! once at the next start when it is still the target's newest run and
+//! the certificate on disk is the one it left; anything that happened
+//! since makes it final ([`Engine::untouched_since`]).
 //!
 //! What is done depends on the last stage the journal recorded:
 //!
@@ -55,7 +59,7 @@ impl Engine {
         let open = tokio::task::block_in_place(|| self.journal.unfinished())?;
         let mut reports = Vec::with_capacity(open.len());
         for rec in open {
-            reports.push(self.recover_one(rec, config).await);
+            reports.extend(self.recover_one(rec, config).await);
         }
         self.sweep_leftovers(config).await;
         Ok(reports)
@@ -99,7 +103,56 @@ impl Engine {
         }
     }
 
-    async fn recover_one(&self, rec: Record, config: &Config) -> Report {
+    /// Whether a run that ended `rollback_failed` may be retried: it is
+    /// still the newest run of its target and the certificate on disk is
+    /// the one it left (`disk_sha256`, empty for none). Anything else (a
+    /// later deploy, an operator's hand) makes its outcome final.
+    async fn untouched_since(&self, rec: &Record, config: &Config) -> bool {
+        let Some(target) = config.target(&rec.target).cloned() else {
+            return false;
+        };
+        let newest = tokio::task::block_in_place(|| self.journal.last(&rec.target))
+            .ok()
+            .flatten()
+            .is_some_and(|last| last.id == rec.id);
+        if !newest {
+            return false;
+        }
+        let on_disk = blocking(move || {
+            crate::disk::leaf(&target).map_err(|e| FsError {
+                op: "cannot read",
+                path: target.cert_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+        .await;
+        match on_disk {
+            Ok(leaf) => leaf.map(|l| l.sha256_hex()).unwrap_or_default() == rec.disk_sha256,
+            Err(_) => false,
+        }
+    }
+
+    async fn recover_one(&self, rec: Record, config: &Config) -> Option<Report> {
+        if rec.outcome.is_some() {
+            // A finished run (rollback_failed): retried once, and only if
+            // nothing happened to its target since; settled either way.
+            if !self.untouched_since(&rec, config).await {
+                if let Err(e) = tokio::task::block_in_place(|| self.journal.settle(&rec.id)) {
+                    warn!("{e}");
+                }
+                tracing::info!(
+                    target = %rec.target,
+                    deploy_id = %rec.id,
+                    "run {} ended rollback_failed and the target has changed since: its outcome is final",
+                    rec.id
+                );
+                return None;
+            }
+        }
+        Some(self.recover_run(rec, config).await)
+    }
+
+    async fn recover_run(&self, rec: Record, config: &Config) -> Report {
         let (tx, _rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("recover", target = %rec.target, deploy_id = %rec.id);
         let mut run = Run::new(self, rec.id.clone(), &rec.target, tx);
@@ -190,11 +243,18 @@ impl Run<'_> {
             Some(t) => Some(self.lock(t, false).await?),
             None => None,
         };
-        let interrupted = format!(
-            "interrupted at stage {} by an agent stop (crash, kill or power loss)",
-            rec.stage
-        );
-        if let Some(t) = target {
+        let interrupted = match rec.outcome.as_deref() {
+            Some(outcome) => format!(
+                "ended {outcome} at stage {} ({}); retried once at start-up, nothing having \
+                 changed since",
+                rec.stage, rec.error
+            ),
+            None => format!(
+                "interrupted at stage {} by an agent stop (crash, kill or power loss)",
+                rec.stage
+            ),
+        };
+        if let (Some(t), None) = (target, &rec.outcome) {
             self.still_ours(rec, t, &interrupted).await?;
         }
 

@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use super::commit::{Committed, blocking, dirs_of};
 use super::commit::{prune, undo};
 use super::engine::{Engine, Input, Request};
-use super::error::DeployError;
+use super::error::{DeployError, ReloadFailed};
 use super::generations;
 use super::in_place;
 use super::plan::{self, Plan, Policy};
@@ -502,7 +502,9 @@ impl Run<'_> {
                 Ok(Some(done)) => self.stage(Stage::Reloaded, done),
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(self.roll_back(target, committed, previous, e, verify).await);
+                    return Err(self
+                        .roll_back(target, committed, previous, e.to_string(), verify)
+                        .await);
                 }
             }
 
@@ -588,7 +590,7 @@ impl Run<'_> {
     /// Stage 8's action: the target's reload hook, else its reload
     /// command. `Ok(None)`: the target has neither; `Ok(Some(line))`: what
     /// was done, for the stage message; `Err`: why it failed.
-    pub(super) async fn reload(&self, target: &Target) -> Result<Option<String>, String> {
+    pub(super) async fn reload(&self, target: &Target) -> Result<Option<String>, ReloadFailed> {
         if let Some(hook) = &target.reload_hook {
             let started = Instant::now();
             let dir = atomic::parent(&target.cert_path).to_owned();
@@ -604,7 +606,7 @@ impl Run<'_> {
                     "{done} ({})",
                     fmt_duration(started.elapsed())
                 ))),
-                Err(e) => Err(format!("reload failed: {e}")),
+                Err(e) => Err(ReloadFailed::Hook(e)),
             };
         }
         if target.reload.is_empty() {
@@ -616,7 +618,7 @@ impl Run<'_> {
                 command::display_argv(&target.reload),
                 fmt_duration(took)
             ))),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ReloadFailed::Command(e)),
         }
     }
 
