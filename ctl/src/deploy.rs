@@ -12,9 +12,32 @@ use crate::output::{self, event_json, outcome_name, stage_name};
 /// Largest input file read (the agent enforces the same limit).
 const MAX_INPUT: u64 = 1024 * 1024;
 
+/// Reads an input file with a hard limit: opened without blocking (a FIFO
+/// with no writer does not hang), refused unless it is a regular file
+/// (`/dev/zero` reports size 0 and never ends), and read up to the limit
+/// plus one byte, so nothing larger is ever allocated.
 fn read_input(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))?;
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot =
+        |e: std::io::Error| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a device, FIFO or socket)"
+        };
+        return Err(CliError::Usage(format!(
+            "{flag} {} is {what}: give the certificate or key file itself",
+            path.display()
+        )));
+    }
     if meta.len() > MAX_INPUT {
         return Err(CliError::Usage(format!(
             "{flag} {} is {} bytes: that is not a certificate or key file (limit {MAX_INPUT})",
@@ -22,8 +45,18 @@ fn read_input(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
             meta.len()
         )));
     }
-    std::fs::read(path)
-        .map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(CliError::Usage(format!(
+            "{flag} {} grew past {MAX_INPUT} bytes while it was read: that is not a certificate \
+             or key file",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 pub async fn run(cli: &Cli, args: &DeployArgs) -> Result<u8, CliError> {

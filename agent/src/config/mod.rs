@@ -255,13 +255,50 @@ impl Layout {
 
 // === loading ===
 
+/// The largest configuration file read (thousands of targets fit).
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Reads and parses the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_bounded(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     parse(&text, path)
+}
+
+/// Reads the file at `path` with a hard limit: opened without blocking (a
+/// FIFO with no writer does not hang), refused unless it is a regular file
+/// (`/dev/zero` reports size 0 and never ends), read up to the limit plus
+/// one byte so that nothing larger is ever allocated.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a directory, device, FIFO or socket): name the TOML file itself",
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_CONFIG_BYTES) as usize);
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG_BYTES} bytes: this is not a certctl configuration"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text: a configuration is TOML",
+        )
+    })
 }
 
 /// Parses configuration text. `path` names the file in messages, and its
