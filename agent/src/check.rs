@@ -68,7 +68,26 @@ pub fn describe(config: &Config) -> String {
         let verify = t.verify.as_ref().map_or_else(
             || "(none: deploys report \"unverified\")".to_owned(),
             // The protocol may be the kind's choice for the port: show it.
-            |v| format!("{} ({})", v.endpoint, v.protocol),
+            |v| {
+                let endpoints: Vec<String> = v
+                    .endpoints
+                    .iter()
+                    .map(|e| match &e.server_name {
+                        Some(name) => format!("{} ({}, SNI {name})", e.address, e.protocol),
+                        None => format!("{} ({})", e.address, e.protocol),
+                    })
+                    .collect();
+                let rule = if v.consecutive > 1 {
+                    format!(
+                        "; {} matches in a row over {}",
+                        v.consecutive,
+                        humantime::format_duration(v.settle)
+                    )
+                } else {
+                    String::new()
+                };
+                format!("{}{rule}", endpoints.join(", "))
+            },
         );
         let _ = writeln!(out, "    verify    {verify}");
     }

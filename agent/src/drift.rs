@@ -9,7 +9,10 @@
 //! until the next probe is due, so an idle agent does no work; a config
 //! reload wakes it to pick up new intervals. A target being deployed is not
 //! probed (the deploy verifies it); it is looked at again one interval
-//! later. Up to 16 probes run at once, each bounded by `verify.timeout`.
+//! later. Up to 16 targets are probed at once, each handshake bounded by
+//! `verify.timeout`. Each probe is one attempt of the verification rule
+//! (`consecutive` matching handshakes over `settle`) at every endpoint, the
+//! same rule a deploy is verified by: `verified` always means the same.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use crate::app::App;
 use crate::config::Target;
 use crate::model::event::{Event, Stage};
 use crate::model::fmt::short_hex;
-use crate::verify::served::{self as verify, CheckState, Expect, ServedCheck};
+use crate::verify::served::{self as verify, CheckState, Checks, Expect, ServedCheck};
 
 /// Probes running at once.
 const CONCURRENCY: usize = 16;
@@ -112,22 +115,55 @@ async fn probe(shared: &App, target: &Target) {
         Err(_) => return,
     };
     let expect = Expect::of(v, &disk.leaf, &disk.chain);
-    let check = verify::with_expiry(verify::check_once(v, &expect).await, SystemTime::now());
+    let now = SystemTime::now();
+    let checks = Checks(
+        verify::check_now(v, &expect)
+            .await
+            .0
+            .into_iter()
+            .map(|c| verify::with_expiry(c, now))
+            .collect(),
+    );
     let before = shared.engine.served(&target.name);
-    shared.engine.record_served(&target.name, check.clone());
-    if !changed(before.as_ref(), &check) {
+    shared.engine.record_served(&target.name, checks.clone());
+    if !changed_all(before.as_ref(), &checks) {
         return;
     }
-    let message = describe(&check);
+    let Some(check) = checks.decisive().cloned() else {
+        return;
+    };
+    let message = if checks.0.len() > 1 && checks.0.iter().all(|c| c.state == CheckState::Verified)
+    {
+        format!(
+            "{} serve the certificate on disk ({})",
+            v.addresses(),
+            short_hex(&check.served_sha256)
+        )
+    } else {
+        describe(&check)
+    };
     if check.state == CheckState::Verified {
         info!(target = %target.name, served = %check.served_sha256, "drift watch: {message}");
     } else {
-        warn!(target = %target.name, state = check.state.as_str(), served = %check.served_sha256, "drift watch: {message}");
+        warn!(target = %target.name, state = check.state.as_str(), endpoint = %check.endpoint, served = %check.served_sha256, "drift watch: {message}");
     }
     shared.engine.publish(Event {
         served: Some(check),
         ..Event::new("", &target.name, Stage::Drift, message)
     });
+}
+
+/// Whether the checks of every endpoint are news compared with the
+/// previous ones: any endpoint's check is (or the endpoints changed).
+fn changed_all(before: Option<&Checks>, now: &Checks) -> bool {
+    match before {
+        Some(b) if b.0.len() == now.0.len() => {
+            b.0.iter()
+                .zip(&now.0)
+                .any(|(b, n)| b.endpoint != n.endpoint || changed(Some(b), n))
+        }
+        _ => now.0.iter().any(|n| changed(None, n)),
+    }
 }
 
 /// Whether `now` is news compared with the previous check.

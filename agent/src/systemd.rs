@@ -379,6 +379,7 @@ mod tests {
                 duration: Duration::ZERO,
                 disk_sha256: String::new(),
                 served_sha256: String::new(),
+                served: Vec::new(),
             }),
             ..event(target, id, Stage::Done)
         }
@@ -388,6 +389,8 @@ mod tests {
         Attempt {
             attempt: k,
             attempts: n,
+            matches: 0,
+            consecutive: 3,
             check: ServedCheck {
                 endpoint: "127.0.0.1:443".to_owned(),
                 server_name: String::new(),

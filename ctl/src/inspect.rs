@@ -47,6 +47,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "verification": t.verification,
                     "busy": t.busy,
                     "served": t.served.as_ref().map(served_json),
+                    "served_endpoints": t.served_endpoints.iter().map(served_json).collect::<Vec<_>>(),
                     "last": t.last.as_ref().map(|l| json!({
                         "deploy_id": l.deploy_id,
                         "outcome": outcome_name(l.outcome),
@@ -161,16 +162,32 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         {
             println!("{}: last error: {}", t.name, l.error);
         }
-        if let Some(c) = &t.served
-            && !c.error.is_empty()
-        {
-            println!(
-                "{}: {} at the last probe ({}): {}",
-                t.name,
-                c.state,
-                relative(c.checked_unix_ms / 1000),
-                c.error
-            );
+        // One line per endpoint that failed at the last probe; with
+        // several endpoints, one line per endpoint.
+        let checks: Vec<&pb::ServedCheck> = if t.served_endpoints.is_empty() {
+            t.served.iter().collect()
+        } else {
+            t.served_endpoints.iter().collect()
+        };
+        for c in &checks {
+            if !c.error.is_empty() {
+                println!(
+                    "{}: {} at the last probe ({}): {}",
+                    t.name,
+                    c.state,
+                    relative(c.checked_unix_ms / 1000),
+                    c.error
+                );
+            } else if checks.len() > 1 {
+                println!(
+                    "{}: {} {} serves {} ({})",
+                    t.name,
+                    c.state,
+                    c.endpoint,
+                    output::short(&c.served_sha256),
+                    relative(c.checked_unix_ms / 1000)
+                );
+            }
         }
         if let Some(l) = &t.last_drop {
             println!("{}: last drop: {}", t.name, l.message);
@@ -286,6 +303,7 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
                     "reload": t.reload,
                     "reload_hook": (!t.reload_hook.is_empty()).then_some(&t.reload_hook),
                     "verify_endpoint": (!t.verify_endpoint.is_empty()).then_some(&t.verify_endpoint),
+                    "verify_endpoints": t.verify_endpoints,
                 })
             })
             .collect();

@@ -100,6 +100,7 @@ pub fn result_json(r: &pb::DeployResult) -> Value {
         "duration_ms": r.duration_ms,
         "disk_sha256": r.disk_sha256,
         "served_sha256": r.served_sha256,
+        "served_endpoints": r.served_endpoints.iter().map(served_json).collect::<Vec<_>>(),
     })
 }
 
@@ -132,6 +133,9 @@ fn attempt_json(a: &pb::VerifyAttempt) -> Value {
         "reason": a.reason,
         "next_in_ms": a.next_in_ms,
         "rollback": a.rollback,
+        "endpoint": a.endpoint,
+        "matches": a.matches,
+        "consecutive": a.consecutive,
     })
 }
 

@@ -17,18 +17,38 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> Result<u8, CliError> {
         })
         .await?
         .into_inner();
-    let check = resp.check.unwrap_or_default();
-    let code = match check.state.as_str() {
-        "verified" | "expiring" => exit::OK,
-        _ => exit::ROLLED_BACK,
+    let checks: Vec<pb::ServedCheck> = if resp.checks.is_empty() {
+        resp.check.iter().cloned().collect()
+    } else {
+        resp.checks.clone()
+    };
+    let served = |c: &pb::ServedCheck| matches!(c.state.as_str(), "verified" | "expiring");
+    let code = if !checks.is_empty() && checks.iter().all(served) {
+        exit::OK
+    } else {
+        exit::ROLLED_BACK
     };
     if cli.json {
+        let check = resp.check.clone().unwrap_or_default();
         println!(
             "{}",
-            json!({ "target": resp.target, "check": served_json(&check), "exit_code": code })
+            json!({
+                "target": resp.target,
+                "check": served_json(&check),
+                "checks": checks.iter().map(served_json).collect::<Vec<_>>(),
+                "exit_code": code,
+            })
         );
         return Ok(code);
     }
+    for check in &checks {
+        print_check(&resp.target, check);
+    }
+    Ok(code)
+}
+
+/// What one endpoint served, as an operator reads it.
+fn print_check(target: &str, check: &pb::ServedCheck) {
     let sni = if check.server_name.is_empty() {
         "no SNI".to_owned()
     } else {
@@ -36,7 +56,7 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> Result<u8, CliError> {
     };
     println!(
         "{}: {} {} ({sni}, {}{})",
-        resp.target,
+        target,
         check.state,
         check.endpoint,
         check.protocol,
@@ -68,7 +88,6 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> Result<u8, CliError> {
         }
     }
     if !check.error.is_empty() {
-        eprintln!("certctl: verify {}: {}", resp.target, check.error);
+        eprintln!("certctl: verify {}: {}", target, check.error);
     }
-    Ok(code)
 }

@@ -75,6 +75,7 @@ pub fn report(r: &Report) -> pb::DeployResult {
         duration_ms: r.duration.as_millis() as i64,
         disk_sha256: r.disk_sha256.clone(),
         served_sha256: r.served_sha256.clone(),
+        served_endpoints: r.served.iter().map(served).collect(),
     }
 }
 
@@ -140,6 +141,9 @@ fn attempt(a: &Attempt) -> pb::VerifyAttempt {
         reason: a.check.reason.to_owned(),
         next_in_ms: a.next_in.map_or(0, |d| d.as_millis() as i64),
         rollback: a.rollback,
+        endpoint: a.check.endpoint.clone(),
+        matches: a.matches,
+        consecutive: a.consecutive,
     }
 }
 

@@ -216,14 +216,22 @@ impl Agent for Service {
                 ))
             })?;
         let expect = Expect::of(&v, &disk.leaf, &disk.chain);
-        let check = verify::check_once(&v, &expect).await;
-        let check = verify::with_expiry(check, SystemTime::now());
+        let now = SystemTime::now();
+        let checks = verify::Checks(
+            verify::check_now(&v, &expect)
+                .await
+                .0
+                .into_iter()
+                .map(|c| verify::with_expiry(c, now))
+                .collect(),
+        );
         self.shared
             .engine
-            .record_served(&target.name, check.clone());
+            .record_served(&target.name, checks.clone());
         Ok(Response::new(pb::VerifyResponse {
             target: target.name,
-            check: Some(convert::served(&check)),
+            check: checks.decisive().map(convert::served),
+            checks: checks.0.iter().map(convert::served).collect(),
         }))
     }
 
@@ -302,7 +310,14 @@ impl Agent for Service {
                 verification,
                 busy: self.shared.engine.is_busy(&t.name),
                 last,
-                served: served.as_ref().map(convert::served),
+                served: served
+                    .as_ref()
+                    .and_then(verify::Checks::decisive)
+                    .map(convert::served),
+                served_endpoints: served
+                    .as_ref()
+                    .map(|c| c.0.iter().map(convert::served).collect())
+                    .unwrap_or_default(),
                 last_drop: self
                     .shared
                     .drops
@@ -358,7 +373,12 @@ impl Agent for Service {
                 verify_endpoint: t
                     .verify
                     .as_ref()
-                    .map(|v| v.endpoint.clone())
+                    .map(|v| v.first().address.clone())
+                    .unwrap_or_default(),
+                verify_endpoints: t
+                    .verify
+                    .as_ref()
+                    .map(|v| v.endpoints.iter().map(|e| e.address.clone()).collect())
                     .unwrap_or_default(),
             })
             .collect();
@@ -401,11 +421,13 @@ impl Agent for Service {
 
 /// The verification column of `certctl status`: what the last probe said,
 /// as long as it was about the certificate that is on disk now.
-fn verification(served: Option<&verify::ServedCheck>, disk_sha256: &str) -> &'static str {
+/// With several endpoints, every one must have been checked against it;
+/// the word is the first failing endpoint's, else `verified`.
+fn verification(served: Option<&verify::Checks>, disk_sha256: &str) -> &'static str {
     match served {
-        Some(c) if !disk_sha256.is_empty() && c.want_sha256 == disk_sha256 => {
-            c.state.verification()
-        }
+        Some(c) if !disk_sha256.is_empty() && c.all_want(disk_sha256) => c
+            .decisive()
+            .map_or("unverified", |d| d.state.verification()),
         _ => "unverified",
     }
 }

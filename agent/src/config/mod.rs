@@ -161,12 +161,10 @@ pub struct Target {
 /// `[target.verify]`, present only when an endpoint is configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyConfig {
-    /// `host:port` or `[v6]:port`; the host is a DNS name or an IP address.
-    pub endpoint: String,
-    /// SNI to send; `None`: the first DNS SAN of the deployed certificate.
-    pub server_name: Option<String>,
-    /// What is spoken before the TLS handshake.
-    pub protocol: VerifyProtocol,
+    /// Where the certificate must be served (`endpoint`, or each entry of
+    /// `endpoints`), in configured order; never empty. Verified only when
+    /// every one passes.
+    pub endpoints: Vec<VerifyEndpoint>,
     /// Tries, 1 to 20.
     pub attempts: u32,
     /// First wait between tries; doubles each time.
@@ -181,6 +179,56 @@ pub struct VerifyConfig {
     pub require_chain_match: bool,
     /// Validate the served chain and name against this CA bundle. Absolute.
     pub ca_file: Option<PathBuf>,
+    /// Matching handshakes in a row (fresh connections) an endpoint must
+    /// give to pass, 1 to 20; any other result restarts the count.
+    pub consecutive: u32,
+    /// The span those matches must cover: handshakes are
+    /// `settle / (consecutive - 1)` apart. Zero when `consecutive` is 1.
+    pub settle: Duration,
+}
+
+/// One endpoint of `[target.verify]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyEndpoint {
+    /// `host:port` or `[v6]:port`; the host is a DNS name or an IP address.
+    pub address: String,
+    /// SNI to send; `None`: the first DNS SAN of the deployed certificate
+    /// (no SNI when the endpoint's host is an IP address and the
+    /// certificate has no DNS name).
+    pub server_name: Option<String>,
+    /// What is spoken before the TLS handshake.
+    pub protocol: VerifyProtocol,
+}
+
+impl VerifyConfig {
+    /// The first endpoint: the one single-endpoint fields describe.
+    pub fn first(&self) -> &VerifyEndpoint {
+        &self.endpoints[0]
+    }
+
+    /// The endpoints' addresses, comma-separated.
+    pub fn addresses(&self) -> String {
+        self.endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The server names set in the configuration (each endpoint's, once).
+    pub fn server_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for name in self
+            .endpoints
+            .iter()
+            .filter_map(|e| e.server_name.as_deref())
+        {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
 }
 
 // === impl Config ===

@@ -122,6 +122,7 @@ impl RawTarget {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVerify {
     pub endpoint: Option<String>,
+    pub endpoints: Option<Vec<RawEndpoint>>,
     pub server_name: Option<String>,
     pub protocol: Option<String>,
     pub attempts: Option<i64>,
@@ -131,6 +132,60 @@ pub(super) struct RawVerify {
     pub interval: Option<String>,
     pub require_chain_match: Option<bool>,
     pub ca_file: Option<String>,
+    pub consecutive: Option<i64>,
+    pub settle: Option<String>,
+}
+
+/// An entry of `endpoints`: `"HOST:PORT"`, or a table with the address and
+/// what differs for it (`server_name`, `protocol`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RawEndpoint {
+    pub address: String,
+    pub server_name: Option<String>,
+    pub protocol: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            server_name: Option<String>,
+            protocol: Option<String>,
+        }
+
+        struct EndpointVisitor;
+
+        impl<'de> Visitor<'de> for EndpointVisitor {
+            type Value = RawEndpoint;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "\"HOST:PORT\" or a table { address = \"HOST:PORT\", server_name = \"...\", protocol = \"...\" }",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint {
+                    address: v.to_owned(),
+                    server_name: None,
+                    protocol: None,
+                })
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawEndpoint, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawEndpoint {
+                    address: t.address,
+                    server_name: t.server_name,
+                    protocol: t.protocol,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(EndpointVisitor)
+    }
 }
 
 impl RawVerify {
@@ -146,6 +201,8 @@ impl RawVerify {
             ("interval", self.interval.is_some()),
             ("require_chain_match", self.require_chain_match.is_some()),
             ("ca_file", self.ca_file.is_some()),
+            ("consecutive", self.consecutive.is_some()),
+            ("settle", self.settle.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))

@@ -15,8 +15,10 @@ use rustls_pki_types::ServerName;
 
 use super::error::{ConfigError, Problem};
 use super::host::Host;
-use super::raw::{RawAgent, RawConfig, RawMode, RawTarget, RawVerify};
-use super::{AgentConfig, Config, Group, Ident, Layout, Target, VerifyConfig, VerifyProtocol};
+use super::raw::{RawAgent, RawConfig, RawEndpoint, RawMode, RawTarget, RawVerify};
+use super::{
+    AgentConfig, Config, Group, Ident, Layout, Target, VerifyConfig, VerifyEndpoint, VerifyProtocol,
+};
 use crate::kind::{DefaultLayout, Kind};
 
 mod kinds;
@@ -25,6 +27,13 @@ const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86400);
+
+/// `verify.consecutive` by default: three matching handshakes in a row.
+const DEFAULT_CONSECUTIVE: u32 = 3;
+/// `verify.settle` by default: the three matches span one second, about
+/// five times the longest handover of nginx's workers measured after
+/// `nginx -s reload` (docs/verification.md).
+const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
 
 /// `path` made absolute against the working directory, without `.` components.
 /// Symlinks and `..` are kept: resolving them lexically could change the file
@@ -382,55 +391,77 @@ impl Resolver<'_> {
     }
 
     fn verify(&mut self, label: &str, raw: Option<RawVerify>, kind: Kind) -> Option<VerifyConfig> {
-        let raw = raw?;
+        let mut raw = raw?;
         let key = |k: &str| format!("{label}.verify.{k}");
-        let Some(endpoint) = raw.endpoint.clone() else {
-            let set = raw.keys_set();
-            if !set.is_empty() {
-                self.problem(
-                    format!("{label}.verify"),
-                    format!(
-                        "sets {} but no endpoint, so nothing would be verified: \
-                         add endpoint = \"HOST:PORT\" or remove the [target.verify] table",
-                        set.join(", ")
-                    ),
-                );
-            }
-            return None;
-        };
-        // The kind's protocol, which for mail servers depends on the port.
-        let default_protocol = match check_endpoint(&endpoint) {
-            Ok(port) => kind.verify_protocol_for(port),
-            Err(why) => {
-                self.problem(key("endpoint"), format!("{endpoint:?} {why}"));
-                kind.defaults().verify_protocol
-            }
-        };
-        if let Some(name) = &raw.server_name
-            && ServerName::try_from(name.as_str()).is_err()
+        let entries: Vec<(String, RawEndpoint)> = match (raw.endpoint.take(), raw.endpoints.take())
         {
-            self.problem(
-                key("server_name"),
-                format!("{name:?} is not a DNS name or IP address (and takes no port)"),
-            );
-        }
-        let protocol = match raw.protocol.as_deref() {
-            None => default_protocol,
-            Some(text) => VerifyProtocol::parse(text).unwrap_or_else(|| {
-                let names: Vec<&str> = VerifyProtocol::ALL
-                    .iter()
-                    .map(VerifyProtocol::as_str)
-                    .collect();
+            (None, None) => {
+                let set = raw.keys_set();
+                if !set.is_empty() {
+                    self.problem(
+                        format!("{label}.verify"),
+                        format!(
+                            "sets {} but no endpoint, so nothing would be verified: \
+                             add endpoint = \"HOST:PORT\" (or endpoints = [\"HOST:PORT\", ...]) \
+                             or remove the [target.verify] table",
+                            set.join(", ")
+                        ),
+                    );
+                }
+                return None;
+            }
+            (Some(_), Some(_)) => {
                 self.problem(
-                    key("protocol"),
+                    key("endpoints"),
+                    "is set together with verify.endpoint: keep one of the two keys \
+                     (endpoint = \"HOST:PORT\" for one endpoint, endpoints = [...] for several)",
+                );
+                return None;
+            }
+            (Some(address), None) => vec![(
+                key("endpoint"),
+                RawEndpoint {
+                    address,
+                    server_name: None,
+                    protocol: None,
+                },
+            )],
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    self.problem(
+                        key("endpoints"),
+                        "is empty: list at least one \"HOST:PORT\", or remove the [target.verify] table",
+                    );
+                    return None;
+                }
+                list.into_iter()
+                    .enumerate()
+                    .map(|(i, e)| (key(&format!("endpoints[{i}]")), e))
+                    .collect()
+            }
+        };
+        let mut endpoints: Vec<VerifyEndpoint> = Vec::with_capacity(entries.len());
+        for (entry_key, entry) in entries {
+            let endpoint = self.verify_endpoint(&key, &entry_key, entry, &raw, kind);
+            if endpoints
+                .iter()
+                .any(|e| e.address == endpoint.address && e.server_name == endpoint.server_name)
+            {
+                self.problem(
+                    &entry_key,
                     format!(
-                        "unknown protocol {text:?} (expected one of: {})",
-                        names.join(", ")
+                        "{:?} is listed twice{}: remove one of the entries",
+                        endpoint.address,
+                        endpoint
+                            .server_name
+                            .as_ref()
+                            .map(|n| format!(" with server_name {n:?}"))
+                            .unwrap_or_default()
                     ),
                 );
-                default_protocol
-            }),
-        };
+            }
+            endpoints.push(endpoint);
+        }
         let attempts = self.count(&key("attempts"), raw.attempts, 3, (1, 20), "");
         let backoff = self.duration(
             &key("backoff"),
@@ -483,10 +514,46 @@ impl Resolver<'_> {
             }
             Some(path)
         });
+        let consecutive = self.count(
+            &key("consecutive"),
+            raw.consecutive,
+            DEFAULT_CONSECUTIVE,
+            (1, 20),
+            ": 1 passes on the first matching handshake",
+        );
+        let settle = if consecutive == 1 {
+            match raw.settle.as_deref() {
+                Some(text)
+                    if self.duration(
+                        &key("settle"),
+                        Some(text),
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        MINUTE,
+                    ) > Duration::ZERO =>
+                {
+                    self.problem(
+                        key("settle"),
+                        format!(
+                            "{text:?} is the span that consecutive matches must cover, but \
+                             consecutive = 1 has no span: raise consecutive (e.g. 3) or remove settle"
+                        ),
+                    );
+                    Duration::ZERO
+                }
+                _ => Duration::ZERO,
+            }
+        } else {
+            self.duration(
+                &key("settle"),
+                raw.settle.as_deref(),
+                DEFAULT_SETTLE,
+                Duration::ZERO,
+                MINUTE,
+            )
+        };
         Some(VerifyConfig {
-            endpoint,
-            server_name: raw.server_name,
-            protocol,
+            endpoints,
             attempts,
             backoff,
             max_backoff,
@@ -494,7 +561,73 @@ impl Resolver<'_> {
             interval,
             require_chain_match: raw.require_chain_match.unwrap_or(false),
             ca_file,
+            consecutive,
+            settle,
         })
+    }
+
+    /// One endpoint: its address checked, its server name and protocol
+    /// (its own, else the table's, else the kind's for its port).
+    fn verify_endpoint(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        entry_key: &str,
+        entry: RawEndpoint,
+        raw: &RawVerify,
+        kind: Kind,
+    ) -> VerifyEndpoint {
+        let own = entry.server_name.is_some() || entry.protocol.is_some();
+        // The kind's protocol, which for mail servers depends on the port.
+        let default_protocol = match check_endpoint(&entry.address) {
+            Ok(port) => kind.verify_protocol_for(port),
+            Err(why) => {
+                let at = if own {
+                    format!("{entry_key}.address")
+                } else {
+                    entry_key.to_owned()
+                };
+                self.problem(at, format!("{:?} {why}", entry.address));
+                kind.defaults().verify_protocol
+            }
+        };
+        let (name_key, server_name) = match entry.server_name {
+            Some(name) => (format!("{entry_key}.server_name"), Some(name)),
+            None => (key("server_name"), raw.server_name.clone()),
+        };
+        if let Some(name) = &server_name
+            && ServerName::try_from(name.as_str()).is_err()
+        {
+            self.problem(
+                name_key,
+                format!("{name:?} is not a DNS name or IP address (and takes no port)"),
+            );
+        }
+        let (protocol_key, protocol_text) = match entry.protocol {
+            Some(text) => (format!("{entry_key}.protocol"), Some(text)),
+            None => (key("protocol"), raw.protocol.clone()),
+        };
+        let protocol = match protocol_text.as_deref() {
+            None => default_protocol,
+            Some(text) => VerifyProtocol::parse(text).unwrap_or_else(|| {
+                let names: Vec<&str> = VerifyProtocol::ALL
+                    .iter()
+                    .map(VerifyProtocol::as_str)
+                    .collect();
+                self.problem(
+                    protocol_key,
+                    format!(
+                        "unknown protocol {text:?} (expected one of: {})",
+                        names.join(", ")
+                    ),
+                );
+                default_protocol
+            }),
+        };
+        VerifyEndpoint {
+            address: entry.address,
+            server_name,
+            protocol,
+        }
     }
 }
 

@@ -295,9 +295,13 @@ fn contract_example_parses() {
             command_timeout: Duration::from_secs(30),
             backup_retention: 3,
             verify: Some(VerifyConfig {
-                endpoint: "127.0.0.1:443".into(),
-                server_name: Some("www.example.com".into()),
-                protocol: VerifyProtocol::Tls,
+                endpoints: vec![VerifyEndpoint {
+                    address: "127.0.0.1:443".into(),
+                    server_name: Some("www.example.com".into()),
+                    protocol: VerifyProtocol::Tls,
+                }],
+                consecutive: 3,
+                settle: Duration::from_secs(1),
                 attempts: 3,
                 backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(16),
@@ -609,6 +613,83 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "verify without endpoint",
             web_verify("attempts = 5\ntimeout = \"3s\""),
             "target \"web\" (target[0]).verify: sets attempts, timeout but no endpoint",
+        ),
+        (
+            "endpoint and endpoints",
+            web_verify("endpoint = \"127.0.0.1:443\"\nendpoints = [\"[::1]:443\"]"),
+            "target \"web\" (target[0]).verify.endpoints: is set together with verify.endpoint: keep one of the two keys",
+        ),
+        (
+            "empty endpoints",
+            web_verify("endpoints = []"),
+            "verify.endpoints: is empty: list at least one \"HOST:PORT\"",
+        ),
+        (
+            "bad endpoint in endpoints",
+            web_verify("endpoints = [\"127.0.0.1:443\", \"::1:443\"]"),
+            "verify.endpoints[1]: \"::1:443\" is ambiguous: put an IPv6 address in brackets",
+        ),
+        (
+            "bad ipv6 in brackets",
+            web_verify("endpoints = [\"[::g]:443\"]"),
+            "verify.endpoints[0]: \"[::g]:443\" has \"::g\" in brackets, which is not an IPv6 address",
+        ),
+        (
+            "bad address in an endpoint table",
+            web_verify("endpoints = [{ address = \"127.0.0.1\", server_name = \"a.test\" }]"),
+            "verify.endpoints[0].address: \"127.0.0.1\" has no port",
+        ),
+        (
+            "bad server_name in an endpoint table",
+            web_verify(
+                "endpoints = [{ address = \"127.0.0.1:443\", server_name = \"a.test:443\" }]",
+            ),
+            "verify.endpoints[0].server_name: \"a.test:443\" is not a DNS name",
+        ),
+        (
+            "bad protocol in an endpoint table",
+            web_verify("endpoints = [{ address = \"127.0.0.1:25\", protocol = \"smtp\" }]"),
+            "verify.endpoints[0].protocol: unknown protocol \"smtp\"",
+        ),
+        (
+            "an endpoint listed twice",
+            web_verify("endpoints = [\"127.0.0.1:443\", \"127.0.0.1:443\"]"),
+            "verify.endpoints[1]: \"127.0.0.1:443\" is listed twice: remove one of the entries",
+        ),
+        (
+            "unknown key in an endpoint table",
+            web_verify("endpoints = [{ address = \"127.0.0.1:443\", sni = \"a.test\" }]"),
+            "line 8, column 43: unknown key \"sni\" (known keys here: address, server_name, protocol)",
+        ),
+        (
+            "consecutive 0",
+            web_verify("endpoint = \"127.0.0.1:443\"\nconsecutive = 0"),
+            "target \"web\" (target[0]).verify.consecutive: 0 is out of range: use 1 to 20: 1 passes on the first matching handshake",
+        ),
+        (
+            "consecutive 21",
+            web_verify("endpoint = \"127.0.0.1:443\"\nconsecutive = 21"),
+            "verify.consecutive: 21 is out of range: use 1 to 20",
+        ),
+        (
+            "settle not a duration",
+            web_verify("endpoint = \"127.0.0.1:443\"\nsettle = \"soon\""),
+            "verify.settle: \"soon\" is not a duration",
+        ),
+        (
+            "settle too long",
+            web_verify("endpoint = \"127.0.0.1:443\"\nsettle = \"2m\""),
+            "verify.settle: \"2m\" is too long: at most 1m",
+        ),
+        (
+            "settle without a span",
+            web_verify("endpoint = \"127.0.0.1:443\"\nconsecutive = 1\nsettle = \"2s\""),
+            "verify.settle: \"2s\" is the span that consecutive matches must cover, but consecutive = 1 has no span: raise consecutive (e.g. 3) or remove settle",
+        ),
+        (
+            "consecutive without endpoint",
+            web_verify("consecutive = 3"),
+            "verify: sets consecutive but no endpoint",
         ),
         (
             "missing ca_file",
@@ -925,9 +1006,13 @@ fn verify_defaults() {
     assert_eq!(
         config.targets[0].verify,
         Some(VerifyConfig {
-            endpoint: "localhost:8443".into(),
-            server_name: None,
-            protocol: VerifyProtocol::Tls,
+            endpoints: vec![VerifyEndpoint {
+                address: "localhost:8443".into(),
+                server_name: None,
+                protocol: VerifyProtocol::Tls,
+            }],
+            consecutive: 3,
+            settle: Duration::from_secs(1),
             attempts: 3,
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(16),
@@ -948,7 +1033,56 @@ fn verify_defaults() {
         (verify.backoff, verify.max_backoff),
         (Duration::from_secs(30), Duration::from_secs(30))
     );
-    assert_eq!(verify.protocol, VerifyProtocol::SmtpStarttls);
+    assert_eq!(verify.first().protocol, VerifyProtocol::SmtpStarttls);
+}
+
+#[test]
+fn verify_endpoints_strings_tables_ipv6_and_their_own_names_and_protocols() {
+    let env = Env::new();
+    let config = env.ok(&web_verify(
+        "endpoints = [\"127.0.0.1:443\", \"[::1]:443\", \
+         { address = \"127.0.0.1:8443\", server_name = \"b.example.com\" }, \
+         { address = \"[::1]:25\", protocol = \"smtp-starttls\" }]\n\
+         server_name = \"a.example.com\"\nconsecutive = 5\nsettle = \"2s\"",
+    ));
+    let v = config.targets[0].verify.clone().expect("verify");
+    let got: Vec<(&str, Option<&str>, VerifyProtocol)> = v
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.server_name.as_deref(), e.protocol))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("127.0.0.1:443", Some("a.example.com"), VerifyProtocol::Tls),
+            ("[::1]:443", Some("a.example.com"), VerifyProtocol::Tls),
+            ("127.0.0.1:8443", Some("b.example.com"), VerifyProtocol::Tls),
+            (
+                "[::1]:25",
+                Some("a.example.com"),
+                VerifyProtocol::SmtpStarttls
+            ),
+        ]
+    );
+    assert_eq!(v.server_names(), ["a.example.com", "b.example.com"]);
+    assert_eq!((v.consecutive, v.settle), (5, Duration::from_secs(2)));
+    // One address under two names is two endpoints.
+    let config = env.ok(&web_verify(
+        "endpoints = [{ address = \"127.0.0.1:443\", server_name = \"a.test\" }, \
+         { address = \"127.0.0.1:443\", server_name = \"b.test\" }]",
+    ));
+    assert_eq!(
+        config.targets[0].verify.as_ref().unwrap().endpoints.len(),
+        2
+    );
+    // consecutive = 1: no span, whatever the default settle.
+    let config = env.ok(&web_verify("endpoint = \"[::1]:443\"\nconsecutive = 1"));
+    let v = config.targets[0].verify.clone().unwrap();
+    assert_eq!((v.consecutive, v.settle), (1, Duration::ZERO));
+    let config = env.ok(&web_verify(
+        "endpoint = \"[::1]:443\"\nconsecutive = 1\nsettle = \"0s\"",
+    ));
+    assert_eq!(config.targets[0].verify.as_ref().unwrap().consecutive, 1);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use crate::lock::{LockError, Locks, TargetGuard};
 use crate::metrics::Metrics;
 use crate::model::event::{Event, Outcome};
 use crate::sync::lock;
-use crate::verify::served::ServedCheck;
+use crate::verify::served::Checks;
 
 /// What a deploy puts in place.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ pub struct Engine {
     pub(super) events: broadcast::Sender<Event>,
     pub(super) last: Mutex<HashMap<String, LastDeploy>>,
     /// The last probe of each target's verify endpoint.
-    pub(super) served: Mutex<HashMap<String, ServedCheck>>,
+    pub(super) served: Mutex<HashMap<String, Checks>>,
     /// Fires at shutdown: verification waits end early.
     pub(super) shutdown: CancellationToken,
     /// Per target, the token of the deploy holding it. A deploy that has to
@@ -124,12 +124,12 @@ impl Engine {
     }
 
     /// Remembers the latest probe of `target` for `certctl status`.
-    pub fn record_served(&self, target: &str, check: ServedCheck) {
+    pub fn record_served(&self, target: &str, check: Checks) {
         lock(&self.served).insert(target.to_owned(), check);
     }
 
     /// The latest probe of `target`'s verify endpoint since start.
-    pub fn served(&self, target: &str) -> Option<ServedCheck> {
+    pub fn served(&self, target: &str) -> Option<Checks> {
         lock(&self.served).get(target).cloned()
     }
 

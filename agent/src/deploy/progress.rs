@@ -25,7 +25,7 @@ use crate::model::event::{Event, FileSummary, Outcome, Report, Stage, Verificati
 use crate::model::fmt::fmt_duration;
 use crate::model::stage::Op;
 use crate::sync::lock;
-use crate::verify::served::{Attempt, ServedCheck};
+use crate::verify::served::{Attempt, Checks};
 
 /// The state of one running deploy (or rollback).
 pub(super) struct Run<'e> {
@@ -40,8 +40,8 @@ pub(super) struct Run<'e> {
     /// Fires when a newer deploy waits for this target or the agent stops.
     pub(super) cancel: CancellationToken,
     pub(super) verification: Verification,
-    /// The last probe this run made.
-    pub(super) served: Option<ServedCheck>,
+    /// What the last verification of this run found at each endpoint.
+    pub(super) served: Option<Checks>,
     /// Leaf on `cert_path` when the run ended.
     pub(super) disk_sha256: String,
     /// Who asked, for the journal.
@@ -249,8 +249,10 @@ impl<'e> Run<'e> {
             served_sha256: self
                 .served
                 .as_ref()
+                .and_then(Checks::decisive)
                 .map(|c| c.served_sha256.clone())
                 .unwrap_or_default(),
+            served: self.served.take().map(|c| c.0).unwrap_or_default(),
         };
         let message = if error.is_empty() {
             format!("{} in {}", outcome.as_str(), fmt_duration(report.duration))

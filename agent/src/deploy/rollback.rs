@@ -355,7 +355,7 @@ impl Run<'_> {
                         "the restored files (leaf {}) are in place and were reloaded, but {}; \
                              `certctl rollback {}` again switches back to the files from before",
                         short_hex(&expect.leaf_sha256),
-                        check.error,
+                        check.error(),
                         target.name
                     )));
                 }

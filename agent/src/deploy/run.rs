@@ -43,7 +43,7 @@ use crate::model::event::{
 };
 use crate::model::fmt::{fmt_duration, rfc3339, short_hex};
 use crate::model::stage::Op;
-use crate::verify::served::{self as verify, Expect, ServedCheck};
+use crate::verify::served::{self as verify, Checks, Expect};
 
 /// The bytes a deploy writes, computed once: the plan is resolved from
 /// them before the lock and again under it.
@@ -160,15 +160,18 @@ impl Run<'_> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let server_name = req
+        // Every configured server name must be covered: the first here,
+        // the others below.
+        let names = req
             .target
             .verify
             .as_ref()
-            .and_then(|v| v.server_name.as_deref());
+            .map(VerifyConfig::server_names)
+            .unwrap_or_default();
         let opts = CheckOptions {
             now_unix: now,
             clock_skew_grace: req.clock_skew_grace,
-            server_name,
+            server_name: names.first().copied(),
         };
         let bundle = match &req.input {
             Input::Pem(files) => {
@@ -183,6 +186,13 @@ impl Run<'_> {
                 bundle.clone()
             }
         };
+        for name in names.iter().skip(1) {
+            let opts = CheckOptions {
+                server_name: Some(name),
+                ..opts.clone()
+            };
+            bundle::check_against(&bundle, &opts)?;
+        }
         let leaf = &bundle.leaf;
         self.stage(
             Stage::Validated,
@@ -515,7 +525,8 @@ impl Run<'_> {
                     Err(check) => {
                         let why = format!(
                             "verification failed after {} attempt(s): {}",
-                            v.attempts, check.error
+                            v.attempts,
+                            check.error()
                         );
                         return Err(self
                             .roll_back(target, committed, previous, why, verify)
@@ -629,7 +640,7 @@ impl Run<'_> {
         v: &VerifyConfig,
         expect: &Expect,
         rollback: bool,
-    ) -> Result<ServedCheck, ServedCheck> {
+    ) -> Result<Checks, Checks> {
         let cancel = self.cancel.clone();
         let started = Instant::now();
         let result = {
@@ -656,13 +667,15 @@ impl Run<'_> {
         bundle: &Bundle,
     ) -> Result<Outcome, DeployError> {
         let expect = Expect::of(v, &bundle.leaf, &bundle.chain);
-        let first = verify::check_once(v, &expect).await;
+        let first = verify::check_now(v, &expect).await;
         if first.ok() {
             self.stage(
                 Stage::VerifyAttempt,
                 format!(
-                    "the files already hold this certificate and {} serves it",
-                    v.endpoint
+                    "the files already hold this certificate and {} {} it ({} matching handshakes in a row)",
+                    v.addresses(),
+                    if v.endpoints.len() == 1 { "serves" } else { "serve" },
+                    v.consecutive
                 ),
             );
             self.engine.record_served(&self.target, first.clone());
@@ -675,7 +688,7 @@ impl Run<'_> {
                 Stage::VerifyAttempt,
                 format!(
                     "the files already hold this certificate, but {}",
-                    first.error
+                    first.error()
                 ),
             );
         } else {
@@ -684,14 +697,14 @@ impl Run<'_> {
                     Stage::Reloaded,
                     format!(
                         "the files already hold this certificate, but {}: reloaded: {}",
-                        first.error,
+                        first.error(),
                         done.unwrap_or_default()
                     ),
                 ),
                 Err(e) => {
                     return Err(DeployError::Internal(format!(
                         "the files already hold this certificate, but {}; reloading failed: {e}",
-                        first.error
+                        first.error()
                     )));
                 }
             }
@@ -704,7 +717,7 @@ impl Run<'_> {
             Err(check) => Err(DeployError::Internal(format!(
                 "the files already hold this certificate, but it is not served: {}; \
                      check that the server reads {}",
-                check.error,
+                check.error(),
                 target.cert_path.display()
             ))),
         }
@@ -763,14 +776,19 @@ impl Run<'_> {
         let expect = Expect::of(v, &previous.leaf, &previous.chain);
         match self.verify(v, &expect, true).await {
             Ok(_) => DeployError::RolledBack(format!(
-                "{why}; rolled back: the previous certificate {} is on disk and {} serves it again",
+                "{why}; rolled back: the previous certificate {} is on disk and {} {} it again",
                 short_hex(&expect.leaf_sha256),
-                v.endpoint
+                v.addresses(),
+                if v.endpoints.len() == 1 {
+                    "serves"
+                } else {
+                    "serve"
+                }
             )),
             Err(check) => DeployError::RollbackFailed(format!(
                 "{why}; the previous files are back on disk (leaf {}) but {}",
                 short_hex(&expect.leaf_sha256),
-                check.error
+                check.error()
             )),
         }
     }

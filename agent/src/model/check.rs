@@ -78,6 +78,41 @@ impl ServedCheck {
     }
 }
 
+/// What verification found at every endpoint of a target, in configured
+/// order: for each, the handshake that ended its verification (the last of
+/// its consecutive matches, or the one that failed).
+#[derive(Debug, Clone, Default)]
+pub struct Checks(pub Vec<ServedCheck>);
+
+impl Checks {
+    /// Every endpoint passed (and there is at least one).
+    pub fn ok(&self) -> bool {
+        !self.0.is_empty() && self.0.iter().all(ServedCheck::ok)
+    }
+
+    /// The check that speaks for the target where one check is shown: the
+    /// first endpoint that failed, else the first endpoint. With one
+    /// endpoint, that endpoint's check.
+    pub fn decisive(&self) -> Option<&ServedCheck> {
+        self.0.iter().find(|c| !c.ok()).or_else(|| self.0.first())
+    }
+
+    /// The errors of the endpoints that failed, one after the other.
+    pub fn error(&self) -> String {
+        self.0
+            .iter()
+            .filter(|c| !c.ok())
+            .map(|c| c.error.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The check of every endpoint was made against this leaf.
+    pub fn all_want(&self, sha256: &str) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|c| c.want_sha256 == sha256)
+    }
+}
+
 /// One attempt of a retry loop, as reported to the client.
 #[derive(Debug, Clone)]
 pub struct Attempt {
@@ -85,15 +120,24 @@ pub struct Attempt {
     pub attempt: u32,
     pub attempts: u32,
     pub check: ServedCheck,
-    /// The wait before the next attempt; `None` after the last one or a
-    /// success.
+    /// Consecutive matching handshakes of this endpoint so far, this one
+    /// included; 0 when this one did not match (the count restarts).
+    pub matches: u32,
+    /// How many consecutive matches the endpoint needs (`consecutive`).
+    pub consecutive: u32,
+    /// The wait before the next handshake of the loop (the next match of a
+    /// series, another endpoint, or the next attempt after the backoff);
+    /// `None` when nothing follows.
     pub next_in: Option<Duration>,
     /// Verifying the previous certificate during a rollback.
     pub rollback: bool,
 }
 
 impl Attempt {
-    /// `verify attempt 2/3: served 9f…e1, want 4a…07; next in 2.1s`.
+    /// `verify attempt 2/6: 2/3 consecutive matches, 127.0.0.1:8443 serves
+    /// 9f…e1 (TLSv1.3); next in 0.5s`, or for a handshake that did not
+    /// match `verify attempt 2/3: served 9f…e1 by 127.0.0.1:443, want
+    /// 4a…07; next in 2.1s`.
     pub fn describe(&self) -> String {
         let what = if self.rollback {
             "rollback verify attempt"
@@ -103,15 +147,24 @@ impl Attempt {
         let mut s = format!("{what} {}/{}: ", self.attempt, self.attempts);
         let c = &self.check;
         match c.state {
-            CheckState::Verified | CheckState::Expiring => s.push_str(&format!(
-                "{} serves {} ({})",
-                c.endpoint,
-                short(&c.served_sha256),
-                c.tls_version
-            )),
+            CheckState::Verified | CheckState::Expiring => {
+                if self.consecutive > 1 {
+                    s.push_str(&format!(
+                        "{}/{} consecutive matches, ",
+                        self.matches, self.consecutive
+                    ));
+                }
+                s.push_str(&format!(
+                    "{} serves {} ({})",
+                    c.endpoint,
+                    short(&c.served_sha256),
+                    c.tls_version
+                ));
+            }
             CheckState::Mismatch => s.push_str(&format!(
-                "served {}, want {}",
+                "served {} by {}, want {}",
                 short(&c.served_sha256),
+                c.endpoint,
                 short(&c.want_sha256)
             )),
             CheckState::ChainMismatch | CheckState::Unreachable => s.push_str(&c.error),

@@ -44,8 +44,12 @@ pub struct Report {
     pub duration: Duration,
     /// Leaf on `cert_path` when the deploy ended; empty when none.
     pub disk_sha256: String,
-    /// Leaf served at the last probe; empty when not probed.
+    /// Leaf served at the last probe (of the first endpoint that failed,
+    /// else of the first endpoint); empty when not probed.
     pub served_sha256: String,
+    /// The last check of each endpoint, in configured order; empty when
+    /// not probed.
+    pub served: Vec<ServedCheck>,
 }
 
 /// One event of one deploy.

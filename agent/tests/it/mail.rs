@@ -450,3 +450,147 @@ fn deploy_to_dovecot_pop3_stls_is_verified() {
     }
     deploy_to_dovecot(MailProtocol::Pop3);
 }
+
+// === several endpoints of one mail server ===
+
+/// Adds a `kind = "file"` target for `live` whose `[target.verify]` lists
+/// `endpoints` (port, protocol), each with its own protocol, deploys a new
+/// certificate and checks that it is verified only with every endpoint's
+/// check passing, each on its own protocol, and served on every port.
+fn deploy_verified_on_every_port(
+    env: &mut TestEnv,
+    live: &Live,
+    validate: &[String],
+    reload: &[String],
+    endpoints: &[(u16, MailProtocol)],
+    log: &dyn Fn() -> String,
+) {
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|(port, proto)| {
+            format!(
+                "{{ address = {}, protocol = {} }}",
+                toml_str(format!("127.0.0.1:{port}")),
+                toml_str(proto.verify_protocol())
+            )
+        })
+        .collect();
+    let body = format!(
+        "kind = \"file\"\n\
+         cert_path = {cert}\n\
+         key_path = {key}\n\
+         validate = {validate}\n\
+         reload = {reload}\n\
+         command_timeout = \"30s\"\n\
+         [target.verify]\n\
+         endpoints = [{list}]\n\
+         server_name = {sni}\n\
+         attempts = 6\n\
+         backoff = \"200ms\"\n\
+         max_backoff = \"2s\"\n\
+         timeout = \"5s\"\n",
+        cert = toml_path(&live.cert),
+        key = toml_path(&live.key),
+        validate = toml_array(validate),
+        reload = toml_array(reload),
+        list = list.join(", "),
+        sni = toml_str(SNI),
+    );
+    env.target(TARGET, &body);
+    let agent = env.spawn_agent();
+    let leaf = issue();
+    let f = env.inputs(&leaf, "new");
+    let out = env.ctl(&[
+        "--json",
+        "deploy",
+        TARGET,
+        "--cert",
+        arg(&f.fullchain),
+        "--key",
+        arg(&f.key),
+    ]);
+    let context = || format!("{out}\nagent log:\n{}\nserver log:\n{}", agent.log(), log());
+    assert_eq!(out.code, 0, "{}", context());
+    let lines = out.json_lines();
+    let result = done(&lines);
+    assert_eq!(result["outcome"], "deployed", "{}", context());
+    assert_eq!(result["verification"], "verified", "{}", context());
+    let checks = result["served_endpoints"].as_array().unwrap();
+    assert_eq!(checks.len(), endpoints.len(), "{}", context());
+    for ((port, proto), c) in endpoints.iter().zip(checks) {
+        assert_eq!(c["endpoint"], format!("127.0.0.1:{port}"), "{}", context());
+        assert_eq!(c["protocol"], proto.verify_protocol(), "{}", context());
+        assert_eq!(c["state"], "verified", "{}", context());
+        assert_eq!(
+            c["served_sha256"],
+            leaf.sha256_hex.as_str(),
+            "{}",
+            context()
+        );
+        // The agent's series at this endpoint was complete.
+        let series: Vec<_> = lines
+            .iter()
+            .filter_map(|l| l.get("attempt"))
+            .filter(|a| a["endpoint"] == format!("127.0.0.1:{port}") && a["ok"] == true)
+            .collect();
+        assert!(
+            series
+                .last()
+                .is_some_and(|a| a["matches"] == a["consecutive"]),
+            "{}",
+            context()
+        );
+        assert_served(*port, *proto, &leaf, log);
+    }
+    // certctl verify applies the same rule to both ports.
+    let v = env.ctl(&["--json", "verify", TARGET]);
+    assert_eq!(v.code, 0, "{v}\n{}", context());
+    assert_eq!(
+        v.json()["checks"].as_array().unwrap().len(),
+        endpoints.len()
+    );
+}
+
+#[test]
+fn postfix_is_verified_on_its_starttls_and_its_implicit_tls_port() {
+    if !postfix_available() {
+        return;
+    }
+    let mut env = TestEnv::new();
+    let live = Live::write(&env.target_dir(TARGET), &issue());
+    let pf = Postfix::start(&env.path().join("postfix"), &live.cert, &live.key);
+    let log = || pf.log();
+    deploy_verified_on_every_port(
+        &mut env,
+        &live,
+        &pf.validate_argv(),
+        &pf.reload_argv(),
+        &[
+            (pf.port(), MailProtocol::Smtp),
+            (pf.smtps_port(), MailProtocol::Tls),
+        ],
+        &log,
+    );
+}
+
+#[test]
+fn dovecot_is_verified_on_its_imaps_and_its_imap_starttls_port() {
+    if !dovecot_available() {
+        return;
+    }
+    let mut env = TestEnv::new();
+    let live = Live::write(&env.target_dir(TARGET), &issue());
+    let dc = Dovecot::start(&env.path().join("dovecot"), &live.cert, &live.key);
+    let log = || dc.log();
+    deploy_verified_on_every_port(
+        &mut env,
+        &live,
+        &dc.validate_argv(),
+        &dc.reload_argv(),
+        &[
+            (dc.imaps_port(), MailProtocol::Tls),
+            (dc.imap_port(), MailProtocol::Imap),
+        ],
+        &log,
+    );
+}

@@ -41,3 +41,4 @@ mod systemd_notify;
 mod systemd_units;
 mod traefik_kind;
 mod verify;
+mod verify_rule;

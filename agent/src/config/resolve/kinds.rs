@@ -1004,6 +1004,7 @@ mod tests {
             ))
             .verify
             .unwrap()
+            .first()
             .protocol
         };
         use VerifyProtocol::*;

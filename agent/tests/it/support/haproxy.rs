@@ -62,14 +62,24 @@ impl Haproxy {
     /// Starts HAProxy under `dir` serving the combined PEM `pem` (leaf,
     /// chain, key).
     pub fn start(dir: &Path, pem: &Path) -> Haproxy {
+        Self::start_with(dir, |dir, port| render_cfg(dir, port, pem))
+    }
+
+    /// Starts HAProxy under `dir` as a TCP load balancer (`mode tcp`,
+    /// `balance roundrobin`, TLS passed through) in front of the loopback
+    /// ports `backends`: each new connection goes to the next backend.
+    pub fn start_balancer(dir: &Path, backends: &[u16]) -> Haproxy {
+        Self::start_with(dir, |dir, port| render_balancer_cfg(dir, port, backends))
+    }
+
+    fn start_with(dir: &Path, render: impl Fn(&Path, u16) -> String) -> Haproxy {
         let bin = bin().expect("haproxy is not installed (check haproxy_available() first)");
         let dir = super::absolute(dir);
         std::fs::create_dir_all(&dir).expect("create haproxy dir");
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            std::fs::write(dir.join("haproxy.cfg"), render_cfg(&dir, port, pem))
-                .expect("write haproxy.cfg");
+            std::fs::write(dir.join("haproxy.cfg"), render(&dir, port)).expect("write haproxy.cfg");
             match start_once(bin, &dir, port) {
                 Ok(child) => return Haproxy { child, dir, port },
                 Err(Some(log)) => last = log,
@@ -230,5 +240,31 @@ fn render_cfg(dir: &Path, port: u16, pem: &Path) -> String {
          \x20   bind 127.0.0.1:{port} ssl crt {pem}\n\
          \x20   http-request return status 200 content-type text/plain string ok\n",
         pem = pem.display(),
+    )
+}
+
+fn render_balancer_cfg(dir: &Path, port: u16, backends: &[u16]) -> String {
+    let d = dir.display();
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("    server b{i} 127.0.0.1:{p}\n"))
+        .collect();
+    format!(
+        "# written by the certctl-agent integration tests (agent/tests/it/support/haproxy.rs)\n\
+         global\n\
+         \x20   stats socket {d}/admin.sock mode 600 level admin\n\
+         \x20   pidfile {d}/haproxy.pid\n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   timeout connect 5s\n\
+         \x20   timeout client 5s\n\
+         \x20   timeout server 5s\n\
+         frontend lb\n\
+         \x20   bind 127.0.0.1:{port}\n\
+         \x20   default_backend nginx\n\
+         backend nginx\n\
+         \x20   balance roundrobin\n\
+         {servers}"
     )
 }

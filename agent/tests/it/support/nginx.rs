@@ -37,7 +37,7 @@
 //! new port (readiness waits for the pid file, which nginx writes only after
 //! binding, so another process on the port is never mistaken for ours).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -80,9 +80,41 @@ pub struct Vhost {
 pub struct NginxBuilder {
     prefix: PathBuf,
     vhosts: Vec<Vhost>,
+    workers: u32,
+    listen: Listen,
+}
+
+/// Where nginx listens: `127.0.0.1`, `[::1]`, or both (on the same port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    V4,
+    V6,
+    Both,
+}
+
+impl Listen {
+    fn hosts(self) -> &'static [&'static str] {
+        match self {
+            Listen::V4 => &["127.0.0.1"],
+            Listen::V6 => &["[::1]"],
+            Listen::Both => &["127.0.0.1", "[::1]"],
+        }
+    }
 }
 
 impl NginxBuilder {
+    /// `worker_processes` (default 1).
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// The addresses to listen on (default `127.0.0.1` only).
+    pub fn listen(mut self, listen: Listen) -> Self {
+        self.listen = listen;
+        self
+    }
+
     /// Adds a `server {}` on the shared port (the first one added is `default_server`).
     pub fn vhost(mut self, server_name: &str, cert: &Path, key: &Path) -> Self {
         self.vhosts.push(Vhost {
@@ -106,7 +138,7 @@ impl NginxBuilder {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            match start_once(&bin, &prefix, port, &self.vhosts) {
+            match start_once(&bin, &prefix, port, &self, self.listen) {
                 Ok(child) => {
                     return Nginx {
                         child,
@@ -114,6 +146,7 @@ impl NginxBuilder {
                         prefix,
                         port,
                         vhosts: self.vhosts,
+                        listen: self.listen,
                     };
                 }
                 Err(StartError::PortTaken(log)) => last_error = log,
@@ -133,6 +166,7 @@ pub struct Nginx {
     prefix: PathBuf,
     port: u16,
     vhosts: Vec<Vhost>,
+    listen: Listen,
 }
 
 impl Nginx {
@@ -146,6 +180,8 @@ impl Nginx {
         NginxBuilder {
             prefix: prefix.to_owned(),
             vhosts: Vec::new(),
+            workers: 1,
+            listen: Listen::V4,
         }
     }
 
@@ -156,7 +192,15 @@ impl Nginx {
 
     /// `127.0.0.1:PORT`, as a `[target.verify] endpoint`.
     pub fn endpoint(&self) -> String {
+        if self.listen == Listen::V6 {
+            return self.endpoint_v6();
+        }
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `[::1]:PORT` (with [`Listen::V6`] or [`Listen::Both`]).
+    pub fn endpoint_v6(&self) -> String {
+        format!("[::1]:{}", self.port)
     }
 
     /// The `-p` prefix directory.
@@ -265,14 +309,16 @@ fn start_once(
     bin: &Path,
     prefix: &Path,
     port: u16,
-    vhosts: &[Vhost],
+    builder: &NginxBuilder,
+    listen: Listen,
 ) -> Result<ChildGuard, StartError> {
+    let vhosts = &builder.vhosts;
     let pid_file = prefix.join("logs/nginx.pid");
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(prefix.join("logs/error.log"));
     std::fs::write(
         prefix.join("conf/nginx.conf"),
-        render_conf(prefix, port, vhosts),
+        render_conf(prefix, port, vhosts, builder.workers, listen),
     )
     .expect("write nginx.conf");
     let stderr = std::fs::File::create(prefix.join("logs/stderr.log")).expect("create stderr.log");
@@ -286,7 +332,11 @@ fn start_once(
         .stderr(stderr);
     let mut child = ChildGuard::spawn("nginx", &mut cmd, Signal::SIGQUIT, Duration::from_secs(5))
         .dump_log_on_panic(&prefix.join("logs/error.log"));
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let addr = if listen == Listen::V6 {
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+    } else {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    };
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait() {
@@ -317,7 +367,7 @@ fn start_once(
     }
 }
 
-fn render_conf(prefix: &Path, port: u16, vhosts: &[Vhost]) -> String {
+fn render_conf(prefix: &Path, port: u16, vhosts: &[Vhost], workers: u32, listen: Listen) -> String {
     let p = |rel: &str| quote(&prefix.join(rel));
     let www_data = matches!(nix::unistd::User::from_name("www-data"), Ok(Some(_)))
         && matches!(nix::unistd::Group::from_name("www-data"), Ok(Some(_)));
@@ -330,9 +380,14 @@ fn render_conf(prefix: &Path, port: u16, vhosts: &[Vhost]) -> String {
     let mut servers = String::new();
     for (i, v) in vhosts.iter().enumerate() {
         let default = if i == 0 { " default_server" } else { "" };
+        let listens: String = listen
+            .hosts()
+            .iter()
+            .map(|h| format!("        listen {h}:{port} ssl{default};\n"))
+            .collect();
         servers.push_str(&format!(
             "    server {{\n\
-             \x20       listen 127.0.0.1:{port} ssl{default};\n\
+             {listens}\
              \x20       server_name {name};\n\
              \x20       ssl_certificate {cert};\n\
              \x20       ssl_certificate_key {key};\n\
@@ -347,7 +402,7 @@ fn render_conf(prefix: &Path, port: u16, vhosts: &[Vhost]) -> String {
         "# written by the certctl-agent integration tests (agent/tests/it/support/nginx.rs)\n\
          daemon off;\n\
          master_process on;\n\
-         worker_processes 1;\n\
+         worker_processes {workers};\n\
          {user}\
          pid {pid};\n\
          lock_file {lock};\n\

@@ -117,6 +117,8 @@ pub struct Postfix {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// A second `smtpd` with implicit TLS (`smtpd_tls_wrappermode`, as on 465).
+    smtps_port: u16,
     myhostname: String,
     cert: PathBuf,
     key: PathBuf,
@@ -135,8 +137,9 @@ impl Postfix {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
+            let smtps_port = free_port();
             let myhostname = unique_hostname();
-            match start_once(&bin, &dir, port, &myhostname, &cert, &key) {
+            match start_once(&bin, &dir, (port, smtps_port), &myhostname, &cert, &key) {
                 Ok((wrapper, master)) => {
                     return Postfix {
                         wrapper,
@@ -144,6 +147,7 @@ impl Postfix {
                         bin,
                         dir,
                         port,
+                        smtps_port,
                         myhostname,
                         cert,
                         key,
@@ -164,6 +168,12 @@ impl Postfix {
     /// `127.0.0.1:PORT`, as a `[target.verify] endpoint`.
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port of the implicit-TLS `smtpd` (465-style: the
+    /// handshake comes first, no STARTTLS).
+    pub fn smtps_port(&self) -> u16 {
+        self.smtps_port
     }
 
     /// The instance directory.
@@ -255,7 +265,7 @@ enum StartError {
 fn start_once(
     bin: &Path,
     dir: &Path,
-    port: u16,
+    (port, smtps_port): (u16, u16),
     myhostname: &str,
     cert: &Path,
     key: &Path,
@@ -267,7 +277,7 @@ fn start_once(
         &etc.join("main.cf"),
         &render_main_cf(dir, myhostname, cert, key),
     );
-    write_config(&etc.join("master.cf"), &render_master_cf(port));
+    write_config(&etc.join("master.cf"), &render_master_cf(port, smtps_port));
     let log = log_path(dir);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -442,11 +452,12 @@ fn render_main_cf(dir: &Path, myhostname: &str, cert: &Path, key: &Path) -> Stri
 }
 
 /// Debian's services minus the delivery agents, none chrooted, `smtpd` on the loopback port.
-fn render_master_cf(port: u16) -> String {
+fn render_master_cf(port: u16, smtps_port: u16) -> String {
     format!(
         "# written by the certctl-agent integration tests (agent/tests/it/support/postfix.rs)\n\
          # service type  private unpriv  chroot  wakeup  maxproc command\n\
          127.0.0.1:{port} inet n - n - - smtpd\n\
+         127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes\n\
          pickup    unix  n       -       n       60      1       pickup\n\
          cleanup   unix  n       -       n       -       0       cleanup\n\
          qmgr      unix  n       -       n       300     1       qmgr\n\

@@ -24,7 +24,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Certificates served on `127.0.0.1:port` for `sni`, leaf first, as DER.
 pub fn probe(port: u16, sni: &str) -> Result<Vec<Vec<u8>>, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    probe_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), sni)
+}
+
+/// Certificates served on `addr` (IPv4 or IPv6) for `sni`, leaf first, as
+/// DER; a fresh connection and a full handshake (no resumption).
+pub fn probe_at(addr: SocketAddr, sni: &str) -> Result<Vec<Vec<u8>>, String> {
     let server_name = ServerName::try_from(sni.to_owned())
         .map_err(|e| format!("bad server name {sni:?}: {e}"))?;
     let mut conn = ClientConnection::new(client_config(), server_name)
@@ -62,6 +67,12 @@ pub fn probe(port: u16, sni: &str) -> Result<Vec<Vec<u8>>, String> {
 /// The served chain (leaf first, DER); panics when the handshake fails.
 pub fn served_chain(port: u16, sni: &str) -> Vec<Vec<u8>> {
     probe(port, sni).unwrap_or_else(|e| panic!("probe 127.0.0.1:{port} ({sni}): {e}"))
+}
+
+/// SHA-256 hex of the leaf served on `addr` (IPv4 or IPv6).
+pub fn served_leaf_sha256_at(addr: SocketAddr, sni: &str) -> Result<String, String> {
+    let chain = probe_at(addr, sni)?;
+    Ok(sha256_hex(&chain[0]))
 }
 
 /// SHA-256 hex of the served leaf's DER.
@@ -107,12 +118,15 @@ pub fn client_config() -> Arc<ClientConfig> {
     let verifier = Arc::new(AcceptAnyCert {
         algorithms: provider.signature_verification_algorithms,
     });
-    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+    let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .expect("ring supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    // Every probe is a full handshake: what is served now, never a session
+    // remembered from an earlier probe.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
