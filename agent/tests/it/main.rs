@@ -31,6 +31,7 @@ mod layering;
 mod mail;
 mod mail_kinds;
 mod metrics;
+mod model;
 mod nginx;
 mod nspawn;
 mod socket_activation;
