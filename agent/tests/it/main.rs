@@ -33,6 +33,7 @@ mod live_state;
 mod mail;
 mod mail_kinds;
 mod metrics;
+mod model;
 mod nginx;
 mod nspawn;
 mod socket_activation;

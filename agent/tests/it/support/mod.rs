@@ -288,6 +288,19 @@ impl TestEnv {
         self
     }
 
+    /// Replaces the TOML body of the target called `name` (a configuration
+    /// change, applied by the next [`Self::write_config`]: a SIGHUP or a
+    /// restart).
+    pub fn replace_target(&mut self, name: &str, body: &str) -> &mut Self {
+        let (_, old) = self
+            .targets
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no target {name} to replace"));
+        body.clone_into(old);
+        self
+    }
+
     /// Appends TOML (e.g. a `[target.verify]` table) to the body of the
     /// target called `name`.
     pub fn append_to_target(&mut self, name: &str, toml: &str) -> &mut Self {
