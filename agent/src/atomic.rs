@@ -547,15 +547,64 @@ pub fn remove_temps(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Removes a directory tree the agent owns (a backup generation).
 pub fn remove_tree(dir: &Path) -> Result<()> {
-    match fs::remove_dir_all(dir) {
+    // A backup set or a generation goes in one step: renamed to its
+    // partial name first, so a kill during the removal never leaves half
+    // a set under its real name (a partial one is swept at the next
+    // start).
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = if name.starts_with('.') {
+        dir.to_owned()
+    } else {
+        let partial = partial_of(dir);
+        // A partial left by an earlier kill is in the way of the rename.
+        if fs::symlink_metadata(&partial).is_ok() {
+            fs::remove_dir_all(&partial).map_err(FsError::new("cannot remove", &partial))?;
+        }
+        match fs::rename(dir, &partial) {
+            Ok(()) => partial,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(FsError::new("cannot remove", dir)(e)),
+        }
+    };
+    match fs::remove_dir_all(&doomed) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(FsError::new("cannot remove", dir)(e)),
     }
 }
 
+/// Where a backup set or a generation is filled before it is renamed to
+/// `dir` whole: `.<name>.partial` beside it (a dot name: never listed as a
+/// backup or a generation).
+pub fn partial_of(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    parent(dir).join(format!(".{name}.partial"))
+}
+
+/// Removes every `.*.partial` directory in `dir` (sets a killed run did
+/// not finish filling). Only while the target is locked.
+pub fn remove_partials(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(FsError::new("cannot list", dir)(e)),
+    };
+    let mut removed = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.')
+            && name.ends_with(".partial")
+            && e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            remove_tree(&e.path())?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
+}
+
 /// The deploy ids that have backups for `target` in `dir`, oldest first
-/// (deploy ids sort by time).
+/// (in the order their runs wrote them).
 pub fn list_backups(dir: &Path, target: &str) -> Result<Vec<String>> {
     let root = dir.join(AGENT_DIR).join("backup").join(target);
     let entries = match fs::read_dir(&root) {
@@ -563,13 +612,83 @@ pub fn list_backups(dir: &Path, target: &str) -> Result<Vec<String>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(FsError::new("cannot list", &root)(e)),
     };
-    let mut ids: Vec<String> = entries
+    // A directory with nothing in it is not a backup: a run killed between
+    // creating it and linking the first file into it.
+    let entries: Vec<fs::DirEntry> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_some()))
         .collect();
-    ids.sort();
-    Ok(ids)
+    Ok(in_creation_order(entries, ""))
+}
+
+/// Backup sets of `target` in `dir` whose every file is the live file of
+/// the same name (the same inode): a set a rollback put back, left by a
+/// stop between the rollback's outcome and its clean-up. They are live,
+/// not backups: removed.
+pub fn remove_live_backups(dir: &Path, target: &str) -> Result<()> {
+    for id in list_backups(dir, target)? {
+        let set = backup_dir(dir, target, &id);
+        let Ok(entries) = fs::read_dir(&set) else {
+            continue;
+        };
+        let live = entries.filter_map(|e| e.ok()).all(|e| {
+            let (Ok(b), Ok(l)) = (
+                fs::symlink_metadata(e.path()),
+                fs::symlink_metadata(dir.join(e.file_name())),
+            ) else {
+                return false;
+            };
+            b.is_file() && (b.dev(), b.ino()) == (l.dev(), l.ino())
+        });
+        if live {
+            remove_tree(&set)?;
+        }
+    }
+    Ok(())
+}
+
+/// Backup directories of `target` in `dir` that hold nothing (a run was
+/// killed between creating one and linking its first file), removed.
+pub fn remove_empty_backups(dir: &Path, target: &str) -> Result<()> {
+    let root = dir.join(AGENT_DIR).join("backup").join(target);
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(FsError::new("cannot list", &root)(e)),
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir())
+            && fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none())
+        {
+            remove_tree(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The names of `entries` without `prefix`, oldest first by the time each
+/// directory was last written (a backup or a generation is filled by its
+/// run under the target's lock and never written again), then by name. A
+/// deploy's id is taken when the request arrives, so with deploys waiting
+/// for the lock, id order is not the order in which they ran.
+pub fn in_creation_order(entries: Vec<fs::DirEntry>, prefix: &str) -> Vec<String> {
+    let mut named: Vec<(std::time::SystemTime, String)> = entries
+        .into_iter()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let name = name.strip_prefix(prefix)?.to_owned();
+            let written = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            Some((written, name))
+        })
+        .collect();
+    named.sort();
+    named.into_iter().map(|(_, name)| name).collect()
 }
 
 #[cfg(test)]

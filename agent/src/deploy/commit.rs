@@ -21,8 +21,13 @@ impl Committed {
     /// Nothing was there before the run: every committed path is new (a
     /// first deploy). Undoing it leaves the target empty, as it was.
     pub(super) fn created_everything(&self) -> bool {
-        self.files.iter().all(|(_, backup)| backup.is_none())
-            && self.switch.as_ref().is_none_or(|s| s.previous.is_none())
+        let created_files = self.files.iter().all(|(_, backup)| backup.is_none());
+        match &self.switch {
+            Some(s) => s.previous.is_none() && created_files,
+            // Nothing left to put back (recovery found every file already
+            // restored) is not a first deploy.
+            None => !self.files.is_empty() && created_files,
+        }
     }
 }
 
@@ -103,6 +108,8 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsErr
 /// Keeps the newest `keep` backup generations of `target` in each directory.
 pub(super) fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
     for dir in dirs {
+        atomic::remove_empty_backups(dir, target)?;
+        atomic::remove_live_backups(dir, target)?;
         let ids = atomic::list_backups(dir, target)?;
         let excess = ids.len().saturating_sub(keep);
         for id in &ids[..excess] {

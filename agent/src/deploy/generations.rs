@@ -61,7 +61,8 @@ fn id_of(link: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Every generation id in `dir`, oldest first (ids sort by time).
+/// Every generation id in `dir`, oldest first (in the order their runs
+/// wrote them: [`atomic::in_creation_order`]).
 pub fn list(dir: &Path) -> Result<Vec<String>> {
     let root = dir.join(AGENT_DIR);
     let entries = match std::fs::read_dir(&root) {
@@ -75,18 +76,11 @@ pub fn list(dir: &Path) -> Result<Vec<String>> {
             });
         }
     };
-    let mut ids: Vec<String> = entries
+    let entries: Vec<std::fs::DirEntry> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(PREFIX))
-                .map(str::to_owned)
-        })
         .collect();
-    ids.sort();
-    Ok(ids)
+    Ok(atomic::in_creation_order(entries, PREFIX))
 }
 
 /// The newest generation other than the current one: what `certctl
@@ -130,18 +124,25 @@ pub fn stage(plan: &Plan, dir: &Path, id: &str) -> Result<PathBuf> {
     // The generations and the files in them are read by the server through
     // the links: the directories are traversable, the files keep their modes.
     atomic::make_dir_with_mode(&dir.join(AGENT_DIR), 0o711)?;
+    // Filled under a partial name and renamed whole: a kill in the middle
+    // never leaves half a generation (a partial one is swept at the next
+    // start).
     let generation = gen_dir(dir, id);
-    atomic::make_dir_with_mode(&generation, 0o755)?;
+    let partial = atomic::partial_of(&generation);
+    atomic::make_dir_with_mode(&partial, 0o755)?;
     let written = (|| {
         for f in &plan.files {
             let name = f.path.file_name().unwrap_or_default();
-            let dest = generation.join(name);
+            let dest = partial.join(name);
             let tmp = atomic::write_temp(&dest, id, &f.bytes, f.mode, f.uid, f.gid)?;
             atomic::rename(&tmp, &dest)?;
         }
-        atomic::fsync_dir(&generation)
+        atomic::fsync_dir(&partial)?;
+        atomic::rename(&partial, &generation)?;
+        atomic::fsync_dir(&dir.join(AGENT_DIR))
     })();
     if let Err(e) = written {
+        let _ = atomic::remove_tree(&partial);
         let _ = atomic::remove_tree(&generation);
         return Err(e);
     }

@@ -88,6 +88,11 @@ impl Engine {
                 let mut removed = Vec::new();
                 for d in &dirs {
                     removed.extend(atomic::remove_temps(d)?);
+                    // Sets a killed run did not finish filling.
+                    removed.extend(atomic::remove_partials(&d.join(atomic::AGENT_DIR))?);
+                    removed.extend(atomic::remove_partials(
+                        &d.join(atomic::AGENT_DIR).join("backup").join(&name),
+                    )?);
                 }
                 super::commit::prune(&dirs.iter().cloned().collect(), &name, keep)?;
                 Ok::<_, FsError>(removed)
@@ -361,9 +366,12 @@ impl Run<'_> {
         }
 
         if committed_stage
+            || rec.outcome.is_some()
             || Stage::parse(&rec.stage) == Some(Stage::Rollback)
             || Op::parse(&rec.op) == Some(Op::Rollback)
         {
+            // A finished rollback_failed run is retried the way it failed:
+            // the previous files back, reloaded, verified.
             // The server may have loaded the new files: put the previous
             // ones back, reload, and prove they are served.
             return Err(self

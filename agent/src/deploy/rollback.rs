@@ -58,12 +58,23 @@ impl Engine {
         run.op = Op::Rollback;
         async move {
             info!(origin = %req.origin, "rollback requested");
-            let (outcome, error) = match run.execute_rollback(&req).await {
-                Ok(outcome) => (outcome, String::new()),
-                Err(e) => (e.outcome(), e.to_string()),
+            let (outcome, error, cleanup) = match run.execute_rollback(&req).await {
+                Ok(cleanup) => (Outcome::Restored, String::new(), Some(cleanup)),
+                Err(e) => (e.outcome(), e.to_string(), None),
             };
             run.look_at_disk(&req.target).await;
             let report = run.finish(outcome, error, false);
+            // Only once the outcome is in the journal: until then recovery
+            // may still have to undo the rollback, and the restored set's
+            // backup is what it would need after that.
+            if let Some(cleanup) = cleanup {
+                let target = &req.target;
+                let (name, keep) = (target.name.clone(), target.backup_retention as usize);
+                let what = cleanup.describe();
+                if let Err(e) = blocking(move || cleanup.run(&name, keep)).await {
+                    warn!("could not clean up {what}: {e}");
+                }
+            }
             self.metrics()
                 .rollback_finished(&req.target.name, report.outcome);
             report
@@ -227,6 +238,25 @@ impl Run<'_> {
             generation: Some(generations::gen_dir(&dir, &to)),
             created_generation: false,
         }];
+        // What the switch puts in force, recorded before it happens, so that
+        // recovery recognises either set as this run's.
+        let pairs: Vec<(std::path::PathBuf, std::path::PathBuf)> = target
+            .paths()
+            .map(|p| {
+                (
+                    p.to_owned(),
+                    generations::gen_dir(&dir, &to).join(p.file_name().unwrap_or_default()),
+                )
+            })
+            .collect();
+        let t = target.clone();
+        if let Ok(Some(r)) = blocking(move || restored_view(&t, &pairs)).await {
+            self.leaf = Some((
+                r.leaf.sha256_hex(),
+                r.leaf.not_after,
+                r.leaf.subject.clone(),
+            ));
+        }
         let prev = self.leaf_on_disk(target).await;
         self.begin_journal(&req.origin, Op::Rollback, &records, &prev, &[])
             .await?;
@@ -275,7 +305,7 @@ impl Run<'_> {
         .unwrap_or_default()
     }
 
-    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Outcome, DeployError> {
+    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Cleanup, DeployError> {
         let target = &req.target;
         let _guard = self.lock(target, req.no_wait).await?;
         let (committed, restored, cleanup) = if target.layout == Layout::Generations {
@@ -362,17 +392,10 @@ impl Run<'_> {
             }
         }
 
-        // The restored set is live now: its backup is no longer a backup.
-        let (name, keep) = (target.name.clone(), target.backup_retention as usize);
-        let what = cleanup.describe();
-        let cleaned = blocking(move || cleanup.run(&name, keep)).await;
-        if let Err(e) = cleaned {
-            let w = format!("could not clean up {what}: {e}");
-            warn!("{w}");
-            self.warnings.push(w);
-        }
+        // The restored set is live now: its backup is no longer a backup;
+        // removed by the caller once the outcome is recorded.
         drop(committed);
-        Ok(Outcome::Restored)
+        Ok(cleanup)
     }
 }
 

@@ -897,20 +897,28 @@ impl Rig {
         let mut problems = Vec::new();
         let mode = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.mode() & 0o7777);
         let live = self.content_at(&t.dir.join("cert.pem"), &t.dir.join("key.pem"));
+        // In the order their runs wrote them (the agent's order: a deploy's
+        // id is taken before it waits for the lock), then by name; an empty
+        // backup directory is no backup set.
         let entries_in = |d: &Path, prefix: &str| -> Vec<(String, PathBuf)> {
-            let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(d)
+            let mut v: Vec<(std::time::SystemTime, String, PathBuf)> = std::fs::read_dir(d)
                 .map(|rd| {
                     rd.filter_map(Result::ok)
                         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .filter(|e| {
+                            std::fs::read_dir(e.path()).is_ok_and(|mut r| r.next().is_some())
+                        })
                         .filter_map(|e| {
                             let n = e.file_name().to_string_lossy().into_owned();
-                            n.strip_prefix(prefix).map(|id| (id.to_owned(), e.path()))
+                            let written = e.metadata().and_then(|m| m.modified()).ok()?;
+                            n.strip_prefix(prefix)
+                                .map(|id| (written, id.to_owned(), e.path()))
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             v.sort();
-            v
+            v.into_iter().map(|(_, id, p)| (id, p)).collect()
         };
         let entry = |d: &Path| Entry {
             content: self.content_at(&d.join("cert.pem"), &d.join("key.pem")),
@@ -1020,9 +1028,12 @@ impl Rig {
                     ),
                 ));
             }
+            // A restore takes the "other" bits off a loose key: `w` with
+            // them removed is what any rollback brings back.
             if let (Some(w), Some(g)) = (want.key_mode, got.key_mode)
                 && w != g
                 && g & LOOSE == 0
+                && g != w & !0o007
             {
                 d.push((
                     "key mode",
