@@ -779,6 +779,9 @@ mod tests {
         }
         make_private_dir(&deep).unwrap();
         make_private_dir(&backup_dir(dir.path(), "web", "d2")).unwrap();
+        // An empty directory is no backup set: each gets its file, in order.
+        File::create(deep.join("cert.pem")).unwrap();
+        File::create(backup_dir(dir.path(), "web", "d2").join("cert.pem")).unwrap();
         assert_eq!(list_backups(dir.path(), "web").unwrap(), ["d1", "d2"]);
         // A file in the way is an error, not a silent success.
         let blocked = dir.path().join("file");
