@@ -97,12 +97,19 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
     let root = &config.agent.drop_dir;
     let dirs = reject::Dirs::open(root, &config.agent.state_dir.join("rejected"))?;
+    for orphan in dirs.tidy_rejected() {
+        tracing::info!(
+            "removed {}: a reason file without its drop, left by a stop between writing the \
+             reason and moving the drop (the drop stayed in the drop directory)",
+            crate::model::fmt::shown(&dirs.rejected_path().join(orphan))
+        );
+    }
     let (watch, events) = watch::start(root).map_err(|source| StartError::Watch {
         path: root.clone(),
         source,
     })?;
     tracing::info!(
-        drop_dir = %root.display(),
+        drop_dir = %crate::model::fmt::shown(root),
         settle = ?config.agent.settle,
         "watching the drop directory"
     );

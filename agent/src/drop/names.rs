@@ -106,6 +106,32 @@ pub fn valid_name(name: &str) -> bool {
         })
 }
 
+/// The longest entry name kept in a `rejected/` file name.
+pub const SAFE_LEN: usize = 80;
+
+/// `entry` as a part of a file name in `rejected/`: a valid drop entry as
+/// it is, anything else with every byte outside `a-z A-Z 0-9 . _ -`
+/// replaced by `_` and cut to [`SAFE_LEN`] bytes, so that the name stays
+/// short, printable and a single component whatever was dropped (the
+/// reason file names the entry as it was, escaped).
+pub fn safe_component(entry: &[u8]) -> String {
+    let mut s: String = entry
+        .iter()
+        .take(SAFE_LEN)
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                b as char
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.bytes().all(|b| b == b'.') {
+        s = "_".repeat(s.len().max(1));
+    }
+    s
+}
+
 /// The claimed name for `entry`; `stamp` makes it unique.
 pub fn claimed_name(entry: &str, stamp: &str) -> String {
     format!("{CLAIM_PREFIX}{stamp}.{entry}")
@@ -191,6 +217,23 @@ mod tests {
         ] {
             assert!(!is_dir_file(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn hostile_entries_get_short_printable_rejected_names() {
+        assert_eq!(safe_component(b"web.pem"), "web.pem");
+        assert_eq!(safe_component(b"mail.example.com"), "mail.example.com");
+        assert_eq!(
+            safe_component(b"x\nreason:   deployed\n.pem"),
+            "x_reason____deployed_.pem"
+        );
+        assert_eq!(safe_component(b"w\xffb/../c"), "w_b_.._c");
+        assert_eq!(safe_component(b".."), "__");
+        assert_eq!(safe_component(b""), "_");
+        let long = "a".repeat(244) + ".pem";
+        assert_eq!(safe_component(long.as_bytes()), "a".repeat(SAFE_LEN));
+        // A valid bundle name always fits whole.
+        assert!(63 + BUNDLE_SUFFIX.len() <= SAFE_LEN);
     }
 
     #[test]

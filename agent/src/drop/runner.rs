@@ -24,6 +24,7 @@ use super::settle::{Change, Due, Note, Tracker};
 use super::watch::{self, Observed, Watch};
 use super::{INCOMPLETE_LIMIT, fmt_limit};
 use crate::config::Config;
+use crate::model::fmt::{escape, fmt_duration, shown};
 
 /// The event loop's state.
 pub(super) struct Runner {
@@ -94,7 +95,7 @@ impl Runner {
                     }),
                     None => {
                         error!(
-                            drop_dir = %self.ctx.dirs.root().display(),
+                            drop_dir = %shown(self.ctx.dirs.root()),
                             "the drop directory watcher stopped: drops are not taken until the agent restarts"
                         );
                         break;
@@ -136,7 +137,7 @@ impl Runner {
         for observed in watch::changes(self.ctx.dirs.root(), &ev) {
             match observed {
                 Observed::Entry(entry, change) => {
-                    debug!(entry = %entry, change = ?change, "drop directory change");
+                    debug!(entry = %escape(entry.as_bytes()), change = ?change, "drop directory change");
                     if let Some(note) = self.tracker.observe(&entry, change, settle, now) {
                         self.note(note);
                     }
@@ -150,7 +151,7 @@ impl Runner {
                     self.scan(now);
                 }
                 Observed::RootGone => error!(
-                    drop_dir = %self.ctx.dirs.root().display(),
+                    drop_dir = %shown(self.ctx.dirs.root()),
                     "the drop directory was removed or moved away: drops are not taken until \
                      it is back and the agent restarts"
                 ),
@@ -163,14 +164,14 @@ impl Runner {
             Note::Superseded(entry) => {
                 let msg = format!(
                     "{} superseded: replaced by a newer drop before it was deployed; the newer one is taken",
-                    self.ctx.public(&entry).display()
+                    self.ctx.shown(&entry)
                 );
                 (entry, DropOutcome::Superseded, "superseded", msg)
             }
             Note::Withdrawn(entry) => {
                 let msg = format!(
                     "{} withdrawn: removed from the drop directory by someone else before the agent took it",
-                    self.ctx.public(&entry).display()
+                    self.ctx.shown(&entry)
                 );
                 (entry, DropOutcome::Withdrawn, "withdrawn", msg)
             }
@@ -196,7 +197,7 @@ impl Runner {
             Ok(e) => e,
             Err(e) => {
                 error!(
-                    drop_dir = %self.ctx.dirs.root().display(),
+                    drop_dir = %shown(self.ctx.dirs.root()),
                     "cannot list the drop directory: {e}"
                 );
                 return;
@@ -251,7 +252,7 @@ impl Runner {
             let newer = match &name {
                 Some(n) if public_names.contains(n) => Some(format!(
                     "a drop for \"{n}\" that arrived in {} while the agent was stopped",
-                    self.ctx.dirs.root().display()
+                    shown(self.ctx.dirs.root())
                 )),
                 Some(n) if newest_taken.contains(n) => {
                     Some(format!("a drop for \"{n}\" taken later"))
@@ -259,8 +260,9 @@ impl Runner {
                 _ => None,
             };
             info!(
-                drop = %self.ctx.public(&entry).display(),
-                "found a drop taken before the agent stopped ({c})"
+                drop = %self.ctx.shown(&entry),
+                "found a drop taken before the agent stopped ({})",
+                escape(c.as_bytes())
             );
             let job = match newer {
                 Some(by) => Job {
@@ -317,7 +319,7 @@ impl Runner {
                         let message = format!(
                             "{}/: waiting for the rest of the set ({detail}); it is rejected as \
                              incomplete if it stays unchanged for {}",
-                            self.ctx.public(&d.entry).display(),
+                            self.ctx.shown(&d.entry),
                             fmt_limit(INCOMPLETE_LIMIT)
                         );
                         self.ctx.emit(&info, &message);
@@ -339,7 +341,7 @@ impl Runner {
             if !self.take(&pick.take, Kind::Deploy { incomplete_expired }) {
                 continue;
             }
-            let by = self.ctx.public(&pick.take.entry).display().to_string();
+            let by = self.ctx.shown(&pick.take.entry);
             for older in pick.supersede {
                 self.take(&older, Kind::Supersede { by: by.clone() });
             }
@@ -379,6 +381,17 @@ impl Runner {
     /// could not be taken.
     fn take(&mut self, due: &Due, kind: Kind) -> bool {
         let entry = &due.entry;
+        if matches!(names::classify(entry.as_ref()), Some(Entry::Invalid)) {
+            // Not a drop name: rejected as it is, never claimed (a claimed
+            // name is longer, and a name near the filesystem's limit would
+            // not fit), never deployed.
+            self.tracker.taken(entry);
+            return self.spawn(Job {
+                entry: entry.clone(),
+                claimed: entry.clone(),
+                kind: Kind::InvalidName,
+            });
+        }
         match self.ctx.dirs.claim(entry) {
             Ok(claimed) => {
                 self.tracker.taken(entry);
@@ -395,6 +408,18 @@ impl Runner {
             Err(e) if e.errno == Errno::ENOENT => {
                 self.tracker.vanished(entry);
                 self.note(Note::Withdrawn(entry.clone()));
+                false
+            }
+            Err(e) if scan::is_transient(e.errno) => {
+                if let Some(wait) = self.tracker.retry(entry, Instant::now()) {
+                    warn!(
+                        drop = %self.ctx.shown(entry),
+                        "{} could not be taken: {e}; it stays in the drop directory and is \
+                         tried again in {}",
+                        self.ctx.shown(entry),
+                        fmt_duration(wait)
+                    );
+                }
                 false
             }
             Err(e) => {
@@ -414,7 +439,7 @@ impl Runner {
                 let message = format!(
                     "{} could not be taken: {e}; it stays in the drop directory and is tried \
                      again when it changes or the agent restarts",
-                    public.display()
+                    shown(&public)
                 );
                 self.ctx.emit(&info, &message);
                 false

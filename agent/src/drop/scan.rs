@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -216,10 +217,33 @@ impl Problem {
         }
     }
 
+    /// Whether trying again later may succeed: descriptors, memory or
+    /// space ran out, or an I/O error (not a problem of the drop).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Problem::Io { errno, .. } if is_transient(*errno))
+    }
+
     /// Whether waiting may fix it: a directory still being filled.
     pub fn may_settle(&self) -> bool {
         matches!(self, Problem::Empty { .. } | Problem::Changed { .. })
     }
+}
+
+/// Whether a failed read or change may succeed when tried again later: descriptors
+/// or memory exhausted, no space, an I/O error.
+pub fn is_transient(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EMFILE
+            | Errno::ENFILE
+            | Errno::ENOSPC
+            | Errno::EDQUOT
+            | Errno::EIO
+            | Errno::ENOMEM
+            | Errno::EAGAIN
+            | Errno::EINTR
+            | Errno::EBUSY
+    )
 }
 
 /// Why [`read`] returned no contents.
@@ -316,7 +340,7 @@ pub fn read(
     owners: &Owners,
     limits: &Limits,
 ) -> Result<Contents, ReadError> {
-    let shown_s = shown.display().to_string();
+    let shown_s = crate::model::fmt::shown(shown);
     let st = stat_nofollow(dir, name, &shown_s)?;
     match (expect, file_type(&st)) {
         (Expect::File, SFlag::S_IFREG) => {
@@ -358,7 +382,7 @@ fn read_dir(
     owners: &Owners,
     limits: &Limits,
 ) -> Result<Contents, ReadError> {
-    let shown_s = shown.display().to_string();
+    let shown_s = crate::model::fmt::shown(shown);
     let io = |errno| Problem::Io {
         shown: shown_s.clone(),
         errno,
@@ -370,10 +394,9 @@ fn read_dir(
         let raw = e.file_name();
         let Ok(name) = raw.to_str() else {
             return Err(Problem::UnexpectedFile {
-                shown: shown
-                    .join(raw.to_string_lossy().as_ref())
-                    .display()
-                    .to_string(),
+                shown: crate::model::fmt::shown(
+                    &shown.join(std::ffi::OsStr::from_bytes(raw.to_bytes())),
+                ),
             }
             .into());
         };
@@ -393,7 +416,7 @@ fn read_dir(
     let mut files = Vec::with_capacity(names.len());
     let mut total = 0u64;
     for name in &names {
-        let file_shown = shown.join(name).display().to_string();
+        let file_shown = crate::model::fmt::shown(&shown.join(name));
         let st = match stat_nofollow(d.as_fd(), name, &file_shown) {
             Ok(st) => st,
             // Removed while we listed: the directory is still changing.

