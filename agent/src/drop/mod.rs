@@ -128,6 +128,8 @@ impl Prepared {
             self.dirs.root().to_owned(),
             self.dirs.rejected_path().to_owned(),
         );
+        shared.drops.set_watching(true);
+        shared.engine.metrics().drop_dir_watching(true);
         let runner = runner::Runner::new(Arc::new(job::Ctx::new(shared, self.dirs)));
         tokio::spawn(runner.run(self.watch, self.events, shutdown));
     }

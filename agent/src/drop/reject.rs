@@ -108,6 +108,34 @@ impl Dirs {
         })
     }
 
+    /// The drop directory as it is at its path now (after it was replaced
+    /// or recreated), with the same `rejected/`. Never creates it.
+    pub fn reopen(&self) -> Result<Self, MoveError> {
+        let drop = scan::open_root(&self.root).map_err(err("open", &self.root))?;
+        let rejected = self
+            .rejected
+            .try_clone()
+            .map_err(|e| io_err("open", &self.rejected_path, &e))?;
+        Ok(Dirs {
+            drop,
+            root: self.root.clone(),
+            rejected,
+            rejected_path: self.rejected_path.clone(),
+        })
+    }
+
+    /// Whether the drop directory's path still leads to the directory
+    /// that is open (false once it was removed, moved away or replaced).
+    pub fn root_is_current(&self) -> bool {
+        match (
+            nix::sys::stat::stat(&self.root),
+            nix::sys::stat::fstat(&self.drop),
+        ) {
+            (Ok(now), Ok(open)) => now.st_dev == open.st_dev && now.st_ino == open.st_ino,
+            _ => false,
+        }
+    }
+
     /// The drop directory's descriptor, for reading.
     pub fn drop_fd(&self) -> BorrowedFd<'_> {
         self.drop.as_fd()

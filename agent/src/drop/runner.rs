@@ -33,6 +33,23 @@ pub(super) struct Runner {
     queue: Queue,
     done_tx: mpsc::UnboundedSender<Option<String>>,
     done_rx: mpsc::UnboundedReceiver<Option<String>>,
+    /// Look whether the drop directory is still the one watched.
+    check_root: bool,
+}
+
+/// How often the loop checks that the drop directory's path still leads
+/// to the directory it watches, and, while it does not, tries to watch
+/// the one there.
+const ROOT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The next watcher event; never, while nothing is watched.
+async fn next_event(
+    watching: &mut Option<(Watch, mpsc::Receiver<notify::Result<notify::Event>>)>,
+) -> Option<notify::Result<notify::Event>> {
+    match watching {
+        Some((_, events)) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Runner {
@@ -44,6 +61,7 @@ impl Runner {
             queue: Queue::default(),
             done_tx,
             done_rx,
+            check_root: false,
         }
     }
 
@@ -51,9 +69,13 @@ impl Runner {
     pub async fn run(
         mut self,
         watch: Watch,
-        mut events: mpsc::Receiver<notify::Result<notify::Event>>,
+        events: mpsc::Receiver<notify::Result<notify::Event>>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
+        // `None` while the drop directory is not watched (gone, replaced).
+        let mut watching = Some((watch, events));
+        let mut check = tokio::time::interval(ROOT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         off_worker(|| {
             self.recover();
             self.scan(Instant::now());
@@ -62,7 +84,12 @@ impl Runner {
             if *shutdown.borrow() {
                 break;
             }
-            off_worker(|| self.dispatch(Instant::now()));
+            if std::mem::take(&mut self.check_root) {
+                off_worker(|| self.check_root(&mut watching));
+            }
+            if watching.is_some() {
+                off_worker(|| self.dispatch(Instant::now()));
+            }
             self.ctx.shared.drops.set_pending(self.tracker.pending());
             let queue = &self.queue;
             let deadline = self.tracker.next_deadline(|e| blocked(queue, e));
@@ -85,27 +112,89 @@ impl Runner {
                         self.finished(done);
                     }
                 }
-                ev = events.recv() => match ev {
+                ev = next_event(&mut watching) => match ev {
                     Some(ev) => off_worker(|| {
                         self.event(ev);
                         // Take in everything queued before deciding anything.
-                        while let Ok(ev) = events.try_recv() {
-                            self.event(ev);
+                        if let Some((_, events)) = watching.as_mut() {
+                            while let Ok(ev) = events.try_recv() {
+                                self.event(ev);
+                            }
                         }
                     }),
                     None => {
                         error!(
                             drop_dir = %shown(self.ctx.dirs.root()),
-                            "the drop directory watcher stopped: drops are not taken until the agent restarts"
+                            "the drop directory watcher stopped: not watching the drop directory; \
+                             trying to watch it again every {}",
+                            fmt_duration(ROOT_CHECK)
                         );
-                        break;
+                        watching = None;
+                        self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+                        self.set_watching(false);
                     }
                 },
+                _ = check.tick() => self.check_root = true,
                 () = sleep => {}
             }
         }
-        drop(watch);
+        drop(watching);
         debug!("drop directory watcher stopped");
+    }
+
+    fn set_watching(&self, on: bool) {
+        self.ctx.shared.drops.set_watching(on);
+        self.ctx.shared.engine.metrics().drop_dir_watching(on);
+    }
+
+    /// Whether the drop directory's path still leads to the directory
+    /// watched; when not (removed, moved away, replaced by another), stops
+    /// watching the old one, and watches the one now at the path as soon
+    /// as there is one, taking what it holds as at start.
+    fn check_root(
+        &mut self,
+        watching: &mut Option<(Watch, mpsc::Receiver<notify::Result<notify::Event>>)>,
+    ) {
+        let root = self.ctx.dirs.root().to_owned();
+        if watching.is_some() {
+            if self.ctx.dirs.root_is_current() {
+                return;
+            }
+            error!(
+                drop_dir = %shown(&root),
+                "the drop directory was removed, moved away or replaced: not watching it; drops \
+                 are not taken until a directory is at {} again (checked every {})",
+                shown(&root),
+                fmt_duration(ROOT_CHECK)
+            );
+            *watching = None;
+            // What was seen is of the old directory.
+            self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+            self.set_watching(false);
+        }
+        let dirs = match self.ctx.dirs.reopen() {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(drop_dir = %shown(&root), "drop directory not back yet: {e}");
+                return;
+            }
+        };
+        match watch::start(&root) {
+            Ok(w) => {
+                // Jobs in flight keep the old context: their drops are in
+                // the old directory, wherever it went.
+                self.ctx = Arc::new(Ctx::new(self.ctx.shared.clone(), dirs));
+                self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+                *watching = Some(w);
+                self.set_watching(true);
+                info!(drop_dir = %shown(&root), "watching the drop directory again");
+                self.recover();
+                self.scan(Instant::now());
+            }
+            Err(e) => {
+                warn!(drop_dir = %shown(&root), "cannot watch the drop directory yet: {e}");
+            }
+        }
     }
 
     fn finished(&mut self, slot: Option<String>) {
@@ -150,11 +239,7 @@ impl Runner {
                     self.tracker.lost_events();
                     self.scan(now);
                 }
-                Observed::RootGone => error!(
-                    drop_dir = %shown(self.ctx.dirs.root()),
-                    "the drop directory was removed or moved away: drops are not taken until \
-                     it is back and the agent restarts"
-                ),
+                Observed::RootGone => self.check_root = true,
             }
         }
     }

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 
 use crate::support::assert::{arg, snapshot};
 use crate::support::drop::{
-    Watcher, drop_entries, logged_finals, rejected, rename_in, vm_hwm_kib, wait_idle,
+    DROP_TIMEOUT, Watcher, drop_entries, logged_finals, rejected, rename_in, vm_hwm_kib, wait_idle,
     wait_idle_for, write_slowly,
 };
 use crate::support::pki::{self, Ca, Leaf};
@@ -773,4 +773,65 @@ fn a_drop_that_cannot_be_moved_stays_in_the_drop_directory_until_a_restart() {
     let rejected = rejected(&env);
     assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
     assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+}
+
+// === the drop directory itself ===
+
+/// Polls `certctl --json status` until `drop_dir_watching` is `on`.
+fn wait_watching(env: &TestEnv, agent: &AgentProc, on: bool) -> serde_json::Value {
+    let deadline = Instant::now() + DROP_TIMEOUT;
+    loop {
+        let status = env.ctl(&["--json", "status"]).json();
+        if status["agent"]["drop_dir_watching"] == on {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drop_dir_watching never {on}: {}\n{}",
+            status["agent"],
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_replaced_drop_directory_is_watched_again_and_its_drops_deployed() {
+    let (env, dir) = app_env();
+    let agent = env.spawn_agent();
+    wait_watching(&env, &agent, true);
+    let drop_dir = env.drop_dir();
+    let old = drop_dir.with_extension("old");
+
+    // Moved away: not watching, and status, metrics and the human status
+    // say so.
+    std::fs::rename(&drop_dir, &old).unwrap();
+    wait_watching(&env, &agent, false);
+    let prom = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        prom.stdout.contains("certctl_drop_dir_watching 0"),
+        "{prom}"
+    );
+    let human = env.ctl(&["status"]);
+    assert!(human.stdout.contains("drops: NOT WATCHING"), "{human}");
+
+    // A new directory at the path: watched again by itself, and a drop
+    // renamed into it is deployed.
+    std::fs::create_dir(&drop_dir).unwrap();
+    wait_watching(&env, &agent, true);
+    let prom = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        prom.stdout.contains("certctl_drop_dir_watching 1"),
+        "{prom}"
+    );
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "app.pem", leaf.bundle_pem());
+    let status = wait_idle(&env, &agent);
+    assert_eq!(cert_of(&dir), leaf.fullchain_pem());
+    assert_eq!(last_drop(&status, "app")["outcome"], "removed", "{status}");
+    // Nothing dropped into the old directory is taken any more.
+    std::fs::write(old.join("app.pem"), leaf.bundle_pem()).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(old.join("app.pem").exists());
+    assert!(agent.log().contains("watching the drop directory again"));
 }
