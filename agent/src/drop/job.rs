@@ -617,6 +617,11 @@ async fn reject(
                 );
                 info.rejected_path = Some(moved.path);
                 ctx.emit(&info, &message);
+                let ctx2 = ctx.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    super::prune(&ctx2.dirs, &ctx2.shared.config());
+                })
+                .await;
                 return;
             }
             Err(e) if scan::is_transient(e.errno) => {
@@ -684,7 +689,9 @@ fn remedy_for(code: &str) -> String {
         ),
         "unknown_target" | "invalid_name" | "not_a_drop" | "symlink" | "not_regular"
         | "too_large" | "too_many_files" | "subdirectory" | "unexpected_file" | "owner"
-        | "unreadable" => "follow the problem line above, then drop it again".to_owned(),
+        | "hard_link" | "unreadable" => {
+            "follow the problem line above, then drop it again".to_owned()
+        }
         _ => "drop a corrected certificate set: the problem line says what is wrong".to_owned(),
     }
 }

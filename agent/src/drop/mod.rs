@@ -104,6 +104,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
             crate::model::fmt::shown(&dirs.rejected_path().join(orphan))
         );
     }
+    prune(&dirs, config);
     let (watch, events) = watch::start(root).map_err(|source| StartError::Watch {
         path: root.clone(),
         source,
@@ -132,6 +133,29 @@ impl Prepared {
         shared.engine.metrics().drop_dir_watching(true);
         let runner = runner::Runner::new(Arc::new(job::Ctx::new(shared, self.dirs)));
         tokio::spawn(runner.run(self.watch, self.events, shutdown));
+    }
+}
+
+/// Applies `agent.rejected_keep` and `agent.rejected_max_age` to
+/// `rejected/` (at start and after each rejection), logging what goes.
+fn prune(dirs: &reject::Dirs, config: &Config) {
+    let agent = &config.agent;
+    match dirs.prune(
+        agent.rejected_keep as usize,
+        agent.rejected_max_age,
+        std::time::SystemTime::now(),
+    ) {
+        Ok(removed) => {
+            for name in removed {
+                tracing::info!(
+                    "pruned {} and its reason (agent.rejected_keep = {}, agent.rejected_max_age = {})",
+                    crate::model::fmt::shown(&dirs.rejected_path().join(name)),
+                    agent.rejected_keep,
+                    humantime::format_duration(agent.rejected_max_age)
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot prune rejected drops: {e}"),
     }
 }
 

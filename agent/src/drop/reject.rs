@@ -271,6 +271,45 @@ impl Dirs {
         })
     }
 
+    /// Prunes `rejected/`: drops (with their reason files) whose stamp is
+    /// older than `max_age` before `now`, and beyond the newest `keep`,
+    /// oldest first. A drop is removed before its reason file, so a stop
+    /// in between leaves an orphan reason ([`Self::tidy_rejected`]), never
+    /// a drop without its reason. Entries without the agent's stamp are
+    /// left alone. Returns the names removed, or the first error.
+    pub fn prune(
+        &self,
+        keep: usize,
+        max_age: std::time::Duration,
+        now: SystemTime,
+    ) -> Result<Vec<String>, MoveError> {
+        let rejected = self.rejected.as_fd();
+        let entries = scan::list(rejected).map_err(err("list", &self.rejected_path))?;
+        let mut drops: Vec<(SystemTime, String)> = entries
+            .iter()
+            .filter(|e| !e.ends_with(".reason"))
+            .filter_map(|e| Some((parse_stamp(e)?, e.clone())))
+            .collect();
+        // Newest first; names start with the stamp, so ties sort by name.
+        drops.sort_by(|a, b| b.cmp(a));
+        let cutoff = now.checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = Vec::new();
+        for (i, (at, name)) in drops.iter().enumerate().rev() {
+            if i < keep && *at >= cutoff {
+                continue;
+            }
+            let path = self.rejected_path.join(name);
+            remove_at(rejected, name, &path)?;
+            let reason = format!("{name}.reason");
+            remove_at(rejected, &reason, &self.rejected_path.join(&reason))?;
+            removed.push(name.clone());
+        }
+        if !removed.is_empty() {
+            nix::unistd::fsync(rejected).map_err(err("fsync", &self.rejected_path))?;
+        }
+        Ok(removed)
+    }
+
     /// Removes reason files whose drop is not beside them: what a crash
     /// between writing the reason and moving the drop leaves (the drop
     /// itself was still in the drop directory and is handled again).
@@ -296,6 +335,29 @@ impl Dirs {
         }
         removed
     }
+}
+
+/// The time in a `rejected/` name `<stamp>-…` ([`file_stamp`]), or `None`
+/// when the name does not start with one.
+fn parse_stamp(name: &str) -> Option<SystemTime> {
+    let s = name.get(..20)?;
+    if name.as_bytes().get(20) != Some(&b'-') {
+        return None;
+    }
+    let b = s.as_bytes();
+    if b[8] != b'T' || b[15] != b'.' || b[19] != b'Z' {
+        return None;
+    }
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..19]
+    );
+    humantime::parse_rfc3339(&text).ok()
 }
 
 fn make_private_dir(path: &Path) -> Result<(), MoveError> {
@@ -707,6 +769,60 @@ mod tests {
         let left = f.names(f.dirs.rejected_path());
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(moved.reason_path.exists() && moved.path.exists());
+    }
+
+    #[test]
+    fn stamps_in_rejected_names_parse_back() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_032);
+        assert_eq!(parse_stamp(&format!("{}-web.pem", file_stamp(t))), Some(t));
+        assert_eq!(
+            parse_stamp(&format!("{}-2-web.pem", file_stamp(t))),
+            Some(t)
+        );
+        for bad in [
+            "web.pem",
+            "20261118T110640.032Zweb",
+            "x0261118T110640.032Z-a",
+            "",
+        ] {
+            assert_eq!(parse_stamp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_within_the_age_and_never_a_drop_without_reason() {
+        let f = Fixture::new();
+        let day = std::time::Duration::from_secs(86400);
+        let now = SystemTime::UNIX_EPOCH + 1000 * day;
+        // Five drops, one a day, the newest today.
+        for age in 0..5u32 {
+            let name = format!("d{age}.pem");
+            std::fs::write(f.root.path().join(&name), b"x").unwrap();
+            let claimed = f.dirs.claim(&name).unwrap();
+            f.dirs
+                .move_aside(&claimed, &name, now - age * day, |_| "r\n".to_owned())
+                .unwrap();
+        }
+        std::fs::write(f.dirs.rejected_path().join("notes.txt"), b"mine").unwrap();
+        // Older than 3.5 days: d4; beyond the newest 3: d3 too.
+        let mut removed = f.dirs.prune(3, day * 7 / 2, now).unwrap();
+        removed.sort();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        // Oldest first in time, so in name.
+        assert!(removed[0].ends_with("-d4.pem") && removed[1].ends_with("-d3.pem"));
+        let left = f.names(f.dirs.rejected_path());
+        assert_eq!(left.len(), 7, "{left:?}");
+        assert!(left.contains(&"notes.txt".to_owned()));
+        for d in ["d0", "d1", "d2"] {
+            assert_eq!(
+                left.iter()
+                    .filter(|n| n.contains(&format!("-{d}.pem")))
+                    .count(),
+                2
+            );
+        }
+        assert!(f.dirs.prune(3, day * 7 / 2, now).unwrap().is_empty());
+        assert_eq!(f.dirs.prune(1, day * 100, now).unwrap().len(), 2);
     }
 
     #[test]

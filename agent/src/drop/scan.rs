@@ -145,6 +145,12 @@ pub enum Problem {
          drop the file itself (e.g. cp -L, or install -m 0600 SRC DEST)"
     )]
     Symlink { shown: String },
+    #[error(
+        "{shown} has {links} hard links: it may be another file's name (someone else's file, \
+         linked in), so it is not read; drop a file of its own (copy it, e.g. install -m 0600 \
+         SRC DEST, or cat it into a temp file and rename that in)"
+    )]
+    HardLinked { shown: String, links: u64 },
     #[error("{shown} is a {kind}, not a regular file: drop plain files only")]
     NotRegular { shown: String, kind: &'static str },
     #[error(
@@ -207,6 +213,7 @@ impl Problem {
             Problem::NotADrop { .. } => "not_a_drop",
             Problem::Symlink { .. } => "symlink",
             Problem::NotRegular { .. } => "not_regular",
+            Problem::HardLinked { .. } => "hard_link",
             Problem::TooLarge { .. } => "too_large",
             Problem::TooManyFiles { .. } => "too_many_files",
             Problem::Subdirectory { .. } => "subdirectory",
@@ -344,6 +351,7 @@ pub fn read(
     let st = stat_nofollow(dir, name, &shown_s)?;
     match (expect, file_type(&st)) {
         (Expect::File, SFlag::S_IFREG) => {
+            check_links(&st, &shown_s)?;
             let fd = open_checked(dir, name, &st, &shown_s, false)?;
             check_owner(&st, owners, &shown_s)?;
             let bytes = read_file(fd, &st, &shown_s, limits.max_file_bytes)?;
@@ -438,6 +446,7 @@ fn read_dir(
         if !names::is_dir_file(name) {
             return Err(Problem::UnexpectedFile { shown: file_shown }.into());
         }
+        check_links(&st, &file_shown)?;
         check_owner(&st, owners, &file_shown)?;
         let fd = open_checked(d.as_fd(), name, &st, &file_shown, false)?;
         let left = limits.max_drop_bytes.saturating_sub(total);
@@ -530,6 +539,20 @@ fn open_checked(
         .into());
     }
     Ok(fd)
+}
+
+/// A regular file with more than one name may be someone else's file
+/// linked into the drop directory: never read.
+fn check_links(st: &FileStat, shown: &str) -> Result<(), Problem> {
+    if st.st_nlink > 1 {
+        return Err(Problem::HardLinked {
+            shown: shown.to_owned(),
+            // nlink_t is u32 on some architectures.
+            #[allow(clippy::unnecessary_cast)]
+            links: st.st_nlink as u64,
+        });
+    }
+    Ok(())
 }
 
 fn check_owner(st: &FileStat, owners: &Owners, shown: &str) -> Result<(), Problem> {

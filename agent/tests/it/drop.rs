@@ -835,3 +835,67 @@ fn a_replaced_drop_directory_is_watched_again_and_its_drops_deployed() {
     assert!(old.join("app.pem").exists());
     assert!(agent.log().contains("watching the drop directory again"));
 }
+
+// === retention and hard links ===
+
+#[test]
+fn rejected_drops_are_pruned_oldest_first_beyond_the_count_and_the_age() {
+    let mut env = TestEnv::new();
+    env.agent_option("settle", SETTLE);
+    env.agent_option("rejected_keep", "3");
+    env.agent_option("rejected_max_age", "\"2d\"");
+    env.file_target("app", "");
+    // Left by an earlier run: one drop older than the age, one recent.
+    let rejected_dir = env.state_dir().join("rejected");
+    std::fs::create_dir_all(&rejected_dir).unwrap();
+    for name in [
+        "20200101T000000.000Z-old.pem",
+        "29990101T000000.000Z-future.pem",
+    ] {
+        std::fs::write(rejected_dir.join(name), b"x").unwrap();
+        std::fs::write(rejected_dir.join(format!("{name}.reason")), b"r").unwrap();
+    }
+    let agent = env.spawn_agent();
+    // At start: the old one is gone by age.
+    let names = |env: &TestEnv| -> Vec<String> {
+        let mut v: Vec<String> = rejected(env)
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&env), ["29990101T000000.000Z-future.pem"]);
+    // Four rejections: the newest three are kept with their reasons (the
+    // one stamped in the future sorts newest and stays too).
+    for i in 0..4 {
+        rename_in(&env, &format!("junk{i}.pem"), b"junk");
+        wait_idle(&env, &agent);
+    }
+    let left = names(&env);
+    assert_eq!(left.len(), 3, "{left:?}\n{}", agent.log());
+    assert!(left.iter().any(|n| n.ends_with("-junk3.pem")), "{left:?}");
+    assert!(left.iter().any(|n| n.ends_with("-junk2.pem")), "{left:?}");
+    assert!(!left.iter().any(|n| n.ends_with("-junk0.pem")), "{left:?}");
+    // No reason file without its drop.
+    let all = std::fs::read_dir(&rejected_dir).unwrap().count();
+    assert_eq!(all, 6, "{left:?}");
+    assert!(agent.log().contains("pruned "), "{}", agent.log());
+}
+
+#[test]
+fn a_hard_linked_drop_is_rejected_unread() {
+    let leaf = pki::issue_cert(&["app.test"]);
+    let (env, _, _) = assert_rejected(
+        |env| {
+            // A file with another name (someone else's, linked in).
+            let other = env.drop_dir().join(".theirs.tmp");
+            std::fs::write(&other, leaf.bundle_pem()).unwrap();
+            std::fs::hard_link(&other, env.drop_dir().join("app.pem")).unwrap();
+        },
+        "hard_link",
+        "has 2 hard links",
+    );
+    // The other name is left alone.
+    assert!(env.drop_dir().join(".theirs.tmp").exists());
+}
