@@ -31,8 +31,12 @@ pub(super) struct Runner {
     ctx: Arc<Ctx>,
     tracker: Tracker,
     queue: Queue,
-    done_tx: mpsc::UnboundedSender<Option<String>>,
-    done_rx: mpsc::UnboundedReceiver<Option<String>>,
+    /// A job's end: the drop name slot it held, and its claimed name.
+    done_tx: mpsc::UnboundedSender<(Option<String>, String)>,
+    done_rx: mpsc::UnboundedReceiver<(Option<String>, String)>,
+    /// Claimed names of the jobs running: a directory watched again (the
+    /// old one moved back) does not take them a second time.
+    running: std::collections::HashSet<String>,
     /// Look whether the drop directory is still the one watched.
     check_root: bool,
 }
@@ -62,6 +66,7 @@ impl Runner {
             done_tx,
             done_rx,
             check_root: false,
+            running: std::collections::HashSet::new(),
         }
     }
 
@@ -197,7 +202,8 @@ impl Runner {
         }
     }
 
-    fn finished(&mut self, slot: Option<String>) {
+    fn finished(&mut self, (slot, claimed): (Option<String>, String)) {
+        self.running.remove(&claimed);
         if let Some(name) = slot {
             self.queue.finish(&name);
         }
@@ -313,6 +319,7 @@ impl Runner {
         };
         let mut claimed: Vec<(u128, u64, String, String)> = entries
             .iter()
+            .filter(|c| !self.running.contains(*c))
             .filter_map(|c| {
                 let entry = names::unclaimed_entry(c)?;
                 let stamp = c.strip_prefix(names::CLAIM_PREFIX)?.split_once('.')?.0;
@@ -544,12 +551,13 @@ impl Runner {
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         ctx.shared.drops.job_started();
+        self.running.insert(job.claimed.clone());
         tokio::spawn(async move {
             let _guard = guard;
             let slot = job.slot();
             job::run(&ctx, &job).await;
             ctx.shared.drops.job_ended();
-            let _ = done.send(slot);
+            let _ = done.send((slot, job.claimed));
         });
         true
     }

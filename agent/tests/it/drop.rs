@@ -899,3 +899,31 @@ fn a_hard_linked_drop_is_rejected_unread() {
     // The other name is left alone.
     assert!(env.drop_dir().join(".theirs.tmp").exists());
 }
+
+#[test]
+fn a_drop_directory_moved_away_and_back_mid_deploy_deploys_its_drop_once() {
+    let mut env = TestEnv::new();
+    env.agent_option("settle", SETTLE);
+    // A slow reload keeps the deploy in flight while the directory moves.
+    let dir = env.file_target("app", "reload = [\"sleep\", \"2\"]\n");
+    let agent = env.spawn_agent();
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "app.pem", leaf.bundle_pem());
+    agent.wait_for_log("renamed into place", Duration::from_secs(30));
+    let drop_dir = env.drop_dir();
+    let away = drop_dir.with_extension("away");
+    std::fs::rename(&drop_dir, &away).unwrap();
+    wait_watching(&env, &agent, false);
+    std::fs::rename(&away, &drop_dir).unwrap();
+    wait_watching(&env, &agent, true);
+
+    wait_idle(&env, &agent);
+    let finals = w.wait_finals("app", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let finals_now = w.finals("app");
+    assert_eq!(finals_now.len(), 1, "{finals:#?}\n{finals_now:#?}");
+    assert_eq!(finals_now[0]["drop"]["outcome"], "removed");
+    assert_eq!(w.deploys("app").len(), 1, "{:#?}", w.deploys("app"));
+    assert_eq!(cert_of(&dir), leaf.fullchain_pem());
+}
