@@ -249,4 +249,85 @@ mod tests {
         assert_eq!(unclaimed_entry(".certctl-claimed.123"), None);
         assert_eq!(unclaimed_entry("web.pem"), None);
     }
+
+    mod props {
+        use std::os::unix::ffi::OsStrExt;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::model::fmt::escape;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Whatever the bytes, classifying never panics, and a drop
+            /// name it gives is valid and is the entry (less `.pem`).
+            #[test]
+            fn any_entry_classifies_to_a_valid_name_or_none(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+                match classify(OsStr::from_bytes(&raw)) {
+                    Some(Entry::Bundle { name }) => {
+                        prop_assert!(valid_name(&name));
+                        let entry = format!("{name}{BUNDLE_SUFFIX}");
+                        prop_assert_eq!(entry.as_bytes(), &raw[..]);
+                    }
+                    Some(Entry::Directory { name }) => {
+                        prop_assert!(valid_name(&name));
+                        prop_assert_eq!(name.as_bytes(), &raw[..]);
+                    }
+                    Some(Entry::Invalid) | None => {}
+                }
+                let safe = safe_component(&raw);
+                prop_assert!(!safe.is_empty() && safe.len() <= SAFE_LEN);
+                prop_assert!(safe.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+                prop_assert!(safe != "." && safe != "..");
+                let shown = escape(&raw);
+                prop_assert!(!shown.chars().any(char::is_control), "{:?}", shown);
+            }
+
+            /// Every valid drop name is taken as a bundle and as a
+            /// directory unless a writer's temp-file pattern covers it.
+            #[test]
+            fn valid_names_are_drops(name in "[a-z0-9][a-z0-9._-]{0,62}") {
+                prop_assert!(valid_name(&name));
+                let bundle = format!("{name}{BUNDLE_SUFFIX}");
+                prop_assert_eq!(classify(OsStr::new(&bundle)), Some(Entry::Bundle { name: name.clone() }));
+                let dir = classify(OsStr::new(&name));
+                if is_ignored(&name) {
+                    prop_assert_eq!(dir, None);
+                } else if let Some(stem) = name.strip_suffix(BUNDLE_SUFFIX).filter(|s| valid_name(s)) {
+                    prop_assert_eq!(dir, Some(Entry::Bundle { name: stem.to_owned() }));
+                } else {
+                    prop_assert_eq!(dir, Some(Entry::Directory { name: name.clone() }));
+                }
+                prop_assert_eq!(safe_component(bundle.as_bytes()), bundle.clone());
+                let claimed = claimed_name(&bundle, "1795358979035-7");
+                prop_assert!(is_ignored(&claimed));
+                prop_assert_eq!(unclaimed_entry(&claimed), Some(bundle.as_str()));
+            }
+
+            /// Too long, upper case or a character outside the rule:
+            /// never a drop name.
+            #[test]
+            fn names_breaking_the_rule_are_invalid(
+                name in "[a-z0-9][a-z0-9._-]{0,62}",
+                bad in "[A-Z \n\t\x0b\x1b/\\:;'\"$`|&<>*?]",
+                at in 0usize..64,
+            ) {
+                let at = at.min(name.len());
+                let broken = format!("{}{bad}{}", &name[..at], &name[at..]);
+                prop_assert!(!valid_name(&broken));
+                let long = format!("{name}{}", "a".repeat(64 - name.len().min(63)));
+                prop_assert!(long.len() > 63 && !valid_name(&long));
+            }
+        }
+    }
 }
