@@ -927,3 +927,65 @@ fn a_drop_directory_moved_away_and_back_mid_deploy_deploys_its_drop_once() {
     assert_eq!(w.deploys("app").len(), 1, "{:#?}", w.deploys("app"));
     assert_eq!(cert_of(&dir), leaf.fullchain_pem());
 }
+
+/// Sets the agent's soft limit of open files (`prlimit`), or `None` when
+/// `prlimit` is not there.
+fn set_nofile(pid: u32, soft: usize) -> Option<()> {
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "prlimit: {out:?}");
+    Some(())
+}
+
+#[test]
+fn descriptors_running_out_while_rejecting_delay_the_move_and_lose_nothing() {
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let pid = agent.pid();
+    // Let the start-up check's connection close first.
+    std::thread::sleep(Duration::from_millis(300));
+    // The lowest free descriptor number becomes the limit: no open succeeds.
+    let fds: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !fds.contains(n)).unwrap();
+    if set_nofile(pid, lowest_free).is_none() {
+        eprintln!("SKIPPED: no prlimit");
+        return;
+    }
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    agent.wait_for_log("and the move is tried again in", Duration::from_secs(30));
+    // Where the log says: still in the drop directory, taken, and nothing
+    // in rejected/ (no drop without its reason).
+    let left = drop_entries(&env);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".certctl-claimed."), "{left:?}");
+    assert!(agent.log().contains(&format!(
+        "stays in the drop directory as {}",
+        arg(&env.drop_dir().join(&left[0]))
+    )));
+    assert_eq!(
+        std::fs::read_dir(env.state_dir().join("rejected"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(
+        agent.log().contains("Too many open files"),
+        "{}",
+        agent.log()
+    );
+
+    // Descriptors back: the retry moves it aside with its reason.
+    set_nofile(pid, 1024).unwrap();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+    assert_eq!(logged_finals(&agent).get("failed"), None, "{}", agent.log());
+}
