@@ -227,7 +227,10 @@ impl Dirs {
         // 2. The drop next to it.
         let renamed = crate::failpoint::drop_op("move")
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-            .and_then(|()| renameat(dir, claimed, rejected, name.as_str()));
+            .and_then(|()| {
+                let on_disk = on_disk_name(dir, claimed);
+                renameat(dir, on_disk.as_os_str(), rejected, name.as_str())
+            });
         match renamed {
             Ok(()) => {}
             Err(Errno::EXDEV) => {
@@ -335,6 +338,32 @@ impl Dirs {
         }
         removed
     }
+}
+
+/// The name on disk of the entry listed (lossily, as UTF-8) as `listed`:
+/// an entry whose name is not UTF-8 is known by its lossy form, and moved
+/// aside by its real name, the first whose lossy form is `listed`.
+fn on_disk_name(dir: BorrowedFd<'_>, listed: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    if !listed.contains('\u{fffd}') || exists(dir, listed) {
+        return listed.into();
+    }
+    let found = openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(Dir::from_fd)
+    .ok()
+    .and_then(|mut d| {
+        d.iter().filter_map(Result::ok).find_map(|e| {
+            let raw = e.file_name().to_bytes();
+            (String::from_utf8_lossy(raw) == listed)
+                .then(|| std::ffi::OsStr::from_bytes(raw).to_owned())
+        })
+    });
+    found.unwrap_or_else(|| listed.into())
 }
 
 /// The time in a `rejected/` name `<stamp>-…` ([`file_stamp`]), or `None`
@@ -741,6 +770,27 @@ mod tests {
             );
         }
         assert!(f.names(f.root.path()).is_empty());
+    }
+
+    #[test]
+    fn an_entry_whose_name_is_not_utf8_is_moved_by_its_real_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let f = Fixture::new();
+        let raw = std::ffi::OsStr::from_bytes(b"w\xffb.pem");
+        std::fs::write(f.root.path().join(raw), b"x").unwrap();
+        let listed = scan::list(f.dirs.drop_fd()).unwrap();
+        assert_eq!(listed, ["w\u{fffd}b.pem"]);
+        let moved = f
+            .dirs
+            .move_aside(&listed[0], &listed[0], SystemTime::UNIX_EPOCH, |_| {
+                "r\n".to_owned()
+            })
+            .unwrap();
+        assert!(f.names(f.root.path()).is_empty());
+        assert!(
+            moved.path.ends_with("19700101T000000.000Z-w___b.pem"),
+            "{moved:?}"
+        );
     }
 
     #[test]

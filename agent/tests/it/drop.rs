@@ -989,3 +989,28 @@ fn descriptors_running_out_while_rejecting_delay_the_move_and_lose_nothing() {
     assert!(rejected[0].1.contains("reason:   unknown_target\n"));
     assert_eq!(logged_finals(&agent).get("failed"), None, "{}", agent.log());
 }
+
+#[test]
+fn a_name_that_is_not_utf8_is_rejected_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let tmp = env.drop_dir().join(".raw.tmp");
+    std::fs::write(&tmp, b"junk").unwrap();
+    std::fs::rename(
+        &tmp,
+        env.drop_dir()
+            .join(std::ffi::OsStr::from_bytes(b"caf\xe9\n.pem")),
+    )
+    .unwrap();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(
+        rejected[0].1.contains("reason:   invalid_name\n"),
+        "{}",
+        rejected[0].1
+    );
+    assert_eq!(logged_finals(&agent).get("rejected"), Some(&1));
+    assert_no_forged_log_line(&agent);
+}
