@@ -239,7 +239,10 @@ async fn read_and_check(
         }
     })
     .await
-    .unwrap_or_else(|e| Checked::Transient(format!("reading the drop failed: {e}")))
+    .unwrap_or_else(|e| Checked::Rejected {
+        code: "unreadable".to_owned(),
+        problem: format!("reading the drop failed: {e}"),
+    })
 }
 
 /// Reason code and problem line of a drop that could not be read. A
