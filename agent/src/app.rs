@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
@@ -137,6 +137,10 @@ pub struct Ledger {
     in_flight: AtomicUsize,
     /// The drop directory and `rejected/` the agent started with.
     dirs: OnceLock<(PathBuf, PathBuf)>,
+    /// Whether the drop directory is watched now.
+    watching: AtomicBool,
+    /// Notified when `watching` changes (the systemd status line).
+    pub watching_changed: tokio::sync::Notify,
 }
 
 impl Ledger {
@@ -163,6 +167,18 @@ impl Ledger {
 
     pub fn set_dirs(&self, drop_dir: PathBuf, rejected: PathBuf) {
         let _ = self.dirs.set((drop_dir, rejected));
+    }
+
+    /// Whether the drop directory is watched now (false before start, and
+    /// while it is gone or replaced and not watched again yet).
+    pub fn watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    pub fn set_watching(&self, watching: bool) {
+        if self.watching.swap(watching, Ordering::Relaxed) != watching {
+            self.watching_changed.notify_one();
+        }
     }
 
     pub fn set_pending(&self, n: usize) {

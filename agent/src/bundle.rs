@@ -2088,4 +2088,105 @@ PLR1NGTitwEHbwA=
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
     }
+
+    /// Property tests with a fixed case budget: any input is an error with
+    /// a reason (never a panic, never key material in the message), and a
+    /// valid set is found whatever the order and split of its blocks.
+    mod props {
+        use std::sync::OnceLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 64,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// Key, leaf, intermediate and root PEM, made once.
+        fn blocks() -> &'static [String; 4] {
+            static BLOCKS: OnceLock<[String; 4]> = OnceLock::new();
+            BLOCKS.get_or_init(|| {
+                let p = pki();
+                [p.key, p.leaf, p.inter.pem, p.root.pem]
+            })
+        }
+
+        fn expected() -> &'static (String, Vec<String>) {
+            static EXPECTED: OnceLock<(String, Vec<String>)> = OnceLock::new();
+            EXPECTED.get_or_init(|| {
+                let b = blocks();
+                let bundle = check(&[("all", b.concat().as_bytes())]).expect("the set checks");
+                let chain = bundle.chain.iter().map(Cert::sha256_hex).collect();
+                (bundle.leaf.sha256_hex(), chain)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn arbitrary_input_is_an_error_with_a_reason(
+                raw in proptest::collection::vec(any::<u8>(), 0..4096),
+                armor in any::<bool>(),
+            ) {
+                let mut input = raw.clone();
+                if armor {
+                    // Inside PEM armor, so that the base64 and DER parsers see it.
+                    input = format!(
+                        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                        String::from_utf8_lossy(&raw)
+                    )
+                    .into_bytes();
+                }
+                prop_assert!(check(&[("drop", &input)]).is_err());
+            }
+
+            #[test]
+            fn a_valid_set_is_found_in_any_order_and_split(
+                order in Just([0usize, 1, 2, 3]).prop_shuffle(),
+                cuts in proptest::collection::vec(any::<bool>(), 3),
+                with_root in any::<bool>(),
+            ) {
+                let b = blocks();
+                let mut sources: Vec<String> = vec![String::new()];
+                for (i, &k) in order.iter().enumerate() {
+                    if k == 3 && !with_root {
+                        continue;
+                    }
+                    if i > 0 && cuts[i - 1] {
+                        sources.push(String::new());
+                    }
+                    sources.last_mut().expect("one").push_str(&b[k]);
+                }
+                let names: Vec<String> = (0..sources.len()).map(|i| format!("f{i}.pem")).collect();
+                let inputs: Vec<(&str, &[u8])> = names
+                    .iter()
+                    .zip(&sources)
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(n, s)| (n.as_str(), s.as_bytes()))
+                    .collect();
+                let bundle = check(&inputs).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (leaf, chain) = expected();
+                prop_assert_eq!(&bundle.leaf.sha256_hex(), leaf);
+                let got: Vec<String> = bundle.chain.iter().map(Cert::sha256_hex).collect();
+                prop_assert_eq!(&got[..], &chain[..got.len()]);
+            }
+
+            #[test]
+            fn a_truncated_set_never_panics(cut in 0usize..4096) {
+                let all = blocks()[..3].concat();
+                let cut = cut.min(all.len());
+                // Either an error with a reason (checked by `check`), or the
+                // cut fell after the last block's end.
+                if let Ok(b) = check(&[("drop", &all.as_bytes()[..cut])]) {
+                    prop_assert_eq!(&b.leaf.sha256_hex(), &expected().0);
+                }
+            }
+        }
+    }
 }

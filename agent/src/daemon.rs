@@ -201,7 +201,7 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         "ready"
     );
-    notifier.ready(&board.line(config.targets.len(), SystemTime::now()));
+    notifier.ready(&status_line(&shared, &board));
 
     let server = tonic::transport::Server::builder()
         .add_service(AgentServer::new(Service::new(shared.clone())))
@@ -217,11 +217,14 @@ pub async fn run(
             _ = hup.recv() => {
                 notifier.reloading();
                 reload(&shared, config_path);
-                notifier.ready(&board.line(shared.config().targets.len(), SystemTime::now()));
+                notifier.ready(&status_line(&shared, &board));
             }
             () = tick(&mut watchdog) => watchdog_ping(&notifier).await,
+            () = shared.drops.watching_changed.notified() => {
+                notifier.status(&status_line(&shared, &board));
+            }
             () = tick(&mut refresh) => {
-                notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
+                notifier.status(&status_line(&shared, &board));
             }
             ev = events.recv(), if events_open => {
                 match ev {
@@ -230,7 +233,7 @@ pub async fn run(
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => events_open = false,
                 }
-                notifier.status(&board.line(shared.config().targets.len(), SystemTime::now()));
+                notifier.status(&status_line(&shared, &board));
             }
         }
     };
@@ -306,6 +309,19 @@ impl Exposition for Scrape {
 }
 
 /// Completes at the next tick of `interval`, never when there is none.
+/// The `STATUS=` line: what deploys do, led by a warning while the drop
+/// directory is not watched.
+fn status_line(shared: &App, board: &StatusBoard) -> String {
+    let line = board.line(shared.config().targets.len(), SystemTime::now());
+    match shared.drops.dirs() {
+        Some((dir, _)) if !shared.drops.watching() => format!(
+            "NOT WATCHING the drop directory {}; {line}",
+            crate::model::fmt::shown(dir)
+        ),
+        _ => line,
+    }
+}
+
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
     match interval {
         Some(i) => {

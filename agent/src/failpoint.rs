@@ -17,6 +17,12 @@
 //! filesystem operation of `atomic` (1-based, counted over the whole
 //! process) fail with `EIO` or `ENOSPC`, once, or with `persist` from then
 //! on.
+//!
+//! Drop-directory seam: `CERTCTL_FAULT_DROP=<op>:<errno>[:<times>|persist]`
+//! makes the drop directory's operation `<op>` (`reason`: writing a reason
+//! file, `move`: moving a drop into `rejected/`) fail with `EIO`, `ENOSPC`,
+//! `EMFILE`, `ENFILE` or `EACCES` the first `<times>` times (default once),
+//! or every time with `persist`.
 
 /// Every crash point, for tests that loop over them.
 pub const POINTS: &[&str] = &[
@@ -94,6 +100,52 @@ mod imp {
             .as_ref()
     }
 
+    struct DropFault {
+        op: String,
+        errno: i32,
+        times: u64,
+        count: AtomicU64,
+    }
+
+    fn drop_fault() -> Option<&'static DropFault> {
+        static FAULT: OnceLock<Option<DropFault>> = OnceLock::new();
+        FAULT
+            .get_or_init(|| {
+                let spec = std::env::var("CERTCTL_FAULT_DROP").ok()?;
+                let mut parts = spec.split(':');
+                let op = parts.next()?.to_owned();
+                let errno = match parts.next()? {
+                    "EIO" => nix::libc::EIO,
+                    "ENOSPC" => nix::libc::ENOSPC,
+                    "EMFILE" => nix::libc::EMFILE,
+                    "ENFILE" => nix::libc::ENFILE,
+                    "EACCES" => nix::libc::EACCES,
+                    _ => return None,
+                };
+                let times = match parts.next() {
+                    None => 1,
+                    Some("persist") => u64::MAX,
+                    Some(n) => n.parse().ok()?,
+                };
+                Some(DropFault {
+                    op,
+                    errno,
+                    times,
+                    count: AtomicU64::new(0),
+                })
+            })
+            .as_ref()
+    }
+
+    pub fn drop_op(op: &str) -> std::io::Result<()> {
+        let Some(f) = drop_fault() else { return Ok(()) };
+        if f.op != op || f.count.fetch_add(1, Ordering::SeqCst) >= f.times {
+            return Ok(());
+        }
+        tracing::warn!(op, "injected drop directory fault");
+        Err(std::io::Error::from_raw_os_error(f.errno))
+    }
+
     fn unsynced() -> &'static Mutex<HashSet<PathBuf>> {
         static UNSYNCED: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
         UNSYNCED.get_or_init(|| Mutex::new(HashSet::new()))
@@ -164,6 +216,19 @@ pub fn fs_op(op: &str, path: &std::path::Path) -> std::io::Result<()> {
     #[cfg(not(feature = "failpoints"))]
     {
         let _ = (op, path);
+        Ok(())
+    }
+}
+
+/// Called before the drop directory's operation `op` (`reason`, `move`);
+/// fails it when the test asks for it.
+#[inline(always)]
+pub fn drop_op(op: &str) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    return imp::drop_op(op);
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = op;
         Ok(())
     }
 }

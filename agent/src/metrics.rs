@@ -12,6 +12,7 @@
 //! | [`Metrics::stage_event`], [`Metrics::command_finished`], [`Metrics::verification_finished`], [`Metrics::run_finished`] | `deploy::progress::Run` | `certctl_stage_duration_seconds` |
 //! | [`Metrics::verify_attempt`] | `deploy::progress::Run` | `certctl_verify_attempts_total` |
 //! | [`Metrics::drop_outcome`] | the drop directory watcher | `certctl_drops_total` |
+//! | [`Metrics::drop_dir_watching`] | the drop directory watcher | `certctl_drop_dir_watching` |
 //! | [`Metrics::config_reload`] | `daemon` (SIGHUP) | `certctl_config_reloads_total` |
 //!
 //! [`Metrics::render`] renders everything, adding what the caller read at
@@ -67,6 +68,8 @@ struct Inner {
     verify_attempts: BTreeMap<(String, String), u64>,
     /// outcome
     drops: BTreeMap<String, u64>,
+    /// Whether the drop directory is watched (`None`: not started yet).
+    drop_dir_watching: Option<bool>,
     /// result
     reloads: BTreeMap<&'static str, u64>,
     /// stage
@@ -260,6 +263,13 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Whether the drop directory is watched now
+    /// (`certctl_drop_dir_watching`). Called by the drop directory's
+    /// runner when it starts, loses and regains its watch.
+    pub fn drop_dir_watching(&self, watching: bool) {
+        self.inner().drop_dir_watching = Some(watching);
+    }
+
     /// A drop event: `outcome` is the drop's outcome (`drop::DropOutcome`):
     /// `"accepted"` (taken, deploys start), `"removed"` (deployed and
     /// removed), `"rejected"` (moved to `<state_dir>/rejected/` with a
@@ -393,6 +403,20 @@ impl Metrics {
                 "certctl_drops_total",
                 &[("outcome", outcome)],
                 *n as f64,
+            );
+        }
+        if let Some(watching) = m.drop_dir_watching {
+            header(
+                &mut out,
+                "certctl_drop_dir_watching",
+                "gauge",
+                "1 while the drop directory is watched; 0 while it is gone or replaced and not watched yet (drops are not taken).",
+            );
+            sample(
+                &mut out,
+                "certctl_drop_dir_watching",
+                &[],
+                if watching { 1.0 } else { 0.0 },
             );
         }
         header(

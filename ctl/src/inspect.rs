@@ -77,6 +77,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "drops_pending": agent.drops_pending,
                     "drops_in_flight": agent.drops_in_flight,
                     "rejected_dir": agent.rejected_dir,
+                    "drop_dir_watching": agent.drop_dir_watching,
                 },
                 "targets": targets,
             })
@@ -91,6 +92,13 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         agent.config_path,
         resp.targets.len()
     );
+    if !agent.drop_dir.is_empty() && !agent.drop_dir_watching {
+        println!(
+            "drops: NOT WATCHING {}: the directory is gone or was replaced; drops are not taken \
+             until it is back (the agent watches it again by itself)",
+            agent.drop_dir
+        );
+    }
     if !agent.drop_dir.is_empty() {
         println!(
             "drops: {} ({} waiting, {} in progress), rejected ones go to {}",

@@ -177,7 +177,7 @@ pub fn drop_outcome(o: DropOutcome) -> pb::DropOutcome {
 pub fn drop_info(d: &drop::Info) -> pb::DropInfo {
     pb::DropInfo {
         name: d.name.clone(),
-        path: d.path.display().to_string(),
+        path: crate::model::fmt::shown(&d.path),
         form: d.form.as_str().to_owned(),
         outcome: drop_outcome(d.outcome) as i32,
         reason: d.reason.clone(),
@@ -195,7 +195,7 @@ pub fn drop_info(d: &drop::Info) -> pb::DropInfo {
         rejected_path: d
             .rejected_path
             .as_ref()
-            .map(|p| p.display().to_string())
+            .map(|p| crate::model::fmt::shown(p))
             .unwrap_or_default(),
         cert_sha256: d.cert_sha256.clone(),
     }

@@ -338,6 +338,7 @@ impl Agent for Service {
                 drops_pending: u32::try_from(drops_pending).unwrap_or(u32::MAX),
                 drops_in_flight: u32::try_from(drops_in_flight).unwrap_or(u32::MAX),
                 rejected_dir: dirs.map(|d| d.1.display().to_string()).unwrap_or_default(),
+                drop_dir_watching: self.shared.drops.watching(),
             }),
             targets: out,
         }))

@@ -73,6 +73,11 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// A certificate whose `not_before` is at most this far in the future is accepted.
     pub clock_skew_grace: Duration,
+    /// At most this many rejected drops are kept in `<state_dir>/rejected/`
+    /// (the oldest are pruned first).
+    pub rejected_keep: u32,
+    /// Rejected drops older than this are pruned.
+    pub rejected_max_age: Duration,
 }
 
 /// A group resolved on this host.

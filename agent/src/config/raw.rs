@@ -28,6 +28,8 @@ pub(super) struct RawAgent {
     pub drop_owners: Option<Vec<String>>,
     pub metrics_listen: Option<String>,
     pub clock_skew_grace: Option<String>,
+    pub rejected_keep: Option<i64>,
+    pub rejected_max_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

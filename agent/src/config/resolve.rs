@@ -253,6 +253,20 @@ impl Resolver<'_> {
                 Duration::ZERO,
                 DAY,
             ),
+            rejected_keep: self.count(
+                "agent.rejected_keep",
+                raw.rejected_keep,
+                100,
+                (1, 100_000),
+                " (at least the latest rejected drop is kept, with its reason)",
+            ),
+            rejected_max_age: self.duration(
+                "agent.rejected_max_age",
+                raw.rejected_max_age.as_deref(),
+                30 * DAY,
+                HOUR,
+                3650 * DAY,
+            ),
         }
     }
 

@@ -263,6 +263,8 @@ fn contract_example_parses() {
             drop_owners: vec![],
             metrics_listen: Some("127.0.0.1:9793".parse().expect("addr")),
             clock_skew_grace: Duration::from_secs(300),
+            rejected_keep: 100,
+            rejected_max_age: Duration::from_secs(30 * 86400),
         }
     );
     let ident = |name: &str, id| {
@@ -390,6 +392,21 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "long clock skew grace",
             "[agent]\nclock_skew_grace = \"2days\"\n".into(),
             "agent.clock_skew_grace: \"2days\" is too long",
+        ),
+        (
+            "no rejected drop kept",
+            "[agent]\nrejected_keep = 0\n".into(),
+            "agent.rejected_keep: 0 is out of range: use 1 to 100000 (at least the latest",
+        ),
+        (
+            "short rejected age",
+            "[agent]\nrejected_max_age = \"10m\"\n".into(),
+            "agent.rejected_max_age: \"10m\" is too short: must be at least 1h",
+        ),
+        (
+            "rejected age in words",
+            "[agent]\nrejected_max_age = \"a month\"\n".into(),
+            "agent.rejected_max_age: \"a month\" is not a duration",
         ),
         // Modes.
         (

@@ -22,12 +22,13 @@ use super::names::{self, Entry};
 use super::record::{self, DropOutcome, Info, TargetResult};
 use super::reject::{Dirs, MoveError, Reason};
 use super::scan::{self, Expect, Form, Owners, Problem, ReadError};
+use super::settle::backoff;
 use super::{INCOMPLETE_LIMIT, fmt_limit};
 use crate::app::App;
 use crate::bundle::{self, BundleError, CheckOptions, Source};
 use crate::config::{Config, Target};
 use crate::deploy::{Input, Outcome, Request};
-use crate::model::fmt::short_hex;
+use crate::model::fmt::{short_hex, shown};
 
 /// How many drops are read and checked at once: bounds the memory that
 /// raw drop contents can take (each at most 1 MiB) however many arrive.
@@ -53,6 +54,24 @@ impl Ctx {
         self.dirs.root().join(entry)
     }
 
+    /// The public path of `entry`, as shown (escaped).
+    pub fn shown(&self, entry: &str) -> String {
+        shown(&self.public(entry))
+    }
+
+    /// Waits the back-off of the `attempt`-th retry; false (at once) when
+    /// the agent is stopping.
+    pub async fn back_off(&self, attempt: u32) -> bool {
+        let mut stop = self.shared.shutdown_signal();
+        if *stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff(attempt)) => !*stop.borrow(),
+            _ = stop.changed() => false,
+        }
+    }
+
     pub fn emit(&self, info: &Info, message: &str) {
         record::record(&self.shared.engine, &self.shared.drops, info, message);
     }
@@ -65,6 +84,9 @@ pub(super) enum Kind {
     Deploy { incomplete_expired: bool },
     /// Move it aside: a newer drop of its name (`by` says which) won.
     Supersede { by: String },
+    /// Move it aside: its entry is not a drop name. Never claimed (a long
+    /// name would not fit the claimed name): `claimed` is the entry.
+    InvalidName,
 }
 
 /// One taken drop.
@@ -84,7 +106,7 @@ impl Job {
             Kind::Deploy { .. } => {
                 names::classify(self.entry.as_ref()).and_then(|e| e.name().map(str::to_owned))
             }
-            Kind::Supersede { .. } => None,
+            Kind::Supersede { .. } | Kind::InvalidName => None,
         }
     }
 }
@@ -149,6 +171,7 @@ pub(super) async fn run(ctx: &Arc<Ctx>, job: &Job) {
     match &job.kind {
         Kind::Deploy { incomplete_expired } => deploy_job(ctx, job, *incomplete_expired).await,
         Kind::Supersede { by } => supersede_job(ctx, job, by).await,
+        Kind::InvalidName => invalid_job(ctx, job).await,
     }
 }
 
@@ -166,6 +189,9 @@ enum Checked {
         code: String,
         problem: String,
     },
+    /// Reading failed for a transient reason (e.g. no descriptors left):
+    /// not the drop's fault, read it again later.
+    Transient(String),
 }
 
 async fn read_and_check(
@@ -179,7 +205,7 @@ async fn read_and_check(
     let ctx2 = ctx.clone();
     let claimed = job.claimed.clone();
     let public = ctx.public(&job.entry);
-    let result = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let config = ctx2.shared.config();
         let owners = Owners::resolve(&config.agent.drop_owners);
         let contents = match scan::read(
@@ -192,6 +218,9 @@ async fn read_and_check(
         ) {
             Ok(c) => c,
             Err(ReadError::Gone) => return Checked::Gone,
+            Err(ReadError::Problem(p)) if p.is_transient() => {
+                return Checked::Transient(p.to_string());
+            }
             Err(ReadError::Problem(p)) => {
                 let (code, problem) = problem_verdict(&p, incomplete_expired);
                 return Checked::Rejected { code, problem };
@@ -209,8 +238,8 @@ async fn read_and_check(
             }
         }
     })
-    .await;
-    result.unwrap_or_else(|e| Checked::Rejected {
+    .await
+    .unwrap_or_else(|e| Checked::Rejected {
         code: "unreadable".to_owned(),
         problem: format!("reading the drop failed: {e}"),
     })
@@ -266,7 +295,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         Some(Entry::Directory { .. }) => Expect::Directory,
         Some(Entry::Invalid) | None => {
             let p = Problem::InvalidName {
-                shown: public.display().to_string(),
+                shown: shown(&public),
             };
             reject(ctx, job, info, p.code(), &p.to_string(), "").await;
             return;
@@ -291,8 +320,29 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         return;
     }
 
-    let (bundle, sha256, subject) = match read_and_check(ctx, job, expect, incomplete_expired).await
-    {
+    let mut attempt = 0;
+    let checked = loop {
+        match read_and_check(ctx, job, expect, incomplete_expired).await {
+            Checked::Transient(why) => {
+                tracing::warn!(
+                    target = %info.targets.join(","),
+                    drop = %shown(&public),
+                    "{} could not be read ({why}); it stays in the drop directory as {} and is \
+                     read again in {}",
+                    shown(&public),
+                    ctx.shown(&job.claimed),
+                    crate::model::fmt::fmt_duration(backoff(attempt))
+                );
+                if !ctx.back_off(attempt).await {
+                    stopped(ctx, job, info, &why);
+                    return;
+                }
+                attempt += 1;
+            }
+            c => break c,
+        }
+    };
+    let (bundle, sha256, subject) = match checked {
         Checked::Ok {
             bundle,
             sha256,
@@ -303,8 +353,8 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             info.reason = "withdrawn".to_owned();
             let message = format!(
                 "{} withdrawn: the taken drop ({}) was removed by someone else before it was read",
-                public.display(),
-                job.claimed
+                shown(&public),
+                crate::model::fmt::escape(job.claimed.as_bytes())
             );
             ctx.emit(&info, &message);
             return;
@@ -313,6 +363,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             reject(ctx, job, info, &code, &problem, "").await;
             return;
         }
+        Checked::Transient(_) => unreachable!("retried above"),
     };
     info.cert_sha256 = sha256.clone();
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
@@ -320,7 +371,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         &info,
         &format!(
             "{} accepted: leaf {subject} sha256 {}; deploying to {}",
-            public.display(),
+            shown(&public),
             short_hex(&sha256),
             names.join(", ")
         ),
@@ -337,7 +388,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
             no_verify: false,
             no_reload: false,
             no_wait: false,
-            origin: format!("drop {}", public.display()),
+            origin: format!("drop {}", shown(&public)),
             clock_skew_grace: config.agent.clock_skew_grace,
         };
         set.spawn(async move {
@@ -363,7 +414,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(r) => results.push(r),
-            Err(e) => error!(drop = %public.display(), "a deploy task failed: {e}"),
+            Err(e) => error!(drop = %shown(&public), "a deploy task failed: {e}"),
         }
     }
     // A deploy task that died still gets a result.
@@ -408,7 +459,7 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
         match removed {
             Ok(()) => {
                 info.outcome = DropOutcome::Removed;
-                let message = format!("{} removed after deploying: {summary}", public.display());
+                let message = format!("{} removed after deploying: {summary}", shown(&public));
                 ctx.emit(&info, &message);
             }
             Err(e) => {
@@ -417,8 +468,8 @@ async fn deploy_job(ctx: &Arc<Ctx>, job: &Job, incomplete_expired: bool) {
                 let message = format!(
                     "{}: {summary}, but removing the drop failed: {e}; it stays as {}, and the \
                      next start deploys it again (unchanged)",
-                    public.display(),
-                    ctx.public(&job.claimed).display()
+                    shown(&public),
+                    ctx.shown(&job.claimed)
                 );
                 ctx.emit(&info, &message);
             }
@@ -471,6 +522,22 @@ async fn supersede_job(ctx: &Arc<Ctx>, job: &Job, by: &str) {
     .await;
 }
 
+async fn invalid_job(ctx: &Arc<Ctx>, job: &Job) {
+    let public = ctx.public(&job.entry);
+    let form = form_of(ctx, &job.claimed, &job.entry);
+    let info = Info::new(
+        None,
+        public.clone(),
+        form,
+        DropOutcome::Rejected,
+        Vec::new(),
+    );
+    let p = Problem::InvalidName {
+        shown: shown(&public),
+    };
+    reject(ctx, job, info, p.code(), &p.to_string(), "").await;
+}
+
 /// Moves the taken drop to `rejected/` with a reason file and records it
 /// (as `info.outcome` when that is `Superseded`, else as `Rejected`).
 async fn reject(
@@ -490,70 +557,126 @@ async fn reject(
     } else {
         remedy.to_owned()
     };
-    let ctx2 = ctx.clone();
     let (claimed, entry) = (job.claimed.clone(), job.entry.clone());
     let reason_info = info.clone();
     let problem_text = problem.to_owned();
     let now = SystemTime::now();
-    let moved = tokio::task::spawn_blocking(move || {
-        ctx2.dirs.move_aside(&claimed, &entry, now, |dst| {
-            let results: Vec<(String, String, String, String)> = reason_info
-                .results
-                .iter()
-                .map(|r| {
-                    (
-                        r.target.clone(),
-                        r.outcome.as_str().to_owned(),
-                        r.deploy_id.clone(),
-                        r.error.clone(),
-                    )
-                })
-                .collect();
-            Reason {
-                public_path: &reason_info.path,
-                form: reason_info.form.as_str(),
-                moved_to: dst,
-                when: now,
-                targets: &reason_info.targets,
-                code: &reason_info.reason,
-                problem: &problem_text,
-                results: &results,
-                remedy: &remedy,
-            }
-            .render()
-        })
-    })
-    .await;
-    let public = info.path.display().to_string();
-    match moved {
-        Ok(Ok(moved)) => {
-            let what = if info.outcome == DropOutcome::Superseded {
-                "superseded".to_owned()
-            } else {
-                format!("rejected ({code})")
-            };
-            let message = format!(
-                "{public} {what}: {problem}; moved to {} (reason in {})",
-                moved.path.display(),
-                moved.reason_path.display()
-            );
-            info.rejected_path = Some(moved.path);
-            ctx.emit(&info, &message);
+    let render = move |dst: &std::path::Path| {
+        let results: Vec<(String, String, String, String)> = reason_info
+            .results
+            .iter()
+            .map(|r| {
+                (
+                    r.target.clone(),
+                    r.outcome.as_str().to_owned(),
+                    r.deploy_id.clone(),
+                    r.error.clone(),
+                )
+            })
+            .collect();
+        Reason {
+            public_path: &reason_info.path,
+            form: reason_info.form.as_str(),
+            moved_to: dst,
+            when: now,
+            targets: &reason_info.targets,
+            code: &reason_info.reason,
+            problem: &problem_text,
+            results: &results,
+            remedy: &remedy,
         }
-        Ok(Err(e)) => failed_move(ctx, job, info, code, problem, &e.to_string()),
-        Err(e) => failed_move(ctx, job, info, code, problem, &e.to_string()),
+        .render()
+    };
+    let render = Arc::new(render);
+    let public = shown(&info.path);
+    let mut attempt = 0;
+    loop {
+        let (ctx2, claimed, entry, render) =
+            (ctx.clone(), claimed.clone(), entry.clone(), render.clone());
+        let moved = tokio::task::spawn_blocking(move || {
+            ctx2.dirs
+                .move_aside(&claimed, &entry, now, |dst| render(dst))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(MoveError {
+                op: "move to rejected/",
+                path: PathBuf::from(e.to_string()),
+                errno: Errno::EIO,
+            })
+        });
+        match moved {
+            Ok(moved) => {
+                let what = if info.outcome == DropOutcome::Superseded {
+                    "superseded".to_owned()
+                } else {
+                    format!("rejected ({code})")
+                };
+                let message = format!(
+                    "{public} {what}: {}; moved to {} (reason in {})",
+                    crate::model::fmt::one_line(problem),
+                    shown(&moved.path),
+                    shown(&moved.reason_path)
+                );
+                info.rejected_path = Some(moved.path);
+                ctx.emit(&info, &message);
+                let ctx2 = ctx.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    super::prune(&ctx2.dirs, &ctx2.shared.config());
+                })
+                .await;
+                return;
+            }
+            Err(e) if scan::is_transient(e.errno) => {
+                tracing::warn!(
+                    target = %info.targets.join(","),
+                    drop = %public,
+                    "{public} was not deployed ({code}), and moving it to {} failed: {e}; it \
+                     stays in the drop directory as {} and the move is tried again in {}",
+                    shown(ctx.dirs.rejected_path()),
+                    ctx.shown(&job.claimed),
+                    crate::model::fmt::fmt_duration(backoff(attempt))
+                );
+                if !ctx.back_off(attempt).await {
+                    failed_move(ctx, job, info, code, problem, &e.to_string());
+                    return;
+                }
+                attempt += 1;
+            }
+            Err(e) => {
+                failed_move(ctx, job, info, code, problem, &e.to_string());
+                return;
+            }
+        }
     }
+}
+
+/// The agent stopped while a transient failure was being waited out: the
+/// drop stays taken in the drop directory for the next start.
+fn stopped(ctx: &Ctx, job: &Job, mut info: Info, why: &str) {
+    info.outcome = DropOutcome::Failed;
+    info.reason = "unreadable".to_owned();
+    let message = format!(
+        "{} was not read ({why}) before the agent stopped; it stays in the drop directory as {} \
+         and is handled again at the next start",
+        shown(&info.path),
+        ctx.shown(&job.claimed)
+    );
+    ctx.emit(&info, &message);
 }
 
 fn failed_move(ctx: &Ctx, job: &Job, mut info: Info, code: &str, problem: &str, error: &str) {
     info.outcome = DropOutcome::Failed;
     info.reason = "cannot_move".to_owned();
     let message = format!(
-        "{} was not deployed ({code}: {problem}) and moving it to {} failed: {error}; it stays \
-         as {} and is handled again at the next start",
-        info.path.display(),
-        ctx.dirs.rejected_path().display(),
-        ctx.public(&job.claimed).display()
+        "{} was not deployed ({code}: {}) and moving it to {} failed: {error}; it stays in the \
+         drop directory as {} (no reason file was left in {}) and is handled again at the next \
+         start",
+        shown(&info.path),
+        crate::model::fmt::one_line(problem),
+        shown(ctx.dirs.rejected_path()),
+        ctx.shown(&job.claimed),
+        shown(ctx.dirs.rejected_path()),
     );
     ctx.emit(&info, &message);
 }
@@ -569,7 +692,9 @@ fn remedy_for(code: &str) -> String {
         ),
         "unknown_target" | "invalid_name" | "not_a_drop" | "symlink" | "not_regular"
         | "too_large" | "too_many_files" | "subdirectory" | "unexpected_file" | "owner"
-        | "unreadable" => "follow the problem line above, then drop it again".to_owned(),
+        | "hard_link" | "unreadable" => {
+            "follow the problem line above, then drop it again".to_owned()
+        }
         _ => "drop a corrected certificate set: the problem line says what is wrong".to_owned(),
     }
 }

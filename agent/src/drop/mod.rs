@@ -97,12 +97,20 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
     let root = &config.agent.drop_dir;
     let dirs = reject::Dirs::open(root, &config.agent.state_dir.join("rejected"))?;
+    for orphan in dirs.tidy_rejected() {
+        tracing::info!(
+            "removed {}: a reason file without its drop, left by a stop between writing the \
+             reason and moving the drop (the drop stayed in the drop directory)",
+            crate::model::fmt::shown(&dirs.rejected_path().join(orphan))
+        );
+    }
+    prune(&dirs, config);
     let (watch, events) = watch::start(root).map_err(|source| StartError::Watch {
         path: root.clone(),
         source,
     })?;
     tracing::info!(
-        drop_dir = %root.display(),
+        drop_dir = %crate::model::fmt::shown(root),
         settle = ?config.agent.settle,
         "watching the drop directory"
     );
@@ -121,8 +129,33 @@ impl Prepared {
             self.dirs.root().to_owned(),
             self.dirs.rejected_path().to_owned(),
         );
+        shared.drops.set_watching(true);
+        shared.engine.metrics().drop_dir_watching(true);
         let runner = runner::Runner::new(Arc::new(job::Ctx::new(shared, self.dirs)));
         tokio::spawn(runner.run(self.watch, self.events, shutdown));
+    }
+}
+
+/// Applies `agent.rejected_keep` and `agent.rejected_max_age` to
+/// `rejected/` (at start and after each rejection), logging what goes.
+fn prune(dirs: &reject::Dirs, config: &Config) {
+    let agent = &config.agent;
+    match dirs.prune(
+        agent.rejected_keep as usize,
+        agent.rejected_max_age,
+        std::time::SystemTime::now(),
+    ) {
+        Ok(removed) => {
+            for name in removed {
+                tracing::info!(
+                    "pruned {} and its reason (agent.rejected_keep = {}, agent.rejected_max_age = {})",
+                    crate::model::fmt::shown(&dirs.rejected_path().join(name)),
+                    agent.rejected_keep,
+                    humantime::format_duration(agent.rejected_max_age)
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot prune rejected drops: {e}"),
     }
 }
 

@@ -106,6 +106,32 @@ pub fn valid_name(name: &str) -> bool {
         })
 }
 
+/// The longest entry name kept in a `rejected/` file name.
+pub const SAFE_LEN: usize = 80;
+
+/// `entry` as a part of a file name in `rejected/`: a valid drop entry as
+/// it is, anything else with every byte outside `a-z A-Z 0-9 . _ -`
+/// replaced by `_` and cut to [`SAFE_LEN`] bytes, so that the name stays
+/// short, printable and a single component whatever was dropped (the
+/// reason file names the entry as it was, escaped).
+pub fn safe_component(entry: &[u8]) -> String {
+    let mut s: String = entry
+        .iter()
+        .take(SAFE_LEN)
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                b as char
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.bytes().all(|b| b == b'.') {
+        s = "_".repeat(s.len().max(1));
+    }
+    s
+}
+
 /// The claimed name for `entry`; `stamp` makes it unique.
 pub fn claimed_name(entry: &str, stamp: &str) -> String {
     format!("{CLAIM_PREFIX}{stamp}.{entry}")
@@ -194,6 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn hostile_entries_get_short_printable_rejected_names() {
+        assert_eq!(safe_component(b"web.pem"), "web.pem");
+        assert_eq!(safe_component(b"mail.example.com"), "mail.example.com");
+        assert_eq!(
+            safe_component(b"x\nreason:   deployed\n.pem"),
+            "x_reason____deployed_.pem"
+        );
+        assert_eq!(safe_component(b"w\xffb/../c"), "w_b_.._c");
+        assert_eq!(safe_component(b".."), "__");
+        assert_eq!(safe_component(b""), "_");
+        let long = "a".repeat(244) + ".pem";
+        assert_eq!(safe_component(long.as_bytes()), "a".repeat(SAFE_LEN));
+        // A valid bundle name always fits whole.
+        assert!(63 + BUNDLE_SUFFIX.len() <= SAFE_LEN);
+    }
+
+    #[test]
     fn claimed_names_round_trip() {
         let c = claimed_name("web.pem", "1795358979035-7");
         assert!(is_ignored(&c));
@@ -205,5 +248,86 @@ mod tests {
         assert_eq!(unclaimed_entry(".certctl-claimed."), None);
         assert_eq!(unclaimed_entry(".certctl-claimed.123"), None);
         assert_eq!(unclaimed_entry("web.pem"), None);
+    }
+
+    mod props {
+        use std::os::unix::ffi::OsStrExt;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::model::fmt::escape;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Whatever the bytes, classifying never panics, and a drop
+            /// name it gives is valid and is the entry (less `.pem`).
+            #[test]
+            fn any_entry_classifies_to_a_valid_name_or_none(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+                match classify(OsStr::from_bytes(&raw)) {
+                    Some(Entry::Bundle { name }) => {
+                        prop_assert!(valid_name(&name));
+                        let entry = format!("{name}{BUNDLE_SUFFIX}");
+                        prop_assert_eq!(entry.as_bytes(), &raw[..]);
+                    }
+                    Some(Entry::Directory { name }) => {
+                        prop_assert!(valid_name(&name));
+                        prop_assert_eq!(name.as_bytes(), &raw[..]);
+                    }
+                    Some(Entry::Invalid) | None => {}
+                }
+                let safe = safe_component(&raw);
+                prop_assert!(!safe.is_empty() && safe.len() <= SAFE_LEN);
+                prop_assert!(safe.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+                prop_assert!(safe != "." && safe != "..");
+                let shown = escape(&raw);
+                prop_assert!(!shown.chars().any(char::is_control), "{:?}", shown);
+            }
+
+            /// Every valid drop name is taken as a bundle and as a
+            /// directory unless a writer's temp-file pattern covers it.
+            #[test]
+            fn valid_names_are_drops(name in "[a-z0-9][a-z0-9._-]{0,62}") {
+                prop_assert!(valid_name(&name));
+                let bundle = format!("{name}{BUNDLE_SUFFIX}");
+                prop_assert_eq!(classify(OsStr::new(&bundle)), Some(Entry::Bundle { name: name.clone() }));
+                let dir = classify(OsStr::new(&name));
+                if is_ignored(&name) {
+                    prop_assert_eq!(dir, None);
+                } else if let Some(stem) = name.strip_suffix(BUNDLE_SUFFIX).filter(|s| valid_name(s)) {
+                    prop_assert_eq!(dir, Some(Entry::Bundle { name: stem.to_owned() }));
+                } else {
+                    prop_assert_eq!(dir, Some(Entry::Directory { name: name.clone() }));
+                }
+                prop_assert_eq!(safe_component(bundle.as_bytes()), bundle.clone());
+                let claimed = claimed_name(&bundle, "1795358979035-7");
+                prop_assert!(is_ignored(&claimed));
+                prop_assert_eq!(unclaimed_entry(&claimed), Some(bundle.as_str()));
+            }
+
+            /// Too long, upper case or a character outside the rule:
+            /// never a drop name.
+            #[test]
+            fn names_breaking_the_rule_are_invalid(
+                name in "[a-z0-9][a-z0-9._-]{0,62}",
+                bad in "[A-Z \n\t\x0b\x1b/\\:;'\"$`|&<>*?]",
+                at in 0usize..64,
+            ) {
+                let at = at.min(name.len());
+                let broken = format!("{}{bad}{}", &name[..at], &name[at..]);
+                prop_assert!(!valid_name(&broken));
+                let long = format!("{name}{}", "a".repeat(64 - name.len().min(63)));
+                prop_assert!(long.len() > 63 && !valid_name(&long));
+            }
+        }
     }
 }

