@@ -15,6 +15,7 @@
 //!    other connection goes to the tonic server as a [`PeerStream`], whose
 //!    connect info ([`ConnInfo`]) carries the caller to the handlers.
 //!
+//! A connection with no call open for [`IDLE_TIMEOUT`] is closed.
 //! An accept error (`EMFILE`, `ENFILE`, ...) waits [`ACCEPT_BACKOFF`]
 //! instead of spinning. [`PeerStream`]s fail every read and write once
 //! the `kill` token is cancelled: that is how shutdown ends connections
@@ -32,9 +33,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::activity::Activity;
 use super::auth::{Caller, ConnInfo, Policy};
 use super::{deny, peer};
 use crate::app::App;
@@ -48,6 +51,8 @@ pub const MAX_PER_UID: usize = 32;
 pub const MAX_PRIVILEGED: usize = 64;
 /// The wait after a failed `accept` (e.g. out of file descriptors).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection may stay open without a call on it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long reading a caller's credentials may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -108,9 +113,15 @@ async fn accept_loop(
                 drop(slot);
                 return;
             }
+            let activity = Arc::new(Activity::default());
             let stream = PeerStream {
                 inner: stream,
-                info: ConnInfo { caller },
+                info: ConnInfo {
+                    caller,
+                    activity: activity.clone(),
+                },
+                activity,
+                idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
                 kill: Box::pin(kill.cancelled_owned()),
                 killed: false,
                 _slot: slot,
@@ -203,14 +214,34 @@ pub struct PeerStream {
     info: ConnInfo,
     kill: Pin<Box<WaitForCancellationFutureOwned>>,
     killed: bool,
+    activity: Arc<Activity>,
+    /// Fires to check whether the connection has had no call for
+    /// [`IDLE_TIMEOUT`].
+    idle: Pin<Box<Sleep>>,
     _slot: Slot,
 }
 
 impl PeerStream {
-    /// True once the kill switch is on; registers the waker otherwise.
+    /// True once the kill switch is on or the connection went idle;
+    /// registers the waker otherwise.
     fn killed(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.killed && self.kill.as_mut().poll(cx).is_ready() {
             self.killed = true;
+        }
+        while !self.killed && self.idle.as_mut().poll(cx).is_ready() {
+            match self.activity.idle_for() {
+                Some(d) if d >= IDLE_TIMEOUT => {
+                    tracing::debug!(
+                        caller = %self.info.caller.describe(),
+                        "control socket: closing a connection idle for {IDLE_TIMEOUT:?}"
+                    );
+                    self.killed = true;
+                }
+                idle => {
+                    let wait = IDLE_TIMEOUT - idle.unwrap_or_default();
+                    self.idle.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+            }
         }
         self.killed
     }
@@ -219,7 +250,7 @@ impl PeerStream {
 fn aborted() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
-        "the agent is shutting down",
+        "closed by the agent (shutting down, or idle)",
     )
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tonic::Request;
 
+use super::activity::Activity;
 use crate::config::{Config, Group};
 
 /// What a call needs.
@@ -79,6 +80,8 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub caller: Arc<Caller>,
+    /// The calls open on the connection (`api::gate` counts them).
+    pub activity: Arc<Activity>,
 }
 
 /// The caller of a request that arrived over the control socket.

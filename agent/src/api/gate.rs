@@ -5,7 +5,9 @@
 //! message; and at most [`DECODING_DEPLOYS`] deploy requests per budget
 //! (unprivileged callers, root and the agent's user) are being received at
 //! once, each within [`DECODE_TIMEOUT`], so the memory messages in transit
-//! take is bounded and root's budget is its own.
+//! take is bounded and root's budget is its own. It also counts each
+//! call as open on its connection until the response ends
+//! (`api::activity`), for the idle timeout of `api::accept`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +20,7 @@ use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 
+use super::activity::StreamGuard;
 use super::auth::{Access, ConnInfo, Policy, access_of};
 use super::deny;
 use crate::app::App;
@@ -84,7 +87,41 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
+        // The call counts as open until its response body ends.
+        let guard = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|i| i.activity.begin());
+        let future = self.admit(inner, req);
+        Box::pin(async move {
+            let response = future.await?;
+            Ok(match guard {
+                None => response,
+                Some(guard) => response.map(|body| {
+                    Body::new(Tracked {
+                        body,
+                        _guard: guard,
+                    })
+                }),
+            })
+        })
+    }
+}
+
+impl<S> Gated<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    fn admit(
+        &self,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, Infallible>> {
         if access_of(req.uri().path()) != Access::Deploy {
             return Box::pin(inner.call(req));
         }
@@ -116,6 +153,32 @@ where
                 Err(_) => Ok(unavailable()),
             }
         })
+    }
+}
+
+/// A response body that holds its call open until it ends.
+struct Tracked {
+    body: Body,
+    _guard: StreamGuard,
+}
+
+impl http_body::Body for Tracked {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

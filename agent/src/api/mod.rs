@@ -5,6 +5,7 @@
 //! `metrics_listen` (`metrics_endpoint`).
 
 pub mod accept;
+pub mod activity;
 pub mod auth;
 pub mod convert;
 pub mod deny;

@@ -332,3 +332,31 @@ fn groups_come_from_the_callers_credentials_not_from_etc_group() {
     let (code, out) = ctl_with(&env, uid, primary, &[gid], &["status"]);
     assert_eq!(code, 0, "{user} with {group}: {out}");
 }
+
+#[test]
+fn a_connection_without_calls_is_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let (env, _dir) = env_with_app();
+    let agent = env.spawn_agent();
+    let mut idle = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(150)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    // The server's SETTINGS arrive, then nothing until the agent closes it.
+    loop {
+        match idle.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "idle connection still open after {:?}: {e}\n{}",
+                start.elapsed(),
+                agent.log()
+            ),
+        }
+    }
+    eprintln!("idle connection closed after {:?}", start.elapsed());
+    // Root is still served.
+    root_ok(&env, &["status"]);
+}

@@ -61,7 +61,7 @@ fn units_pass_systemd_analyze_verify_silently() {
 }
 
 #[test]
-fn service_exposure_is_at_most_2_0() {
+fn service_exposure_is_at_most_2_1() {
     let Some(analyze) = systemd_analyze() else {
         return;
     };
