@@ -17,8 +17,10 @@
 //!
 //! `SIGTERM`/`SIGINT` send `STOPPING=1`, stop accepting calls, cut pending
 //! verification waits short, end watch streams, wait for running deploys to
-//! finish (a deploy is never abandoned between stages) and remove the socket
-//! if the agent bound it (an activated socket belongs to systemd).
+//! finish (a deploy is never abandoned between stages), cut the client
+//! connections still open 2 s after that (a watcher that stopped reading
+//! would hold graceful shutdown forever), and remove the socket if the
+//! agent bound it (an activated socket belongs to systemd).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -360,3 +360,50 @@ fn a_connection_without_calls_is_closed_after_the_idle_timeout() {
     // Root is still served.
     root_ok(&env, &["status"]);
 }
+
+#[test]
+fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
+    if !can_attack() || crate::support::find_program("prlimit", &[]).is_none() {
+        return;
+    }
+    let (env, _dir) = env_with_app();
+    // The agent with few descriptors: two users' connection budgets
+    // (32 each) exhaust them.
+    let base = env.agent_command();
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=48:48")
+        .arg("--")
+        .arg(base.get_program())
+        .args(base.get_args());
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let agent = crate::support::AgentProc::spawn(cmd, &env.socket(), &env.agent_log_path());
+    let s = sock(&env);
+    let idle = ["idle", &s, "60", "200"];
+    let outsider = attack(&env, "emfile-outsider", OUTSIDER, &idle);
+    let reader = attack(&env, "emfile-reader", READER, &idle);
+    agent.wait_for_log("accept failed", Duration::from_secs(30));
+    thread::sleep(Duration::from_secs(5));
+    let failures = agent.log().matches("accept failed").count();
+    eprintln!("out of descriptors: {failures} failed accepts logged in about 5 s");
+    // A loop without the back-off logs a failure per wakeup: millions.
+    assert!(failures < 1000, "{failures} failed accepts: the loop spins");
+    drop((outsider, reader));
+    // Once the attackers are gone, root is served again.
+    let deadline = Instant::now() + LIVENESS;
+    loop {
+        let out = env.ctl(&["status"]);
+        if out.code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "root not served after the attack\n{out}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
