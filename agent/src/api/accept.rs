@@ -51,6 +51,8 @@ pub const MAX_PER_UID: usize = 32;
 pub const MAX_PRIVILEGED: usize = 64;
 /// The wait after a failed `accept` (e.g. out of file descriptors).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a failing `accept` is warned about.
+pub const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// How long a connection may stay open without a call on it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long reading a caller's credentials may take.
@@ -75,6 +77,9 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<PeerStream>>,
 ) {
     let slots = Arc::new(Slots::default());
+    // Failed accepts are warned about once per ACCEPT_WARN_EVERY; the
+    // others go to the debug log.
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -83,9 +88,14 @@ async fn accept_loop(
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(
-                    "control socket: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}"
-                );
+                if warned.is_none_or(|w| w.elapsed() >= ACCEPT_WARN_EVERY) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "control socket: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}"
+                    );
+                } else {
+                    tracing::debug!("control socket: accept failed: {e}");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
