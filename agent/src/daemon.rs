@@ -17,8 +17,10 @@
 //!
 //! `SIGTERM`/`SIGINT` send `STOPPING=1`, stop accepting calls, cut pending
 //! verification waits short, end watch streams, wait for running deploys to
-//! finish (a deploy is never abandoned between stages) and remove the socket
-//! if the agent bound it (an activated socket belongs to systemd).
+//! finish (a deploy is never abandoned between stages), cut the client
+//! connections still open 2 s after that (a watcher that stopped reading
+//! would hold graceful shutdown forever), and remove the socket if the
+//! agent bound it (an activated socket belongs to systemd).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,12 +31,14 @@ use std::time::{Duration, SystemTime};
 use certctl_proto::agent::v1::agent_server::AgentServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{broadcast, watch};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::api::gate::Gate;
 use crate::api::metrics_endpoint::{self, Exposition};
 use crate::api::server::{DRAIN_TIMEOUT, Service};
 use crate::api::socket;
+use crate::api::{accept, limits};
 use crate::app::App;
 use crate::atomic;
 use crate::config::{self, Config};
@@ -203,9 +207,27 @@ pub async fn run(
     );
     notifier.ready(&status_line(&shared, &board));
 
+    // Connections still open once deploys are drained (a watcher that
+    // stopped reading holds graceful shutdown forever) are cut after
+    // CLOSE_GRACE.
+    let kill = CancellationToken::new();
+    tokio::spawn(close_after_drain(shared.clone(), kill.clone()));
     let server = tonic::transport::Server::builder()
-        .add_service(AgentServer::new(Service::new(shared.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
+        .max_concurrent_streams(limits::MAX_STREAMS)
+        .initial_stream_window_size(limits::STREAM_WINDOW)
+        .initial_connection_window_size(limits::CONNECTION_WINDOW)
+        .http2_max_header_list_size(limits::MAX_HEADER_LIST)
+        .http2_keepalive_interval(Some(limits::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
+        .layer(Gate::new(shared.clone()))
+        .add_service(
+            AgentServer::new(Service::new(shared.clone()))
+                .max_decoding_message_size(limits::MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(
+            accept::incoming(listener, shared.clone(), kill.clone()),
+            stop,
+        );
     let mut server = pin!(server);
     let mut watchdog = notifier.watchdog_period().map(tokio::time::interval);
     let mut refresh = notifier
@@ -259,6 +281,20 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// After `SIGTERM`: once every admitted deploy finished (or
+/// `DRAIN_TIMEOUT` passed), gives clients [`limits::CLOSE_GRACE`] to read
+/// what is left, then cuts every connection still open.
+async fn close_after_drain(shared: Arc<App>, kill: CancellationToken) {
+    let mut down = shared.shutdown_signal();
+    if down.wait_for(|d| *d).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, shared.drained()).await;
+    tokio::time::sleep(limits::CLOSE_GRACE).await;
+    info!("closing the connections still open");
+    kill.cancel();
 }
 
 /// The control socket: systemd's when activated, else bound at

@@ -1,22 +1,19 @@
-//! Who may call the agent: decided per call from kernel-checked peer
-//! credentials.
+//! Who may call the agent: decided from kernel-held credentials.
 //!
-//! The caller's uid, gid and pid come from `SO_PEERCRED` on the Unix socket
-//! (the kernel fills them at `connect`; a client cannot forge them). Group
-//! membership is the caller's primary gid plus its supplementary groups from
-//! the user database (`getgrouplist`). Root and the agent's own user are
-//! always allowed; members of `deploy_groups` may deploy and read; members of
-//! `read_groups` may only read. A refusal names the socket, the caller and
-//! the group to join.
+//! The caller (uid, gid, pid and every group it holds) is read once per
+//! connection when it is accepted (`api::peer`, `api::accept`) and travels
+//! with each request as [`ConnInfo`]; no user-database lookup is made per
+//! call. Root and the agent's own user are always allowed; members of
+//! `deploy_groups` may deploy and read; members of `read_groups` may only
+//! read. A refusal names the socket, the caller and the group to join.
 
-use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use nix::unistd::{Gid, Uid, User, getgrouplist};
 use tonic::Request;
-use tonic::transport::server::UdsConnectInfo;
 
-use crate::config::Group;
+use super::activity::Activity;
+use crate::config::{Config, Group};
 
 /// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,44 +75,59 @@ pub struct Policy {
     pub agent_uid: u32,
 }
 
-/// Reads the caller's credentials from a request that arrived over a Unix
-/// socket.
-pub fn caller<T>(req: &Request<T>, socket: &std::path::Path) -> Result<Caller, AuthError> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .ok_or_else(|| AuthError::NoCredentials {
-            socket: socket.to_owned(),
-        })?;
-    Ok(resolve(cred.uid(), cred.gid(), cred.pid()))
+/// What each request on an accepted connection carries (tonic's connect
+/// info): the caller, as the kernel described it at accept.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub caller: Arc<Caller>,
+    /// The calls open on the connection (`api::gate` counts them).
+    pub activity: Arc<Activity>,
 }
 
-/// Completes raw credentials with the user name and supplementary groups.
-pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Caller {
-    let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
-    let mut groups = vec![gid];
-    if let Some(u) = &user
-        && let Ok(name) = CString::new(u.name.as_bytes())
-        && let Ok(list) = getgrouplist(&name, Gid::from_raw(gid))
-    {
-        groups.extend(list.into_iter().map(Gid::as_raw));
-    }
-    groups.sort_unstable();
-    groups.dedup();
-    Caller {
-        uid,
-        gid,
-        pid,
-        user: user.map(|u| u.name),
-        groups,
+/// The caller of a request that arrived over the control socket.
+pub fn caller<T>(req: &Request<T>, socket: &std::path::Path) -> Result<Arc<Caller>, AuthError> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|i| i.caller.clone())
+        .ok_or_else(|| AuthError::NoCredentials {
+            socket: socket.to_owned(),
+        })
+}
+
+/// What a method of `certctl.agent.v1.Agent` needs, from its HTTP/2 path
+/// (`/certctl.agent.v1.Agent/Deploy`): known before its body is read.
+pub fn access_of(path: &str) -> Access {
+    match path.rsplit('/').next() {
+        Some("Deploy" | "Rollback") => Access::Deploy,
+        _ => Access::Read,
     }
 }
 
 impl Policy {
+    /// The rules of `config` for the socket at `socket`.
+    pub fn of(config: &Config, socket: PathBuf) -> Self {
+        Self {
+            socket,
+            deploy_groups: config.agent.deploy_groups.clone(),
+            read_groups: config.agent.read_groups.clone(),
+            agent_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    /// Root and the agent's own user: always allowed, with their own
+    /// connection budget.
+    pub fn privileged(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.agent_uid
+    }
+
+    /// Whether `caller` may make any call at all.
+    pub fn may_connect(&self, caller: &Caller) -> bool {
+        self.authorize(caller, Access::Read).is_ok()
+    }
+
     /// Allows or refuses `caller` for `access`.
     pub fn authorize(&self, caller: &Caller, access: Access) -> Result<(), AuthError> {
-        if caller.uid == 0 || caller.uid == self.agent_uid {
+        if self.privileged(caller.uid) {
             return Ok(());
         }
         let member = |groups: &[Group]| groups.iter().any(|g| caller.groups.contains(&g.gid));
@@ -226,6 +238,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("only root may deploy"), "{msg}");
+    }
+
+    #[test]
+    fn access_follows_the_method() {
+        assert_eq!(access_of("/certctl.agent.v1.Agent/Deploy"), Access::Deploy);
+        assert_eq!(
+            access_of("/certctl.agent.v1.Agent/Rollback"),
+            Access::Deploy
+        );
+        assert_eq!(access_of("/certctl.agent.v1.Agent/Status"), Access::Read);
+        assert_eq!(access_of("/x"), Access::Read);
     }
 
     #[test]

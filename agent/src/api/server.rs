@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use certctl_proto::agent::v1 as pb;
 use certctl_proto::agent::v1::agent_server::Agent;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -35,24 +36,19 @@ trait Authorize {
         &self,
         req: &Request<T>,
         access: Access,
-    ) -> Result<(Arc<Config>, auth::Caller), Status>;
+    ) -> Result<(Arc<Config>, Arc<auth::Caller>), Status>;
 }
 
 impl Authorize for App {
     fn policy(&self, config: &Config) -> Policy {
-        Policy {
-            socket: self.socket.clone(),
-            deploy_groups: config.agent.deploy_groups.clone(),
-            read_groups: config.agent.read_groups.clone(),
-            agent_uid: nix::unistd::geteuid().as_raw(),
-        }
+        Policy::of(config, self.socket.clone())
     }
 
     fn authorize<T>(
         &self,
         req: &Request<T>,
         access: Access,
-    ) -> Result<(Arc<Config>, auth::Caller), Status> {
+    ) -> Result<(Arc<Config>, Arc<auth::Caller>), Status> {
         let config = self.config();
         let caller = auth::caller(req, &self.socket)?;
         if let Err(e) = self.policy(&config).authorize(&caller, access) {
@@ -401,12 +397,24 @@ impl Agent for Service {
     ) -> Result<Response<EventStream>, Status> {
         let (_, caller) = self.shared.authorize(&request, Access::Read)?;
         tracing::debug!(caller = %caller.describe(), "watch stream opened");
-        let events = BroadcastStream::new(self.shared.engine.subscribe()).filter_map(|e| match e {
-            Ok(e) => Some(Ok(convert::event(&e))),
-            // A watcher too slow to keep up misses events rather than
-            // slowing deploys down.
-            Err(_lagged) => None,
-        });
+        // A watcher too slow to keep up (the broadcast channel's bounded
+        // backlog overflowed) is told so and its stream ends: nothing is
+        // buffered for it beyond that backlog, and deploys never wait.
+        let mut ended = false;
+        let events = BroadcastStream::new(self.shared.engine.subscribe())
+            .map(|e| match e {
+                Ok(e) => Ok(convert::event(&e)),
+                Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::resource_exhausted(
+                    format!("watch fell {n} events behind and was ended: run certctl watch again"),
+                )),
+            })
+            .map_while(move |e| {
+                if ended {
+                    return None;
+                }
+                ended = e.is_err();
+                Some(e)
+            });
         // The stream ends when the agent shuts down, so shutdown is not
         // held up by watchers.
         let down =

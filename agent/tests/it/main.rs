@@ -26,6 +26,7 @@ mod envoy_kind;
 mod generations;
 mod haproxy_kind;
 mod harness;
+mod hostile_clients;
 mod hostile_input;
 mod keystore_kind;
 mod layering;

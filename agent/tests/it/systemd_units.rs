@@ -1,6 +1,6 @@
 //! The shipped units pass `systemd-analyze`: `verify` prints nothing (it
 //! exits 0 on many mistakes, so any output fails), and the service's
-//! sandbox keeps its exposure at or below 2.0 (`security --offline`).
+//! sandbox keeps its exposure at or below 2.1 (`security --offline`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,8 +9,10 @@ use std::time::Duration;
 use crate::support::process::run_bounded;
 use crate::support::{agent_bin, find_program, server_missing};
 
-/// Highest `systemd-analyze security` exposure the service may have.
-const MAX_EXPOSURE: f64 = 2.0;
+/// Highest `systemd-analyze security` exposure the service may have: 1.9
+/// with `ProtectProc=invisible`; `ProtectProc=default` (0.2) is needed for
+/// reading a caller's groups from `/proc/<pid>/status` (docs/security.md).
+const MAX_EXPOSURE: f64 = 2.1;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -59,7 +61,7 @@ fn units_pass_systemd_analyze_verify_silently() {
 }
 
 #[test]
-fn service_exposure_is_at_most_2_0() {
+fn service_exposure_is_at_most_2_1() {
     let Some(analyze) = systemd_analyze() else {
         return;
     };
