@@ -223,14 +223,7 @@ impl<'e> Run<'e> {
 
     /// Notes the leaf on disk at the end, for the report.
     pub(super) async fn look_at_disk(&mut self, target: &Target) {
-        let t = target.clone();
-        self.disk_sha256 = tokio::task::spawn_blocking(move || crate::disk::read(&t))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten()
-            .map(|d| d.leaf.sha256_hex())
-            .unwrap_or_default();
+        self.disk_sha256 = leaf_sha256(target).await.unwrap_or_default();
     }
 
     pub(super) fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
@@ -384,4 +377,16 @@ pub(super) fn input_fingerprints(bundle: &Bundle) -> Vec<(String, String)> {
     );
     out.push(("key-spki".to_owned(), bundle.leaf.spki_sha256_hex()));
     out
+}
+
+/// The hex SHA-256 of the leaf on `target`'s disk now, read off the async
+/// threads: `Some("")` when there is no certificate file, `None` when what
+/// is there cannot be read.
+pub(super) async fn leaf_sha256(target: &Target) -> Option<String> {
+    let t = target.clone();
+    tokio::task::spawn_blocking(move || crate::disk::leaf(&t))
+        .await
+        .ok()?
+        .ok()
+        .map(|leaf| leaf.map(|l| l.sha256_hex()).unwrap_or_default())
 }

@@ -34,7 +34,7 @@ use super::commit::{Committed, blocking};
 use super::engine::Engine;
 use super::error::DeployError;
 use super::generations::Switch;
-use super::progress::Run;
+use super::progress::{Run, leaf_sha256};
 use super::rollback::restored_view;
 use crate::atomic::{self, FsError};
 use crate::config::{Config, Target};
@@ -123,18 +123,9 @@ impl Engine {
         if !newest {
             return false;
         }
-        let on_disk = blocking(move || {
-            crate::disk::leaf(&target).map_err(|e| FsError {
-                op: "cannot read",
-                path: target.cert_path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })
-        .await;
-        match on_disk {
-            Ok(leaf) => leaf.map(|l| l.sha256_hex()).unwrap_or_default() == rec.disk_sha256,
-            Err(_) => false,
-        }
+        leaf_sha256(&target)
+            .await
+            .is_some_and(|sha| sha == rec.disk_sha256)
     }
 
     async fn recover_one(&self, rec: Record, config: &Config) -> Option<Report> {
@@ -215,26 +206,17 @@ impl Run<'_> {
                 later.outcome.as_deref().unwrap_or("open")
             )));
         }
-        let t = target.clone();
-        let on_disk = blocking(move || {
-            crate::disk::leaf(&t).map_err(|e| FsError {
-                op: "cannot read",
-                path: t.cert_path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })
-        .await;
-        if let Ok(Some(leaf)) = on_disk {
-            let sha = leaf.sha256_hex();
-            if sha != rec.cert_sha256 && sha != rec.prev_sha256 {
-                return Err(DeployError::Internal(format!(
-                    "{interrupted}; {} now holds {}, neither this run's certificate nor the one it \
+        if let Some(sha) = leaf_sha256(target).await.filter(|s| !s.is_empty())
+            && sha != rec.cert_sha256
+            && sha != rec.prev_sha256
+        {
+            return Err(DeployError::Internal(format!(
+                "{interrupted}; {} now holds {}, neither this run's certificate nor the one it \
                      replaced: the files were replaced since, so recovery left them alone; check \
                      them and deploy again",
-                    target.cert_path.display(),
-                    short_hex(&sha)
-                )));
-            }
+                target.cert_path.display(),
+                short_hex(&sha)
+            )));
         }
         Ok(())
     }

@@ -22,15 +22,15 @@ use super::commit::{Committed, blocking, dirs_of};
 use super::engine::Engine;
 use super::error::DeployError;
 use super::generations;
-use super::progress::Run;
+use super::progress::{Run, leaf_sha256};
 use crate::atomic::{self, FsError};
 use crate::bundle;
-use crate::command;
+
 use crate::config::{Layout, Target};
 use crate::disk::OnDisk;
 use crate::journal::FileRecord;
 use crate::model::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
-use crate::model::fmt::{fmt_duration, short_hex};
+use crate::model::fmt::short_hex;
 use crate::model::stage::Op;
 use crate::verify::served::Expect;
 
@@ -289,20 +289,9 @@ impl Run<'_> {
         Ok((committed, restored, Cleanup::Generations { dir }))
     }
 
-    /// The leaf on disk now (hex SHA-256), empty when none.
+    /// The leaf on disk now (hex SHA-256), empty when none or unreadable.
     async fn leaf_on_disk(&self, target: &Target) -> String {
-        let t = target.clone();
-        blocking(move || {
-            Ok::<_, FsError>(
-                crate::disk::read(&t)
-                    .ok()
-                    .flatten()
-                    .map(|d| d.leaf.sha256_hex())
-                    .unwrap_or_default(),
-            )
-        })
-        .await
-        .unwrap_or_default()
+        leaf_sha256(target).await.unwrap_or_default()
     }
 
     async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Cleanup, DeployError> {
@@ -315,15 +304,8 @@ impl Run<'_> {
         };
 
         if !target.validate.is_empty() {
-            match self.run_command(target, "validate", &target.validate).await {
-                Ok(took) => self.stage(
-                    Stage::ValidateCommand,
-                    format!(
-                        "`{}` ok ({})",
-                        command::display_argv(&target.validate),
-                        fmt_duration(took)
-                    ),
-                ),
+            match self.validate(target).await {
+                Ok(()) => {}
                 Err(e) => {
                     self.stage(
                         Stage::Rollback,

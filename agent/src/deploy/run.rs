@@ -463,15 +463,8 @@ impl Run<'_> {
     ) -> Result<Outcome, DeployError> {
         // 7. Validate against the new files.
         if !target.validate.is_empty() {
-            match self.run_command(target, "validate", &target.validate).await {
-                Ok(took) => self.stage(
-                    Stage::ValidateCommand,
-                    format!(
-                        "`{}` ok ({})",
-                        command::display_argv(&target.validate),
-                        fmt_duration(took)
-                    ),
-                ),
+            match self.validate(target).await {
+                Ok(()) => {}
                 Err(e) => {
                     let first = committed.created_everything();
                     self.stage(
@@ -596,6 +589,26 @@ impl Run<'_> {
             .metrics
             .command_finished(purpose, started.elapsed());
         Ok(out?.duration)
+    }
+
+    /// Stage 7's action: the target's validate command against the files
+    /// in place, reported as its stage; `Ok` too when there is none.
+    pub(super) async fn validate(&self, target: &Target) -> Result<(), command::CommandError> {
+        if target.validate.is_empty() {
+            return Ok(());
+        }
+        let took = self
+            .run_command(target, "validate", &target.validate)
+            .await?;
+        self.stage(
+            Stage::ValidateCommand,
+            format!(
+                "`{}` ok ({})",
+                command::display_argv(&target.validate),
+                fmt_duration(took)
+            ),
+        );
+        Ok(())
     }
 
     /// Stage 8's action: the target's reload hook, else its reload
