@@ -2092,7 +2092,7 @@ PLR1NGTitwEHbwA=
     /// Property tests with a fixed case budget: any input is an error with
     /// a reason (never a panic, never key material in the message), and a
     /// valid set is found whatever the order and split of its blocks.
-    mod props {
+    mod fuzz {
         use std::sync::OnceLock;
 
         use proptest::prelude::*;
@@ -2100,11 +2100,7 @@ PLR1NGTitwEHbwA=
         use super::*;
 
         fn config() -> ProptestConfig {
-            ProptestConfig {
-                cases: 64,
-                failure_persistence: None,
-                ..ProptestConfig::default()
-            }
+            crate::fuzzing::config(64)
         }
 
         /// Key, leaf, intermediate and root PEM, made once.

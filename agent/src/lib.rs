@@ -23,6 +23,8 @@ pub mod disk;
 pub mod drift;
 pub mod drop;
 pub mod failpoint;
+#[cfg(test)]
+pub mod fuzzing;
 pub mod journal;
 pub mod keystore;
 pub mod kind;

@@ -377,3 +377,183 @@ mod tests {
             .unwrap();
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Fuzzing the endpoint with requests of every shape over real
+    //! connections: each gets a well-formed HTTP/1.x answer or a closed
+    //! connection, only `GET`/`HEAD /metrics` gets the exposition, and the
+    //! endpoint answers a plain scrape after every one of them.
+
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Far longer than any answer takes; only a hang reaches it.
+    const GENEROUS: Duration = Duration::from_secs(30);
+
+    struct Fake;
+
+    impl Exposition for Fake {
+        async fn render(&self) -> String {
+            "fake_total 1\n".to_owned()
+        }
+    }
+
+    /// What the endpoint sent until it closed (a reset ends it too).
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(request).await;
+        let _ = s.shutdown().await;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = async {
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(GENEROUS, read)
+            .await
+            .expect("the endpoint answers or closes");
+        out
+    }
+
+    /// A request line and head built from pieces that matter to a router
+    /// and a parser, or plain bytes.
+    fn request() -> impl Strategy<Value = (Vec<u8>, String, String)> {
+        let method = prop_oneof![
+            Just("GET"),
+            Just("HEAD"),
+            Just("POST"),
+            Just("PUT"),
+            Just("DELETE"),
+            Just("OPTIONS"),
+            Just("CONNECT"),
+            Just("get"),
+            Just("GET\0"),
+            Just(""),
+        ];
+        let path = prop_oneof![
+            Just("/metrics".to_owned()),
+            Just("/metrics?x=1&y".to_owned()),
+            Just("/metrics/".to_owned()),
+            Just("/metrics#frag".to_owned()),
+            Just("/".to_owned()),
+            Just("//metrics".to_owned()),
+            Just("/%6detrics".to_owned()),
+            Just("/METRICS".to_owned()),
+            Just("*".to_owned()),
+            Just("http://localhost/metrics".to_owned()),
+            Just("/metrics\r\nX-Forged: 1".to_owned()),
+            "/[ -~]{0,40}",
+            "[^\r\n]{0,20}",
+        ];
+        let version = prop_oneof![
+            Just("HTTP/1.1"),
+            Just("HTTP/1.0"),
+            Just("HTTP/2.0"),
+            Just("HTTP/0.9"),
+            Just("HTTP/1.1\0"),
+            Just(""),
+        ];
+        let header = prop_oneof![
+            Just("Host: localhost".to_owned()),
+            Just("Content-Length: 5".to_owned()),
+            Just("Content-Length: 99999999999999999999".to_owned()),
+            Just("Transfer-Encoding: chunked".to_owned()),
+            Just("Expect: 100-continue".to_owned()),
+            Just("Connection: keep-alive".to_owned()),
+            Just("Upgrade: h2c".to_owned()),
+            Just(": empty".to_owned()),
+            Just("No-Colon".to_owned()),
+            "[A-Za-z-]{1,12}: [ -~]{0,40}",
+        ];
+        let eol = prop_oneof![Just("\r\n"), Just("\n")];
+        prop_oneof![
+            4 => (method, path, version, proptest::collection::vec(header, 0..6), eol, "[ -~]{0,16}")
+                .prop_map(|(m, p, v, h, eol, body)| {
+                    let mut r = format!("{m} {p} {v}{eol}");
+                    for line in &h {
+                        r.push_str(&format!("{line}{eol}"));
+                    }
+                    r.push_str(eol);
+                    r.push_str(&body);
+                    (r.into_bytes(), m.to_owned(), p)
+                }),
+            1 => proptest::collection::vec(any::<u8>(), 0..512)
+                .prop_map(|b| (b, String::new(), String::new())),
+            1 => Just((b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), String::new(), String::new())),
+        ]
+    }
+
+    #[test]
+    fn any_request_gets_a_well_formed_answer_or_none() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a test runtime");
+        let (addr, stop) = rt.block_on(async {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("its address");
+            let (stop, shutdown) = watch::channel(false);
+            tokio::spawn(serve(listener, Arc::new(Fake), shutdown));
+            (addr, stop)
+        });
+        let mut runner = TestRunner::new(crate::fuzzing::config(128));
+        let result = runner.run(&request(), |(raw, method, path)| {
+            let (answer, scrape) = rt.block_on(async {
+                let answer = exchange(addr, &raw).await;
+                let scrape = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                (answer, scrape)
+            });
+            prop_assert!(
+                scrape.starts_with(b"HTTP/1.1 200 OK\r\n") && scrape.ends_with(b"fake_total 1\n"),
+                "the endpoint stopped answering after {:?}: {:?}",
+                String::from_utf8_lossy(&raw),
+                String::from_utf8_lossy(&scrape)
+            );
+            if answer.is_empty() {
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&answer);
+            let status: u16 = text
+                .strip_prefix("HTTP/1.1 ")
+                .or_else(|| text.strip_prefix("HTTP/1.0 "))
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse().ok())
+                .ok_or_else(|| TestCaseError::fail(format!("not an HTTP/1.x answer: {text:?}")))?;
+            prop_assert!(text.contains("\r\n\r\n"), "{text:?}");
+            if status == 200 {
+                let route = path.split(['?', '#']).next().unwrap_or_default();
+                prop_assert!(
+                    matches!(method.as_str(), "GET" | "HEAD"),
+                    "{method} {path}: {text:?}"
+                );
+                prop_assert!(
+                    route == PATH || route.ends_with("//localhost/metrics"),
+                    "{method} {path}: {text:?}"
+                );
+            } else {
+                prop_assert!(
+                    [400, 404, 405, 408, 413, 414, 417, 431, 501, 505].contains(&status),
+                    "{status}: {text:?}"
+                );
+            }
+            Ok(())
+        });
+        let _ = stop.send(true);
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+}

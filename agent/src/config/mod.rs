@@ -18,6 +18,8 @@
 //! (messages), `host` (user and group lookups, replaceable in tests).
 
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod hook;
 pub mod host;
 pub mod keystore;

@@ -51,7 +51,7 @@ impl Ctx {
     }
 
     pub fn public(&self, entry: &str) -> PathBuf {
-        self.dirs.root().join(entry)
+        self.dirs.root().join(self.dirs.on_disk(entry))
     }
 
     /// The public path of `entry`, as shown (escaped).

@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(unclaimed_entry("web.pem"), None);
     }
 
-    mod props {
+    mod fuzz {
         use std::os::unix::ffi::OsStrExt;
 
         use proptest::prelude::*;
@@ -259,11 +259,7 @@ mod tests {
         use crate::model::fmt::escape;
 
         fn config() -> ProptestConfig {
-            ProptestConfig {
-                cases: 256,
-                failure_persistence: None,
-                ..ProptestConfig::default()
-            }
+            crate::fuzzing::config(256)
         }
 
         proptest! {

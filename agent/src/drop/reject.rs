@@ -165,6 +165,13 @@ impl Dirs {
         Ok(claimed)
     }
 
+    /// The name on disk of the entry listed as `entry` (listings are lossy
+    /// UTF-8; an entry whose name is not UTF-8 is known by that form), so
+    /// that what is shown and quoted is the entry's real name.
+    pub fn on_disk(&self, entry: &str) -> std::ffi::OsString {
+        on_disk_name(self.drop.as_fd(), entry)
+    }
+
     /// Removes a taken drop (file, link or directory tree) after its deploys.
     pub fn remove_taken(&self, claimed: &str) -> Result<(), MoveError> {
         remove_at(self.drop.as_fd(), claimed, &self.root.join(claimed))

@@ -40,6 +40,9 @@ pub enum CaddyError {
     },
 }
 
+/// The longest stretch of caddy's error quoted in a message.
+const QUOTE_LIMIT: usize = 500;
+
 #[derive(Serialize)]
 struct LoadPem<'a> {
     #[serde(rename = "@id")]
@@ -124,7 +127,15 @@ fn refused(endpoint: &Endpoint, method: &str, path: &str, r: &Response) -> Caddy
     let error = serde_json::from_str::<serde_json::Value>(&r.body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| r.body.trim().chars().take(500).collect());
+        .unwrap_or_else(|| r.body.trim().to_owned());
+    // caddy's words go into a log line: one line, every byte visible, cut.
+    let mut short: String = error.chars().take(QUOTE_LIMIT).collect();
+    let cut = short.len() < error.len();
+    short = crate::model::fmt::one_line(&short).into_owned();
+    if cut {
+        short.push('…');
+    }
+    let error = short;
     CaddyError::Refused {
         endpoint: endpoint.to_string(),
         request: format!("{method} {path}"),
@@ -149,5 +160,42 @@ mod tests {
             serde_json::to_string(&entry).unwrap(),
             r#"{"@id":"certctl-web","certificate":"C\n","key":"K\n","tags":["certctl-web"]}"#
         );
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Fuzzing caddy's refusals: whatever body comes with a refusal (JSON
+    //! or not, any size, any bytes), the message is one bounded line.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn body() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            any::<String>().prop_map(|e| serde_json::json!({ "error": e }).to_string()),
+            "[ -~\\n\\r\u{1b}\u{2028}\u{202e}]{0,2000}",
+            Just("{\"error\": 5}".to_owned()),
+            Just("{\"error\": \"line\\nforged: yes\"}".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(256))]
+
+        #[test]
+        fn any_refusal_is_one_bounded_line(status in 100u16..600, body in body()) {
+            let endpoint = Endpoint::Tcp { host: "127.0.0.1".to_owned(), port: 2019 };
+            let e = refused(&endpoint, "PATCH", "/id/certctl-web", &Response { status, body });
+            let text = e.to_string();
+            prop_assert!(
+                matches!(crate::model::fmt::one_line(&text), std::borrow::Cow::Borrowed(_)),
+                "{text:?}"
+            );
+            // An escape is at most ten characters (`\u{NNNN}`).
+            prop_assert!(text.chars().count() < 10 * QUOTE_LIMIT + 400, "{}", text.len());
+        }
     }
 }

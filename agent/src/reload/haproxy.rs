@@ -85,7 +85,7 @@ pub async fn master_reload(socket: &Path) -> Result<String, HaproxyError> {
         }
         return Err(HaproxyError::ReloadFailed {
             failed: before.failed + 1,
-            answer: format!(": {}", answer.trim()),
+            answer: format!(": {}", one_line(&answer)),
         });
     }
     // Older ones re-execute the master, which closes the socket: wait until
@@ -122,7 +122,7 @@ async fn show_proc(socket: &Path) -> Result<Proc, HaproxyError> {
     let answer = exchange(socket, "master CLI", b"show proc\n").await?;
     parse_master(&answer).ok_or_else(|| HaproxyError::NotMaster {
         socket: socket.display().to_string(),
-        answer: answer.chars().take(200).collect(),
+        answer: one_line(&answer),
     })
 }
 
@@ -217,7 +217,12 @@ async fn exchange(
     Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
-/// haproxy's multi-line answer as one line for a message.
+/// The longest stretch of an answer quoted in a message.
+const QUOTE_LIMIT: usize = 500;
+
+/// haproxy's multi-line answer as one line for a message: lines joined,
+/// control and invisible characters escaped, cut at [`QUOTE_LIMIT`]
+/// characters.
 fn one_line(answer: &str) -> String {
     let text = answer
         .lines()
@@ -226,10 +231,15 @@ fn one_line(answer: &str) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     if text.is_empty() {
-        "no answer".to_owned()
-    } else {
-        text
+        return "no answer".to_owned();
     }
+    let mut short: String = text.chars().take(QUOTE_LIMIT).collect();
+    let cut = short.len() < text.len();
+    short = crate::model::fmt::one_line(&short).into_owned();
+    if cut {
+        short.push('…');
+    }
+    short
 }
 
 #[cfg(test)]
@@ -377,5 +387,146 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("-S"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Fuzzing what haproxy answers: `show proc` listings of any shape give
+    //! the master's counters or nothing, and any answer to the runtime API
+    //! ends in success only on haproxy's own words, with a one-line message
+    //! otherwise.
+
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A `show proc` listing as haproxy 2.x prints it, with workers and old
+    /// workers in any number.
+    fn show_proc() -> impl Strategy<Value = (String, Proc)> {
+        (
+            0u64..100_000,
+            proptest::option::of(0u64..1000),
+            proptest::collection::vec((1u32..99_999, 0u64..50), 0..6),
+            proptest::collection::vec((1u32..99_999, 0u64..50), 0..6),
+            "[0-9]\\.[0-9]{1,2}\\.[0-9]{1,2}(-[0-9a-z+.]{1,12})?",
+        )
+            .prop_map(|(reloads, failed, workers, old, version)| {
+                let mut s = "#<PID>          <type>          <reloads>       <uptime>        <version>\n".to_owned();
+                let counter = match failed {
+                    Some(f) => format!("{reloads} [failed: {f}]"),
+                    None => reloads.to_string(),
+                };
+                s.push_str(&format!("1234            master          {counter}   0d00h00m04s     {version}\n"));
+                s.push_str("# workers\n");
+                for (pid, r) in &workers {
+                    s.push_str(&format!("{pid}           worker          {r}               0d00h00m03s     {version}\n"));
+                }
+                if !old.is_empty() {
+                    s.push_str("# old workers\n");
+                    for (pid, r) in &old {
+                        s.push_str(&format!("{pid}           worker          {r}               0d00h01m03s     {version}\n"));
+                    }
+                }
+                s.push_str("# programs\n\n");
+                (s, Proc { reloads, failed: failed.unwrap_or(0) })
+            })
+    }
+
+    /// Answers haproxy could give, and ones it would not.
+    fn answer() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("Transaction created for certificate /t/a.pem!\n".to_owned()),
+            Just("Transaction updated for certificate /t/a.pem!\n".to_owned()),
+            Just("Committing /t/a.pem\n".to_owned()),
+            Just("Success!\n".to_owned()),
+            Just(
+                "Can't replace a certificate which is not referenced by the configuration!\n"
+                    .to_owned()
+            ),
+            Just("\n".to_owned()),
+            Just("\r\u{1b}[2J\u{2028}".to_owned()),
+            "[ -~]{0,30}",
+            any::<String>(),
+        ];
+        proptest::collection::vec(piece, 0..6).prop_map(|p| p.concat())
+    }
+
+    /// A fake runtime API socket answering each connection in turn.
+    async fn fake(answers: Vec<String>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("admin.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            for answer in answers {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (dir, path)
+    }
+
+    fn plain(text: &str) -> bool {
+        matches!(
+            crate::model::fmt::one_line(text),
+            std::borrow::Cow::Borrowed(_)
+        ) && !text.contains('\n')
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(256))]
+
+        #[test]
+        fn show_proc_gives_the_masters_counters((listing, want) in show_proc()) {
+            prop_assert_eq!(parse_master(&listing), Some(want));
+        }
+
+        #[test]
+        fn any_show_proc_answer_parses_or_is_refused(text in any::<String>(), extra in answer()) {
+            let _ = parse_master(&text);
+            let _ = parse_master(&format!("{text}\n{extra}"));
+        }
+
+        #[test]
+        fn any_answer_becomes_one_plain_line(text in answer()) {
+            let line = one_line(&text);
+            prop_assert!(!line.is_empty());
+            prop_assert!(plain(&line), "{line:?}");
+            // An escape is at most ten characters (`\u{NNNN}`).
+            prop_assert!(line.chars().count() <= QUOTE_LIMIT * 10 + 1);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(64))]
+
+        /// Success needs "Transaction created/updated" and then "Success!";
+        /// any other pair of answers is an error with a one-line message.
+        #[test]
+        fn runtime_update_succeeds_only_on_haproxys_own_words(set in answer(), commit in answer()) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a test runtime");
+            let ok_set = set.contains("Transaction created") || set.contains("Transaction updated");
+            let ok_commit = commit.contains("Success!");
+            let result = rt.block_on(async {
+                let (_dir, path) = fake(vec![set.clone(), commit.clone(), String::new()]).await;
+                runtime_update(&path, "/t/a.pem", b"-----BEGIN X-----\nAA\n-----END X-----\n").await
+            });
+            match result {
+                Ok(_) => prop_assert!(ok_set && ok_commit),
+                Err(e) => {
+                    prop_assert!(!(ok_set && ok_commit), "{e}");
+                    let text = e.to_string();
+                    prop_assert!(plain(&text), "{text:?}");
+                }
+            }
+        }
     }
 }

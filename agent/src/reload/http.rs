@@ -371,3 +371,122 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Fuzzing the response parser: any bytes give a response or a reason,
+    //! never a panic; a response encoded any valid way parses back to its
+    //! status and body.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A body and one valid way to frame it.
+    #[derive(Debug, Clone)]
+    enum Framing {
+        Length,
+        Chunked(Vec<usize>),
+        Close,
+    }
+
+    fn framing() -> impl Strategy<Value = Framing> {
+        prop_oneof![
+            Just(Framing::Length),
+            proptest::collection::vec(1usize..64, 0..8).prop_map(Framing::Chunked),
+            Just(Framing::Close),
+        ]
+    }
+
+    fn encode(status: u16, body: &str, framing: &Framing, noise: &[(String, String)]) -> Vec<u8> {
+        let mut head = format!("HTTP/1.1 {status} Whatever\r\n");
+        for (k, v) in noise {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let mut out = Vec::new();
+        match framing {
+            Framing::Length => {
+                head.push_str(&format!("content-LENGTH: {}\r\n\r\n", body.len()));
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(body.as_bytes());
+                out.extend_from_slice(b"trailing bytes past the length");
+            }
+            Framing::Chunked(sizes) => {
+                head.push_str("Transfer-Encoding: Chunked\r\n\r\n");
+                out.extend_from_slice(head.as_bytes());
+                let mut rest = body.as_bytes();
+                let mut sizes = sizes.iter().cycle();
+                while !rest.is_empty() {
+                    let n = (*sizes.next().unwrap_or(&7)).min(rest.len());
+                    out.extend_from_slice(format!("{n:X};ext=1\r\n").as_bytes());
+                    out.extend_from_slice(&rest[..n]);
+                    out.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                out.extend_from_slice(b"0\r\nTrailer: x\r\n\r\n");
+            }
+            Framing::Close => {
+                head.push_str("\r\n");
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(body.as_bytes());
+            }
+        }
+        out
+    }
+
+    /// Header lines that mean nothing to the parser.
+    fn noise() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec(("X-[A-Za-z-]{1,10}", "[ -~]{0,20}"), 0..4)
+    }
+
+    /// Bytes shaped like a response, broken in many ways.
+    fn hostile() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"HTTP/1.1 ".to_vec()),
+            Just(b"HTTP/1.0 200 OK".to_vec()),
+            Just(b"200".to_vec()),
+            Just(b"99999".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"\r\n\r\n".to_vec()),
+            Just(b"Content-Length: ".to_vec()),
+            Just(b"Content-Length: 18446744073709551615".to_vec()),
+            Just(b"Content-Length: -1".to_vec()),
+            Just(b"Transfer-Encoding: chunked".to_vec()),
+            Just(b"ffffffffffffffff".to_vec()),
+            Just(b"+5".to_vec()),
+            Just(b"0".to_vec()),
+            Just(b";".to_vec()),
+            Just(b":".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..1024),
+            proptest::collection::vec(piece, 0..48).prop_map(|p| p.concat()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(256))]
+
+        #[test]
+        fn any_bytes_parse_or_say_why(raw in hostile()) {
+            match parse(&raw) {
+                Ok(r) => prop_assert!(r.body.len() <= 3 * raw.len()),
+                Err(why) => prop_assert!(!why.is_empty() && !why.contains('\n'), "{why:?}"),
+            }
+        }
+
+        #[test]
+        fn every_framing_parses_back(
+            status in 100u16..600,
+            body in "[ -~\\n\\t\u{a0}-\u{2ff}]{0,300}",
+            framing in framing(),
+            noise in noise(),
+        ) {
+            let raw = encode(status, &body, &framing, &noise);
+            let r = parse(&raw).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(r.status, status);
+            prop_assert_eq!(r.body, body);
+        }
+    }
+}

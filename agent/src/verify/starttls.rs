@@ -23,6 +23,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::phase::Phase;
 use crate::kind::VerifyProtocol;
+use crate::model::fmt::escape;
 
 /// The most bytes read from the server before the TLS handshake.
 pub const MAX_PREAMBLE: usize = 64 * 1024;
@@ -584,11 +585,14 @@ fn has_word(words: &[String], wanted: &str) -> bool {
     words.iter().any(|w| w.eq_ignore_ascii_case(wanted))
 }
 
+/// The keywords a server listed, for a message: escaped, since they are
+/// the server's bytes.
 fn offered(words: &[&str]) -> String {
     if words.is_empty() {
         "nothing".to_owned()
     } else {
-        words.join(", ")
+        let shown: Vec<String> = words.iter().map(|w| escape(w.as_bytes())).collect();
+        shown.join(", ")
     }
 }
 
@@ -668,5 +672,7 @@ pub(crate) fn identify(first: &[u8]) -> Option<Speaker> {
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -1011,6 +1011,17 @@ fn a_name_that_is_not_utf8_is_rejected_once() {
         "{}",
         rejected[0].1
     );
+    // The real bytes, escaped, wherever the name is shown: not a lossy
+    // replacement character that names no file.
+    let shown = "caf\\xe9\\n.pem";
+    assert!(rejected[0].1.contains(shown), "{}", rejected[0].1);
+    assert!(
+        rejected[0].1.contains("$'") && rejected[0].1.contains("caf\\xe9\\n.pem'"),
+        "the retry line quotes the real name: {}",
+        rejected[0].1
+    );
+    assert!(!rejected[0].1.contains('\u{fffd}'), "{}", rejected[0].1);
+    assert!(agent.log().contains(shown), "{}", agent.log());
     assert_eq!(logged_finals(&agent).get("rejected"), Some(&1));
     assert_no_forged_log_line(&agent);
 }
