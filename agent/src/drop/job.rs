@@ -114,10 +114,12 @@ impl Job {
 /// The form of the drop now at `name` in the drop directory or, when it
 /// is gone, the form its public `entry` name promises.
 pub(super) fn form_of(ctx: &Ctx, name: &str, entry: &str) -> Form {
-    scan::form(ctx.dirs.drop_fd(), name).unwrap_or_else(|| match names::classify(entry.as_ref()) {
-        Some(Entry::Bundle { .. }) => Form::File,
-        Some(Entry::Directory { .. }) => Form::Directory,
-        _ => Form::Other,
+    scan::form(ctx.dirs.drop_fd(), ctx.dirs.on_disk(name).as_os_str()).unwrap_or_else(|| {
+        match names::classify(entry.as_ref()) {
+            Some(Entry::Bundle { .. }) => Form::File,
+            Some(Entry::Directory { .. }) => Form::Directory,
+            _ => Form::Other,
+        }
     })
 }
 

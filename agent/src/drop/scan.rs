@@ -298,7 +298,7 @@ pub fn list(dir: BorrowedFd<'_>) -> nix::Result<Vec<String>> {
 }
 
 /// The form of `name` in `dir` (`None`: nothing there).
-pub fn form(dir: BorrowedFd<'_>, name: &str) -> Option<Form> {
+pub fn form<P: ?Sized + nix::NixPath>(dir: BorrowedFd<'_>, name: &P) -> Option<Form> {
     let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
     Some(match file_type(&st) {
         SFlag::S_IFREG => Form::File,
