@@ -198,4 +198,20 @@ mod fuzz {
             prop_assert!(text.chars().count() < 10 * QUOTE_LIMIT + 400, "{}", text.len());
         }
     }
+
+    /// A JSON error with a newline in it forged a second log line, and a
+    /// long one went into the message whole.
+    #[test]
+    fn a_refusal_cannot_forge_a_line_or_flood_the_log() {
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".to_owned(),
+            port: 2019,
+        };
+        let body = serde_json::json!({ "error": "bad\nlevel=info msg=deployed" }).to_string();
+        let text = refused(&endpoint, "PUT", "/x", &Response { status: 400, body }).to_string();
+        assert!(text.contains("bad\\nlevel=info"), "{text}");
+        let body = serde_json::json!({ "error": "x".repeat(100_000) }).to_string();
+        let text = refused(&endpoint, "PUT", "/x", &Response { status: 400, body }).to_string();
+        assert!(text.len() < 1000 && text.ends_with('…'), "{}", text.len());
+    }
 }

@@ -502,6 +502,14 @@ mod fuzz {
         }
     }
 
+    /// haproxy's answer to a failed reload went into the message as it
+    /// came, escape sequences and all.
+    #[test]
+    fn an_answer_cannot_forge_a_line() {
+        let line = one_line("Success=0\n--\r\x1b[31mforged\u{2028}x\n");
+        assert_eq!(line, "Success=0 --\\r\\x1b[31mforged\\u{2028}x");
+    }
+
     proptest! {
         #![proptest_config(crate::fuzzing::config(64))]
 
