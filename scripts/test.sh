@@ -22,6 +22,8 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
 # The keystore kind's tests list keystores with keytool and serve one from Java.
 command -v keytool >/dev/null 2>&1 || need+=(default-jdk-headless)
+# The package test runs lintian on the built .deb (agent/tests/it/package.rs).
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate;
 # systemd-container and debootstrap: the end-to-end test of the package.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)

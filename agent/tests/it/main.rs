@@ -37,6 +37,7 @@ mod metrics;
 mod model;
 mod nginx;
 mod nspawn;
+mod package;
 mod socket_activation;
 mod strace;
 mod systemd_notify;

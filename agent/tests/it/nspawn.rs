@@ -39,7 +39,7 @@ fn say(line: &str) {
 
 /// The `.deb` to install: `CERTCTL_TEST_DEB`, else built now with the
 /// failpoints feature into `<target>/debian/e2e/`.
-fn package() -> PathBuf {
+pub fn package() -> PathBuf {
     if let Some(p) = std::env::var_os("CERTCTL_TEST_DEB") {
         let p = PathBuf::from(p);
         assert!(
