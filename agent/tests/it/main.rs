@@ -16,6 +16,7 @@
 #[allow(dead_code)]
 mod support;
 
+mod acme;
 mod agent_lifecycle;
 mod apache_kind;
 mod caddy_kind;
