@@ -204,11 +204,6 @@ fn command(d: &mut DropIn, name: &str, program: &str) {
                 true,
                 format!("target {name}: apachectl creates its lock directory when it is missing"),
             );
-            d.path(
-                Path::new("/var/log/apache2"),
-                true,
-                format!("target {name}: apache2 opens its logs"),
-            );
         }
         "postfix" => {
             d.path(
@@ -427,7 +422,6 @@ key_path = "mail/m.key"
                 format!("ReadWritePaths={d}/tls"),
                 "ReadWritePaths=-/run/apache2".to_owned(),
                 "ReadWritePaths=-/var/lock/apache2".to_owned(),
-                "ReadWritePaths=-/var/log/apache2".to_owned(),
                 format!("ReadWritePaths={d}/web"),
                 format!("ReadWritePaths={d}/mail"),
                 "ReadWritePaths=-/var/spool/postfix/pid".to_owned(),
@@ -515,5 +509,49 @@ endpoints = ["192.0.2.10:8443", "[::1]:8443", "app.example.net:443", "localhost:
     fn no_targets_no_lines() {
         let (_dir, c) = parse("");
         assert_eq!(lines(&plan(&c).render(&c.path)), ["[Service]"]);
+    }
+
+    /// The drop-ins docs/kinds.md shows are what print-dropin prints for
+    /// the example next to them (its directories made under a temp root).
+    #[test]
+    fn the_kinds_page_shows_what_is_printed() {
+        let page =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/kinds.md"))
+                .unwrap();
+        let block = |section: &str, fence: &str, after: &str| -> String {
+            let start = page.find(section).unwrap() + section.len();
+            let rest = &page[start..];
+            let rest = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+            let rest = &rest[rest.find(after).unwrap()..];
+            let open = rest.find(fence).unwrap() + fence.len();
+            let body = &rest[open..];
+            body[..body.find("```").unwrap()].to_owned()
+        };
+        for kind in ["nginx", "apache", "haproxy", "postfix", "dovecot"] {
+            let section = format!("\n## {kind}\n");
+            let toml_text = block(&section, "```toml\n", "```toml\n");
+            let shown = block(&section, "```ini\n", "**Drop-in**");
+            let root = tempfile::tempdir().unwrap();
+            let r = root.path().to_str().unwrap();
+            let mut text = toml_text.clone();
+            for line in toml_text.lines() {
+                let Some((key, value)) = line.split_once('=') else {
+                    continue;
+                };
+                let key = key.trim();
+                if !["cert_path", "key_path", "pem_path"].contains(&key) {
+                    continue;
+                }
+                let value = value.split('#').next().unwrap().trim().trim_matches('"');
+                let dir = Path::new(value).parent().unwrap();
+                std::fs::create_dir_all(format!("{r}{}", dir.display())).unwrap();
+                text = text.replace(value, &format!("{r}{value}"));
+            }
+            let c = crate::config::parse(&text, &root.path().join("agent.toml"))
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let printed = plan(&c).render(&c.path).replace(r, "");
+            let printed = &printed[printed.find("[Service]").unwrap()..];
+            assert_eq!(printed, shown, "docs/kinds.md, {kind}");
+        }
     }
 }
