@@ -74,22 +74,22 @@ pub fn plan(config: &Config) -> DropIn {
         ("drop_dir", Some(a.drop_dir.as_path())),
         ("socket", a.socket.parent()),
     ] {
-        if let Some(dir) = dir {
-            if !UNIT_WRITABLE.iter().any(|w| dir.starts_with(w)) {
-                d.path(dir, false, format!("agent.{key}: the agent writes there"));
-            }
+        if let Some(dir) = dir
+            && !UNIT_WRITABLE.iter().any(|w| dir.starts_with(w))
+        {
+            d.path(dir, false, format!("agent.{key}: the agent writes there"));
         }
     }
-    if let Some(addr) = a.metrics_listen {
-        if !addr.ip().is_loopback() {
-            d.ip(
-                "any",
-                format!(
-                    "agent.metrics_listen = {addr}: scrapers on other hosts \
-                     (narrow this to their addresses)"
-                ),
-            );
-        }
+    if let Some(addr) = a.metrics_listen
+        && !addr.ip().is_loopback()
+    {
+        d.ip(
+            "any",
+            format!(
+                "agent.metrics_listen = {addr}: scrapers on other hosts \
+                 (narrow this to their addresses)"
+            ),
+        );
     }
     for t in &config.targets {
         target(&mut d, t);
@@ -140,12 +140,12 @@ fn target(d: &mut DropIn, t: &Target) {
         | Some(ReloadHook::CaddyAdmin { .. })
         | None => {}
     }
-    if let Some(ks) = &t.keystore {
-        if ks.store_type == StoreType::Jks {
-            d.jit.get_or_insert_with(|| {
-                format!("target {name}: keytool (a JVM, whose JIT needs writable code pages)")
-            });
-        }
+    if let Some(ks) = &t.keystore
+        && ks.store_type == StoreType::Jks
+    {
+        d.jit.get_or_insert_with(|| {
+            format!("target {name}: keytool (a JVM, whose JIT needs writable code pages)")
+        });
     }
     for argv in [&t.validate, &t.reload] {
         if let Some(program) = argv.first() {
