@@ -39,6 +39,7 @@ mod model;
 mod nginx;
 mod nspawn;
 mod package;
+mod print_dropin;
 mod socket_activation;
 mod strace;
 mod systemd_notify;
