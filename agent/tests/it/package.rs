@@ -5,7 +5,8 @@
 //!   included), and purge removes only the agent's own directories;
 //! - `packaging/debian/changelog` starts with the package's version;
 //! - the built package has `DEBIAN/md5sums` covering every file,
-//!   `changelog.Debian.gz`, and `lintian` reports no error on it.
+//!   `changelog.Debian.gz`, and `lintian` reports no error and no warning
+//!   on it (`packaging/debian/lintian-overrides` says why one is overridden).
 //!
 //! The `.deb` is `CERTCTL_TEST_DEB` (set by `scripts/test.sh`), else it is
 //! built as the systemd-nspawn test builds it, as root only (a release
@@ -143,10 +144,14 @@ fn the_built_package_passes_lintian() {
             .arg(&deb),
         Duration::from_secs(600),
     );
-    let errors: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("E:")).collect();
+    let errors: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
+        .collect();
     assert!(
         errors.is_empty(),
-        "lintian reports errors on {}:\n{}\n{}",
+        "lintian reports errors or warnings on {}:\n{}\n{}",
         deb.display(),
         out.stdout,
         out.stderr
