@@ -7,6 +7,8 @@ DOMAIN=${DOMAIN:-www.example.com}
 ACME_SERVER=${ACME_SERVER:-https://acme-v02.api.letsencrypt.org/directory}
 ACME_EMAIL=${ACME_EMAIL:-hostmaster@example.com}
 HTTP_PORT=${HTTP_PORT:-80}
+# The address the standalone server listens on; empty: every address.
+HTTP_ADDRESS=${HTTP_ADDRESS:-}
 CERTBOT_CONFIG_DIR=${CERTBOT_CONFIG_DIR:-/etc/letsencrypt}
 CERTBOT_WORK_DIR=${CERTBOT_WORK_DIR:-/var/lib/letsencrypt}
 CERTBOT_LOGS_DIR=${CERTBOT_LOGS_DIR:-/var/log/letsencrypt}
@@ -23,6 +25,6 @@ certbot certonly --non-interactive --agree-tos -m "$ACME_EMAIL" \
     --server "$ACME_SERVER" \
     --config-dir "$CERTBOT_CONFIG_DIR" --work-dir "$CERTBOT_WORK_DIR" \
     --logs-dir "$CERTBOT_LOGS_DIR" \
-    --standalone --http-01-port "$HTTP_PORT" \
+    --standalone --http-01-address "$HTTP_ADDRESS" --http-01-port "$HTTP_PORT" \
     --cert-name "$DOMAIN" -d "$DOMAIN" \
     --deploy-hook "$hook"

@@ -84,6 +84,7 @@ impl Rig {
         cmd.env("DOMAIN", DOMAIN)
             .env("ACME_SERVER", self.pebble.directory())
             .env("ACME_EMAIL", "hostmaster@web.test")
+            .env("HTTP_ADDRESS", "127.0.0.1")
             .env("HTTP_PORT", free_port().to_string())
             .env("CERTCTL_DROP_DIR", self.env.drop_dir())
             .env("CERTCTL_DROP_NAME", TARGET);
