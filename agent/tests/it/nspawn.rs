@@ -16,7 +16,8 @@
 //!    each kind's validate and reload commands (`nginx -t`, `nginx -s
 //!    reload`, `apachectl configtest`, `apachectl graceful`, `haproxy -c`,
 //!    `systemctl reload haproxy`) ran inside the hardened sandbox with only
-//!    the printed drop-in; a non-member is refused;
+//!    the printed drop-in; the first certificate of a stopped Apache goes in
+//!    with `--no-reload`, and Apache starts on it; a non-member is refused;
 //! 5. the journal holds TARGET, DEPLOY_ID, STAGE, OUTCOME, CERT_SHA256,
 //!    NOT_AFTER;
 //! 6. `kill -9` of the agent: systemd restarts it and it serves again;
@@ -292,7 +293,12 @@ fn the_package_runs_hardened_under_real_systemd() {
         std::fs::write(root.join("etc/haproxy/haproxy.cfg"), cfg).unwrap();
         // The new certificate, readable by the deploying user.
         std::fs::create_dir_all(root.join("srv/input")).unwrap();
-        for (name, leaf) in [("web", &second), ("site", &site[1]), ("lb", &lb[1])] {
+        for (name, leaf) in [
+            ("web", &second),
+            ("site", &site[1]),
+            ("lb", &lb[1]),
+            ("site-first", &site[0]),
+        ] {
             std::fs::write(
                 root.join(format!("srv/input/{name}.pem")),
                 format!("{}{}{}", leaf.key_pem, leaf.cert_pem, leaf.chain_pem),
@@ -443,6 +449,32 @@ fn the_package_runs_hardened_under_real_systemd() {
             "{target} serves the deployed certificate"
         );
     }
+    // The first certificate of a server that is not running (docs/kinds.md,
+    // "Bootstrap"): --no-reload writes and validates under the sandbox,
+    // the server is started, then verified.
+    m.ok("systemctl stop apache2");
+    let out = m.sh(
+        "setpriv --reuid=alice --regid=alice --init-groups certctl deploy site \
+         --cert /srv/input/site-first.pem --no-reload",
+    );
+    assert_eq!(
+        out.code, 0,
+        "deploy --no-reload to a stopped apache:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(out.stdout.contains("unverified"), "{}", out.stdout);
+    m.ok("systemctl start apache2");
+    m.until_ok(
+        "certctl verify after starting apache",
+        WAIT,
+        "certctl verify site",
+    );
+    assert_eq!(
+        served_sha256_at(&m, 8443, "site.test"),
+        leaf_sha256(&site[0]),
+        "apache started on the bootstrapped certificate"
+    );
+
     let out = m.sh("setpriv --reuid=bob --regid=bob --init-groups certctl status");
     assert_eq!(
         out.code, 7,
