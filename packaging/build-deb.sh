@@ -7,7 +7,9 @@
 #
 # It builds both binaries in release mode, then packages them with cargo-deb
 # (metadata: [package.metadata.deb] in agent/Cargo.toml). cargo-deb is
-# installed with `cargo install --locked` when missing. The path of the
+# installed with `cargo install --locked` when missing. cargo-deb writes no
+# DEBIAN/md5sums (what `dpkg --verify` and debsums check), so the package
+# is unpacked, given one and packed again with dpkg-deb. The path of the
 # .deb is printed on stdout; everything else goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +55,18 @@ if [ -n "$output" ]; then
     deb+=(--output "$output")
 fi
 echo "==> ${deb[*]}" >&2
-"${deb[@]}" | tail -n 1
+path=$("${deb[@]}" | tail -n 1)
+
+echo "==> DEBIAN/md5sums" >&2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+dpkg-deb -R "$path" "$work/root"
+(
+    cd "$work/root"
+    find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z \
+        | xargs -0 md5sum >DEBIAN/md5sums
+)
+chmod 0644 "$work/root/DEBIAN/md5sums"
+dpkg-deb --root-owner-group -Zxz --build "$work/root" "$work/out.deb" >/dev/null
+mv "$work/out.deb" "$path"
+echo "$path"

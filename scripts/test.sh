@@ -22,6 +22,15 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
 # The keystore kind's tests list keystores with keytool and serve one from Java.
 command -v keytool >/dev/null 2>&1 || need+=(default-jdk-headless)
+# The package test runs lintian on the built .deb (agent/tests/it/package.rs).
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
+# The ACME recipes (examples/acme/, agent/tests/it/acme.rs) run these
+# clients against pebble, the ACME test server.
+command -v pebble >/dev/null 2>&1 || need+=(pebble)
+command -v certbot >/dev/null 2>&1 || need+=(certbot)
+command -v lego >/dev/null 2>&1 || need+=(lego)
+command -v dehydrated >/dev/null 2>&1 || need+=(dehydrated)
+command -v uacme >/dev/null 2>&1 || need+=(uacme)
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate;
 # systemd-container and debootstrap: the end-to-end test of the package.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)

@@ -39,4 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Parse and validate the configuration, print the targets, exit 0 or 64.
     CheckConfig,
+    /// Print the systemd drop-in the configured targets need under the hardened unit
+    /// (ReadWritePaths=, capabilities, ...), for
+    /// /etc/systemd/system/certctl-agent.service.d/targets.conf; exit 0 or 64.
+    PrintDropin,
 }

@@ -22,6 +22,7 @@ pub mod deploy;
 pub mod disk;
 pub mod drift;
 pub mod drop;
+pub mod dropin;
 pub mod failpoint;
 #[cfg(test)]
 pub mod fuzzing;

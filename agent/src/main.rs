@@ -37,6 +37,16 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some(Command::PrintDropin) => {
+            #[allow(clippy::print_stdout)]
+            {
+                print!(
+                    "{}",
+                    certctl_agent::dropin::plan(&config).render(&config.path)
+                );
+            }
+            ExitCode::SUCCESS
+        }
         None => {
             certctl_agent::logging::init();
             // Before the runtime starts threads: taking the socket edits the

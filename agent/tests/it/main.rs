@@ -16,6 +16,7 @@
 #[allow(dead_code)]
 mod support;
 
+mod acme;
 mod agent_lifecycle;
 mod apache_kind;
 mod caddy_kind;
@@ -37,6 +38,8 @@ mod metrics;
 mod model;
 mod nginx;
 mod nspawn;
+mod package;
+mod print_dropin;
 mod socket_activation;
 mod strace;
 mod systemd_notify;

@@ -1,20 +1,29 @@
 //! The Debian package under real systemd: a Debian root booted in
 //! `systemd-nspawn` (see `support::nspawn`), the `.deb` installed into it
-//! with `dpkg -i`, nginx serving TLS inside. One test walks what an
-//! operator relies on, in order:
+//! with `dpkg -i`, Debian's nginx, Apache and HAProxy serving TLS inside
+//! with their stock configurations (plus one TLS site each; Apache's plain
+//! HTTP port moved off nginx's port 80). One test walks what an operator
+//! relies on, in order:
 //!
-//! 1. install: group, directories, enabled units, socket `root:certctl 0660`;
+//! 1. install: group, directories, enabled units, socket `root:certctl 0660`,
+//!    `dpkg --verify` (the md5sums);
 //! 2. socket activation: with the service stopped, `certctl status` starts it;
-//! 3. a drop-in granting the nginx directories, `systemctl reload` re-reading
-//!    the configuration (same PID, new targets);
-//! 4. `certctl deploy` to nginx by a member of group `certctl` succeeds,
-//!    verified, and nginx serves the new certificate (`nginx -t` and
-//!    `nginx -s reload` ran inside the sandbox); a non-member is refused;
+//! 3. the drop-in `certctl-agent print-dropin` prints for the configuration,
+//!    installed as `targets.conf`, then `systemctl reload` re-reading the
+//!    configuration (same PID, new targets);
+//! 4. `certctl deploy` to nginx, Apache and HAProxy by a member of group
+//!    `certctl` succeeds, verified, and each serves the new certificate:
+//!    each kind's validate and reload commands (`nginx -t`, `nginx -s
+//!    reload`, `apachectl configtest`, `apachectl graceful`, `haproxy -c`,
+//!    `systemctl reload haproxy`) ran inside the hardened sandbox with only
+//!    the printed drop-in; the first certificate of a stopped Apache goes in
+//!    with `--no-reload`, and Apache starts on it; a non-member is refused;
 //! 5. the journal holds TARGET, DEPLOY_ID, STAGE, OUTCOME, CERT_SHA256,
 //!    NOT_AFTER;
 //! 6. `kill -9` of the agent: systemd restarts it and it serves again;
 //! 7. a hung main loop (failpoint): the watchdog fires and systemd restarts it;
-//! 8. upgrade (reinstall), remove (state kept), purge (state gone).
+//! 8. upgrade (reinstall), remove (state kept), purge (the agent's state
+//!    gone, a target directory under `/var/lib/certctl` kept).
 //!
 //! The package is the one `packaging/build-deb.sh --features failpoints`
 //! builds (or `CERTCTL_TEST_DEB`, set by `scripts/test.sh`), so the test
@@ -39,7 +48,7 @@ fn say(line: &str) {
 
 /// The `.deb` to install: `CERTCTL_TEST_DEB`, else built now with the
 /// failpoints feature into `<target>/debian/e2e/`.
-fn package() -> PathBuf {
+pub fn package() -> PathBuf {
     if let Some(p) = std::env::var_os("CERTCTL_TEST_DEB") {
         let p = PathBuf::from(p);
         assert!(
@@ -81,6 +90,28 @@ const SITE: &str = "server {
 }
 ";
 
+/// Apache's ports: its stock `Listen 80` would take nginx's port.
+const APACHE_PORTS: &str = "Listen 127.0.0.1:8080\nListen 127.0.0.1:8443\n";
+
+/// An Apache site serving `site.test` on 127.0.0.1:8443 (mod_ssl is enabled
+/// after the boot: the stock configuration has it off).
+const APACHE_SITE: &str = "<IfModule ssl_module>
+<VirtualHost 127.0.0.1:8443>
+    ServerName site.test
+    SSLEngine on
+    SSLCertificateFile /etc/apache2/tls/site.crt
+    SSLCertificateKeyFile /etc/apache2/tls/site.key
+</VirtualHost>
+</IfModule>
+";
+
+/// Appended to Debian's stock haproxy.cfg: a TLS frontend on 127.0.0.1:9443.
+const HAPROXY_FRONTEND: &str = "
+frontend certctl-test
+\tbind 127.0.0.1:9443 ssl crt /etc/haproxy/certs/lb.pem
+\thttp-request return status 200 content-type text/plain string ok
+";
+
 /// The agent configuration the test installs in step 3.
 const CONFIG: &str = r#"[agent]
 deploy_groups = ["certctl"]
@@ -96,14 +127,42 @@ endpoint    = "127.0.0.1:443"
 server_name = "web.test"
 attempts    = 5
 backoff     = "200ms"
+
+[[target]]
+name      = "site"
+kind      = "apache"
+cert_path = "/etc/apache2/tls/site.crt"
+key_path  = "/etc/apache2/tls/site.key"
+
+[target.verify]
+endpoint    = "127.0.0.1:8443"
+server_name = "site.test"
+attempts    = 5
+backoff     = "200ms"
+
+[[target]]
+name     = "lb"
+kind     = "haproxy"
+pem_path = "/etc/haproxy/certs/lb.pem"
+
+[target.verify]
+endpoint    = "127.0.0.1:9443"
+server_name = "lb.test"
+attempts    = 5
+backoff     = "200ms"
 "#;
 
 /// The served leaf's SHA-256 (lowercase hex), read with openssl inside.
 fn served_sha256(m: &Machine) -> String {
-    let out = m.ok(
-        "openssl s_client -connect 127.0.0.1:443 -servername web.test </dev/null 2>/dev/null \
-         | openssl x509 -noout -fingerprint -sha256",
-    );
+    served_sha256_at(m, 443, "web.test")
+}
+
+/// The leaf served on 127.0.0.1:`port` for `sni`, as [`served_sha256`].
+fn served_sha256_at(m: &Machine, port: u16, sni: &str) -> String {
+    let out = m.ok(&format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername {sni} </dev/null 2>/dev/null \
+         | openssl x509 -noout -fingerprint -sha256"
+    ));
     out.trim()
         .rsplit('=')
         .next()
@@ -194,6 +253,11 @@ fn the_package_runs_hardened_under_real_systemd() {
 
     let first = pki::issue_cert(&["web.test"]);
     let second = pki::issue_cert(&["web.test"]);
+    let site = [
+        pki::issue_cert(&["site.test"]),
+        pki::issue_cert(&["site.test"]),
+    ];
+    let lb = [pki::issue_cert(&["lb.test"]), pki::issue_cert(&["lb.test"])];
     let (m, copied, booted) = Machine::boot(&template, |root| {
         std::fs::copy(&deb, root.join("root/certctl.deb")).unwrap();
         std::fs::create_dir_all(root.join("etc/nginx/tls")).unwrap();
@@ -204,13 +268,43 @@ fn the_package_runs_hardened_under_real_systemd() {
         .unwrap();
         std::fs::write(root.join("etc/nginx/tls/web.key"), &first.key_pem).unwrap();
         std::fs::write(root.join("etc/nginx/sites-enabled/certctl-test"), SITE).unwrap();
-        // The new certificate, readable by the deploying user.
-        std::fs::create_dir_all(root.join("srv/input")).unwrap();
+        // Apache and HAProxy, stock but for one TLS site each.
+        std::fs::write(root.join("etc/apache2/ports.conf"), APACHE_PORTS).unwrap();
+        std::fs::create_dir_all(root.join("etc/apache2/tls")).unwrap();
         std::fs::write(
-            root.join("srv/input/web.pem"),
-            format!("{}{}{}", second.key_pem, second.cert_pem, second.chain_pem),
+            root.join("etc/apache2/tls/site.crt"),
+            site[0].cert_pem.clone() + &site[0].chain_pem,
         )
         .unwrap();
+        std::fs::write(root.join("etc/apache2/tls/site.key"), &site[0].key_pem).unwrap();
+        std::fs::write(
+            root.join("etc/apache2/sites-enabled/certctl-test.conf"),
+            APACHE_SITE,
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("etc/haproxy/certs")).unwrap();
+        std::fs::write(
+            root.join("etc/haproxy/certs/lb.pem"),
+            format!("{}{}{}", lb[0].cert_pem, lb[0].chain_pem, lb[0].key_pem),
+        )
+        .unwrap();
+        let mut cfg = std::fs::read_to_string(root.join("etc/haproxy/haproxy.cfg")).unwrap();
+        cfg.push_str(HAPROXY_FRONTEND);
+        std::fs::write(root.join("etc/haproxy/haproxy.cfg"), cfg).unwrap();
+        // The new certificate, readable by the deploying user.
+        std::fs::create_dir_all(root.join("srv/input")).unwrap();
+        for (name, leaf) in [
+            ("web", &second),
+            ("site", &site[1]),
+            ("lb", &lb[1]),
+            ("site-first", &site[0]),
+        ] {
+            std::fs::write(
+                root.join(format!("srv/input/{name}.pem")),
+                format!("{}{}{}", leaf.key_pem, leaf.cert_pem, leaf.chain_pem),
+            )
+            .unwrap();
+        }
     });
     say(&format!(
         "nspawn e2e: copied the rootfs in {:.1}s, booted to \"running\" in {:.1}s",
@@ -223,8 +317,18 @@ fn the_package_runs_hardened_under_real_systemd() {
         "nginx serves the first certificate",
     );
 
+    m.ok("a2enmod -q ssl && systemctl restart apache2");
+    for (port, sni, leaf) in [(8443, "site.test", &site[0]), (9443, "lb.test", &lb[0])] {
+        assert_eq!(
+            served_sha256_at(&m, port, sni),
+            leaf_sha256(leaf),
+            "{sni} before any deploy"
+        );
+    }
+
     // 1. Install.
     m.ok("dpkg -i /root/certctl.deb");
+    m.ok("dpkg --verify certctl");
     m.ok("getent group certctl");
     assert_eq!(
         m.ok("systemctl is-enabled certctl-agent.socket certctl-agent.service")
@@ -267,16 +371,32 @@ fn the_package_runs_hardened_under_real_systemd() {
         prop(&m, "StatusText")
     );
 
-    // 3. The nginx drop-in of docs/systemd.md (its directories; `nginx -t`
-    //    test-binds port 443), applied by a restart; then a configuration
-    //    change applied by `systemctl reload`.
-    m.ok(
-        "mkdir -p /etc/systemd/system/certctl-agent.service.d && printf '[Service]\\nReadWritePaths=/etc/nginx/tls /var/log/nginx\\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\\n' \
-         > /etc/systemd/system/certctl-agent.service.d/nginx.conf && systemctl daemon-reload \
-         && systemctl restart certctl-agent.service",
+    // 3. The drop-in print-dropin prints for the new configuration, applied
+    //    by a restart; then the configuration itself, applied by
+    //    `systemctl reload`.
+    std::fs::write(m.root().join("root/agent.toml"), CONFIG).unwrap();
+    let dropin = m.ok("mkdir -p /etc/systemd/system/certctl-agent.service.d \
+         && certctl-agent print-dropin --config /root/agent.toml \
+            > /etc/systemd/system/certctl-agent.service.d/targets.conf \
+         && cat /etc/systemd/system/certctl-agent.service.d/targets.conf");
+    say(&format!("nspawn e2e: print-dropin:\n{dropin}"));
+    for line in [
+        "ReadWritePaths=/etc/nginx/tls",
+        "ReadWritePaths=/etc/apache2/tls",
+        "ReadWritePaths=/etc/haproxy/certs",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(dropin.lines().any(|l| l == line), "no {line} in:\n{dropin}");
+    }
+    let verify = m.sh("systemd-analyze verify certctl-agent.service");
+    assert!(
+        !verify.stderr.contains("targets.conf"),
+        "systemd-analyze verify:\n{}",
+        verify.stderr
     );
+    m.ok("systemctl daemon-reload && systemctl restart certctl-agent.service");
     let pid = prop(&m, "MainPID");
-    std::fs::write(m.root().join("etc/certctl/agent.toml"), CONFIG).unwrap();
+    m.ok("cp /root/agent.toml /etc/certctl/agent.toml");
     m.ok("systemctl reload certctl-agent.service");
     m.until_ok(
         "systemctl reload re-reads the configuration",
@@ -285,9 +405,9 @@ fn the_package_runs_hardened_under_real_systemd() {
     );
     assert_eq!(prop(&m, "MainPID"), pid, "a reload is not a restart");
     m.until_ok(
-        "the status line counts the new target",
+        "the status line counts the new targets",
         WAIT,
-        "systemctl show -p StatusText --value certctl-agent.service | grep -q '^idle, 1 target'",
+        "systemctl show -p StatusText --value certctl-agent.service | grep -q '^idle, 3 target'",
     );
 
     // 4. A member of group certctl deploys; nginx serves the new certificate.
@@ -307,6 +427,54 @@ fn the_package_runs_hardened_under_real_systemd() {
         &leaf_sha256(&second),
         "nginx serves the deployed certificate",
     );
+    for (target, port, sni, leaf) in [
+        ("site", 8443, "site.test", &site[1]),
+        ("lb", 9443, "lb.test", &lb[1]),
+    ] {
+        let out = m.sh(&format!(
+            "setpriv --reuid=alice --regid=alice --init-groups certctl deploy {target} --cert /srv/input/{target}.pem"
+        ));
+        assert_eq!(
+            out.code,
+            0,
+            "deploy {target} as alice:\n{}\n{}\n{}",
+            out.stdout,
+            out.stderr,
+            m.diagnostics()
+        );
+        assert!(out.stdout.contains("verified"), "{}", out.stdout);
+        assert_eq!(
+            served_sha256_at(&m, port, sni),
+            leaf_sha256(leaf),
+            "{target} serves the deployed certificate"
+        );
+    }
+    // The first certificate of a server that is not running (docs/kinds.md,
+    // "Bootstrap"): --no-reload writes and validates under the sandbox,
+    // the server is started, then verified.
+    m.ok("systemctl stop apache2");
+    let out = m.sh(
+        "setpriv --reuid=alice --regid=alice --init-groups certctl deploy site \
+         --cert /srv/input/site-first.pem --no-reload",
+    );
+    assert_eq!(
+        out.code, 0,
+        "deploy --no-reload to a stopped apache:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(out.stdout.contains("unverified"), "{}", out.stdout);
+    m.ok("systemctl start apache2");
+    m.until_ok(
+        "certctl verify after starting apache",
+        WAIT,
+        "certctl verify site",
+    );
+    assert_eq!(
+        served_sha256_at(&m, 8443, "site.test"),
+        leaf_sha256(&site[0]),
+        "apache started on the bootstrapped certificate"
+    );
+
     let out = m.sh("setpriv --reuid=bob --regid=bob --init-groups certctl status");
     assert_eq!(
         out.code, 7,
@@ -393,8 +561,15 @@ fn the_package_runs_hardened_under_real_systemd() {
         "active"
     );
     m.ok("test -d /var/lib/certctl/state && test -f /etc/certctl/agent.toml");
+    // A target directory under /var/lib/certctl (as the caddy example of
+    // docs/kinds.md has) is the operator's: purge keeps it.
+    m.ok("mkdir -p /var/lib/certctl/caddy && cp /etc/nginx/tls/web.crt /var/lib/certctl/caddy/api.crt");
     m.ok("dpkg --purge certctl");
-    m.ok("test ! -e /var/lib/certctl && test ! -e /etc/certctl/agent.toml && getent group certctl");
+    m.ok(
+        "test ! -e /var/lib/certctl/state && test ! -e /var/lib/certctl/drop \
+         && test ! -e /etc/certctl/agent.toml && getent group certctl \
+         && test -s /var/lib/certctl/caddy/api.crt",
+    );
     assert_serves(
         &m,
         &leaf_sha256(&second),

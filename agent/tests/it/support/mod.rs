@@ -26,12 +26,15 @@
 //! - [`strace`]: the agent under `strace -f`, and a parser for the trace.
 //! - [`notify`]: [`notify::NotifySocket`], a stand-in for systemd's
 //!   `NOTIFY_SOCKET` that records `READY=1`, `STATUS=`, `WATCHDOG=1`, ...
+//! - [`acme`]: [`acme::Pebble`], the ACME test server on loopback ports, for
+//!   the recipes of `examples/acme/`.
 //! - [`nspawn`]: a Debian root booted with `systemd-nspawn` (cached
 //!   `debootstrap`), and a command channel into it (`nsenter`).
 //!
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.
 
+pub mod acme;
 pub mod apache;
 pub mod assert;
 pub mod caddy;

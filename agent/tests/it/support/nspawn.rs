@@ -2,9 +2,9 @@
 //! the end-to-end test of the package.
 //!
 //! - [`rootfs`]: a `debootstrap --variant=minbase` tree of Debian
-//!   [`SUITE`] with systemd, dbus, nginx, openssl and procps (what the
-//!   package and the test need: the container has no network, so nothing
-//!   can be fetched later). Built once under `/var/cache/certctl-test/`
+//!   [`SUITE`] with systemd, dbus, nginx, apache2, haproxy, openssl and
+//!   procps (what the package and the test need: the container has no
+//!   network, so nothing can be fetched later). Built once under `/var/cache/certctl-test/`
 //!   (`CERTCTL_TEST_ROOTFS_CACHE` overrides the directory) and reused while
 //!   [`RECIPE`] is unchanged. It is built beside the cache and renamed into
 //!   place, so an interrupted build is never taken for a cache.
@@ -35,9 +35,12 @@ use super::process::{BoundedOutput, ChildGuard, read_lossy, run_bounded, tail};
 /// The Debian release booted.
 pub const SUITE: &str = "bookworm";
 /// Packages added to the minimal base. Changing this list rebuilds the cache.
-pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps";
+pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps,apache2,haproxy";
 /// What a cached tree was built from; a cache with another recipe is rebuilt.
-pub const RECIPE: &str = "certctl-test rootfs v1: debootstrap --variant=minbase";
+pub const RECIPE: &str = "certctl-test rootfs v2: debootstrap --variant=minbase";
+/// The cache's directory name: a new recipe gets a new one, so trees of
+/// both recipes can be cached side by side (branches being tested at once).
+const CACHE_NAME: &str = "rootfs-bookworm-v2";
 /// How long the container may take to finish booting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default mirror for debootstrap.
@@ -78,7 +81,7 @@ pub fn unavailable() -> Option<String> {
 pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("CERTCTL_TEST_ROOTFS_CACHE")
         .map_or_else(|| PathBuf::from("/var/cache/certctl-test"), PathBuf::from);
-    base.join(format!("rootfs-{SUITE}"))
+    base.join(CACHE_NAME)
 }
 
 /// The cached tree, built first when missing or stale; also says whether it
