@@ -22,11 +22,17 @@ _certctl__agent() {
             certctl__agent,help)
                 cmd="certctl__agent__subcmd__help"
                 ;;
+            certctl__agent,print-dropin)
+                cmd="certctl__agent__subcmd__print__subcmd__dropin"
+                ;;
             certctl__agent__subcmd__help,check-config)
                 cmd="certctl__agent__subcmd__help__subcmd__check__subcmd__config"
                 ;;
             certctl__agent__subcmd__help,help)
                 cmd="certctl__agent__subcmd__help__subcmd__help"
+                ;;
+            certctl__agent__subcmd__help,print-dropin)
+                cmd="certctl__agent__subcmd__help__subcmd__print__subcmd__dropin"
                 ;;
             *)
                 ;;
@@ -35,7 +41,7 @@ _certctl__agent() {
 
     case "${cmd}" in
         certctl__agent)
-            opts="-h -V --config --help --version check-config help"
+            opts="-h -V --config --help --version check-config print-dropin help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -71,7 +77,7 @@ _certctl__agent() {
             return 0
             ;;
         certctl__subcmd__agent__subcmd__help)
-            opts="check-config help"
+            opts="check-config print-dropin help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -105,6 +111,38 @@ _certctl__agent() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        certctl__subcmd__agent__subcmd__help__subcmd__print__subcmd__dropin)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        certctl__subcmd__agent__subcmd__print__subcmd__dropin)
+            opts="-h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
