@@ -101,10 +101,18 @@ pub struct DeployArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Only this target.
-    pub target: Option<String>,
+    /// Only these targets (all when none is given).
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
     /// Print the agent's Prometheus metrics (text exposition format) instead:
     /// the same text as its metrics_listen endpoint, over the control socket.
-    #[arg(long, conflicts_with_all = ["target", "json"])]
+    #[arg(long, conflicts_with_all = ["targets", "check"])]
     pub prometheus: bool,
+    /// Judge the status as a monitoring plugin: print one summary line and
+    /// exit 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.
+    #[arg(long)]
+    pub check: bool,
+    /// With --check: WARNING when a certificate expires within this many days.
+    #[arg(long, value_name = "DAYS", default_value_t = 21, requires = "check")]
+    pub warn_days: u32,
 }

@@ -2,6 +2,8 @@
 //! `certctl watch`: read-only views.
 
 use certctl_proto::agent::v1 as pb;
+use certctl_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
@@ -13,7 +15,51 @@ use crate::output::{
     stage_name, table,
 };
 
+/// The agent's status of `targets` (every target when empty), in the
+/// order the agent lists them; a name it does not know is an error that
+/// lists the configured ones, as the agent says it for one name.
+pub async fn fetch_status(
+    client: &mut AgentClient<Channel>,
+    targets: &[String],
+) -> Result<pb::StatusResponse, CliError> {
+    let one = match targets {
+        [one] => one.clone(),
+        _ => String::new(),
+    };
+    let mut resp = client
+        .status(pb::StatusRequest { target: one })
+        .await?
+        .into_inner();
+    if targets.len() > 1 {
+        if let Some(unknown) = targets
+            .iter()
+            .find(|n| !resp.targets.iter().any(|t| &t.name == *n))
+        {
+            let configured: Vec<&str> = resp.targets.iter().map(|t| t.name.as_str()).collect();
+            return Err(CliError::Status(
+                format!(
+                    "unknown target \"{unknown}\" (configured: {})",
+                    configured.join(", ")
+                ),
+                tonic::Code::NotFound,
+            ));
+        }
+        resp.targets.retain(|t| targets.contains(&t.name));
+    }
+    Ok(resp)
+}
+
 pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
+    if args.check {
+        return Ok(crate::check::run(cli, args).await);
+    }
+    if args.prometheus && cli.json {
+        return Err(CliError::Usage(
+            "--prometheus cannot be used with --json: the metrics are text in the Prometheus \
+             exposition format; drop one of them"
+                .to_owned(),
+        ));
+    }
     let mut client = client::connect(&cli.socket).await?;
     if args.prometheus {
         let text = client
@@ -24,12 +70,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         print!("{text}");
         return Ok(exit::OK);
     }
-    let resp = client
-        .status(pb::StatusRequest {
-            target: args.target.clone().unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
+    let resp = fetch_status(&mut client, &args.targets).await?;
     let agent = resp.agent.unwrap_or_default();
     if cli.json {
         let targets: Vec<_> = resp

@@ -5,6 +5,7 @@
 // This crate is a command-line program: printing is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod deploy;

@@ -190,26 +190,38 @@ pub fn short(hex: &str) -> String {
     }
 }
 
-fn now_unix() -> i64 {
+/// Seconds since the epoch, now.
+pub fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// `3m ago`, `in 41d`.
+/// `42s ago`, `3m ago`, `in 41d`: see [`span`].
 pub fn relative(unix: i64) -> String {
-    let delta = unix - now_unix();
-    let (n, future) = (delta.unsigned_abs(), delta > 0);
-    let amount = match n {
-        0..=89 => format!("{n}s"),
-        90..=5399 => format!("{}m", n / 60),
-        5400..=172_799 => format!("{}h", n / 3600),
-        _ => format!("{}d", n / 86_400),
-    };
-    if future {
+    relative_to(unix, now_unix())
+}
+
+/// [`relative`] as seen at `now`.
+pub fn relative_to(unix: i64, now: i64) -> String {
+    let delta = unix - now;
+    let amount = span(delta.unsigned_abs());
+    if delta > 0 {
         format!("in {amount}")
     } else {
         format!("{amount} ago")
+    }
+}
+
+/// A length of time in one unit, rounded down, each unit used from its
+/// first whole count on: seconds below a minute, minutes below an hour,
+/// hours below two days, then days. So a longer time never reads shorter.
+pub fn span(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3_599 => format!("{}m", secs / 60),
+        3_600..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
     }
 }
 
@@ -239,4 +251,30 @@ pub fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_use_one_unit_and_never_read_shorter_for_longer_times() {
+        let cases = [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (75, "1m"),
+            (90, "1m"),
+            (3_599, "59m"),
+            (3_600, "1h"),
+            (172_799, "47h"),
+            (172_800, "2d"),
+            (89 * 86_400 + 5, "89d"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(span(secs), want, "{secs}s");
+        }
+        assert_eq!(relative_to(100, 25), "in 1m");
+        assert_eq!(relative_to(25, 100), "1m ago");
+    }
 }

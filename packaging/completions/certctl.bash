@@ -285,12 +285,16 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__status)
-            opts="-h --prometheus --socket --json --help"
+            opts="-h --prometheus --check --warn-days --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --warn-days)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

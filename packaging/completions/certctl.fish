@@ -46,8 +46,10 @@ complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-reload -d 
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-wait -d 'Fail with exit code 8 instead of waiting when the target is busy'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -s h -l help -d 'Print help'
+complete -c certctl -n "__fish_certctl_using_subcommand status" -l warn-days -d 'With --check: WARNING when a certificate expires within this many days' -r
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l socket -d 'The agent\'s control socket' -r -F
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l prometheus -d 'Print the agent\'s Prometheus metrics (text exposition format) instead: the same text as its metrics_listen endpoint, over the control socket'
+complete -c certctl -n "__fish_certctl_using_subcommand status" -l check -d 'Judge the status as a monitoring plugin: print one summary line and exit 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN'
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand status" -s h -l help -d 'Print help'
 complete -c certctl -n "__fish_certctl_using_subcommand targets" -l socket -d 'The agent\'s control socket' -r -F
