@@ -92,7 +92,11 @@ pub fn judge(resp: &pb::StatusResponse, now_unix: i64, warn_days: u32) -> Report
     for t in &resp.targets {
         let name = t.name.as_str();
         if t.disk_state == "missing" {
-            find(name, Level::Critical, format!("no certificate at {}", t.cert_path));
+            find(
+                name,
+                Level::Critical,
+                format!("no certificate at {}", t.cert_path),
+            );
         } else if t.disk_state != "ok" {
             find(
                 name,
@@ -188,11 +192,7 @@ pub fn judge(resp: &pb::StatusResponse, now_unix: i64, warn_days: u32) -> Report
             }
         }
     }
-    let level = findings
-        .iter()
-        .map(|f| f.level)
-        .max()
-        .unwrap_or(Level::Ok);
+    let level = findings.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
     Report {
         level,
         targets: resp.targets.len(),
@@ -245,11 +245,7 @@ impl Report {
                 })
                 .collect();
             if counts.is_empty() {
-                format!(
-                    "{} target{plural} ok; {}",
-                    self.targets,
-                    reasons.join("; ")
-                )
+                format!("{} target{plural} ok; {}", self.targets, reasons.join("; "))
             } else {
                 format!(
                     "{} of {} target{plural}: {}",
@@ -456,6 +452,10 @@ mod tests {
         });
         let report = judge(&r, NOW, 21);
         assert_eq!(report.level, Level::Warning);
-        assert!(report.line().contains("agent: the drop directory"), "{}", report.line());
+        assert!(
+            report.line().contains("agent: the drop directory"),
+            "{}",
+            report.line()
+        );
     }
 }

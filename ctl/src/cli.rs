@@ -33,7 +33,7 @@ pub enum Command {
     /// Configured targets and their kinds, files and commands.
     Targets,
     /// Stream every deploy and drop-directory event of the agent until interrupted.
-    Watch,
+    Watch(WatchArgs),
     /// Put the previous certificate set back, reload, and verify it is served.
     Rollback(RollbackArgs),
     /// Past deploys and rollbacks, newest first, from the agent's journal.
@@ -53,6 +53,13 @@ pub struct RollbackArgs {
     /// Fail with exit code 8 instead of waiting when the target is busy.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only the events of these targets (all when none is given).
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -3,11 +3,11 @@
 
 use certctl_proto::agent::v1 as pb;
 use certctl_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::Channel;
 use serde_json::json;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
-use crate::cli::{Cli, HistoryArgs, StatusArgs};
+use crate::cli::{Cli, HistoryArgs, StatusArgs, WatchArgs};
 use crate::client::{self, CliError};
 use crate::exit;
 use crate::output::{
@@ -264,6 +264,7 @@ pub async fn history(cli: &Cli, args: &HistoryArgs) -> Result<u8, CliError> {
                     "target": e.target,
                     "op": e.op,
                     "origin": e.origin,
+                    "by": output::Origin::parse(&e.origin).json(),
                     "started_unix_ms": e.started_unix_ms,
                     "finished_unix_ms": (e.finished_unix_ms != 0).then_some(e.finished_unix_ms),
                     "outcome": (e.finished_unix_ms != 0).then(|| outcome_name(e.outcome)),
@@ -320,7 +321,7 @@ pub async fn history(cli: &Cli, args: &HistoryArgs) -> Result<u8, CliError> {
                 output::short(&e.cert_sha256)
             },
             took,
-            e.origin.clone(),
+            output::Origin::parse(&e.origin).text(&e.origin),
         ]);
     }
     print!("{}", table(&rows));
@@ -383,16 +384,39 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
-pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
+pub async fn watch(cli: &Cli, args: &WatchArgs) -> Result<u8, CliError> {
     let mut client = client::connect(&cli.socket).await?;
+    if !args.targets.is_empty() {
+        let configured: Vec<String> = client
+            .targets(pb::TargetsRequest {})
+            .await?
+            .into_inner()
+            .targets
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        if let Some(unknown) = args.targets.iter().find(|n| !configured.contains(n)) {
+            return Err(CliError::Status(
+                format!(
+                    "unknown target \"{unknown}\" (configured: {})",
+                    configured.join(", ")
+                ),
+                tonic::Code::NotFound,
+            ));
+        }
+    }
     let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
     while let Some(event) = stream.next().await {
         let event = event?;
+        if !args.targets.is_empty() && !args.targets.contains(&event.target) {
+            continue;
+        }
         if cli.json {
             println!("{}", event_json(&event));
         } else if event.drop.is_some() {
             println!("{}", drop_line(&event));
         } else {
+            let stage = stage_name(event.stage);
             println!(
                 "{} {}: {} {}",
                 if event.deploy_id.is_empty() {
@@ -401,8 +425,8 @@ pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
                     &event.deploy_id
                 },
                 event.target,
-                stage_name(event.stage),
-                event.message
+                stage,
+                output::event_message(stage, &event.message)
             );
         }
     }

@@ -19,6 +19,7 @@ mod support;
 mod agent_lifecycle;
 mod apache_kind;
 mod caddy_kind;
+mod cli_output;
 mod crash;
 mod deploy_file;
 mod drop;

@@ -24,8 +24,15 @@ fn status_check_exit_codes_follow_the_plugin_convention() {
 
     let leaf = pki::issue_cert(&["app.test"]);
     let f = env.inputs(&leaf, "app");
-    env.ctl(&["deploy", "app", "--cert", arg(&f.cert), "--key", arg(&f.key)])
-        .assert_code(0);
+    env.ctl(&[
+        "deploy",
+        "app",
+        "--cert",
+        arg(&f.cert),
+        "--key",
+        arg(&f.key),
+    ])
+    .assert_code(0);
     let out = env.ctl(&["status", "--check", "app"]);
     out.assert_code(0);
     assert!(
@@ -40,8 +47,15 @@ fn status_check_exit_codes_follow_the_plugin_convention() {
     let ca = Ca::root("Check Root");
     let soon = ca.leaf(&["api.test"]).valid_days(10).issue();
     let f = env.inputs(&soon, "api");
-    env.ctl(&["deploy", "api", "--cert", arg(&f.cert), "--key", arg(&f.key)])
-        .assert_code(0);
+    env.ctl(&[
+        "deploy",
+        "api",
+        "--cert",
+        arg(&f.cert),
+        "--key",
+        arg(&f.key),
+    ])
+    .assert_code(0);
     let out = env.ctl(&["status", "--check", "api", "app"]);
     out.assert_code(1);
     assert!(
@@ -70,7 +84,8 @@ fn status_check_exit_codes_follow_the_plugin_convention() {
     let out = env.ctl(&["status", "--check"]);
     out.assert_code(3);
     assert!(
-        out.stdout.starts_with("CERTCTL UNKNOWN - cannot reach the agent at "),
+        out.stdout
+            .starts_with("CERTCTL UNKNOWN - cannot reach the agent at "),
         "{out}"
     );
 }
