@@ -89,6 +89,19 @@ pub fn judge(resp: &pb::StatusResponse, now_unix: i64, warn_days: u32) -> Report
             format!("the drop directory {} is not watched", agent.drop_dir),
         );
     }
+    if let Some(r) = &agent.config_reload
+        && !r.accepted
+    {
+        find(
+            "",
+            Level::Warning,
+            format!(
+                "the last configuration reload was rejected {}: {}",
+                relative_to(r.unix_ms / 1000, now_unix),
+                r.error.lines().collect::<Vec<_>>().join("; ")
+            ),
+        );
+    }
     for t in &resp.targets {
         let name = t.name.as_str();
         if t.disk_state == "missing" {
@@ -457,5 +470,32 @@ mod tests {
             "{}",
             report.line()
         );
+        let mut r = resp(vec![target("web", 80)]);
+        r.agent = Some(pb::AgentInfo {
+            config_reload: Some(pb::ConfigReload {
+                accepted: false,
+                unix_ms: (NOW - 120) * 1000,
+                error: "/etc/certctl/agent.toml: a\n/etc/certctl/agent.toml: b".to_owned(),
+            }),
+            ..Default::default()
+        });
+        let report = judge(&r, NOW, 21);
+        assert_eq!(report.level, Level::Warning);
+        assert!(
+            report.line().contains(
+                "agent: the last configuration reload was rejected 2m ago: \
+                 /etc/certctl/agent.toml: a; /etc/certctl/agent.toml: b"
+            ),
+            "{}",
+            report.line()
+        );
+        r.agent = Some(pb::AgentInfo {
+            config_reload: Some(pb::ConfigReload {
+                accepted: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(judge(&r, NOW, 21).level, Level::Ok);
     }
 }

@@ -119,6 +119,11 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "drops_in_flight": agent.drops_in_flight,
                     "rejected_dir": agent.rejected_dir,
                     "drop_dir_watching": agent.drop_dir_watching,
+                    "config_reload": agent.config_reload.as_ref().map(|r| json!({
+                        "accepted": r.accepted,
+                        "unix_ms": r.unix_ms,
+                        "error": (!r.error.is_empty()).then_some(&r.error),
+                    })),
                 },
                 "targets": targets,
             })
@@ -133,6 +138,23 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         agent.config_path,
         resp.targets.len()
     );
+    match &agent.config_reload {
+        None => {}
+        Some(r) if r.accepted => println!(
+            "config: last reload (SIGHUP) accepted {}",
+            relative(r.unix_ms / 1000)
+        ),
+        Some(r) => {
+            println!(
+                "config: last reload (SIGHUP) REJECTED {}, the previous configuration stays in \
+                 force; fix the file (certctl-agent check-config) and reload again:",
+                relative(r.unix_ms / 1000)
+            );
+            for line in r.error.lines() {
+                println!("    {line}");
+            }
+        }
+    }
     if !agent.drop_dir.is_empty() && !agent.drop_dir_watching {
         println!(
             "drops: NOT WATCHING {}: the directory is gone or was replaced; drops are not taken \

@@ -1,9 +1,14 @@
 //! `certctl status --check` through the real agent: the monitoring-plugin
-//! exit codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN) and the summary line.
+//! exit codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN) and the summary line;
+//! the last `SIGHUP` reload's result in status, the check and the metrics.
 
-use crate::support::TestEnv;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
 use crate::support::assert::arg;
 use crate::support::pki::{self, Ca};
+use crate::support::{TestEnv, wait_until};
 
 #[test]
 fn status_check_exit_codes_follow_the_plugin_convention() {
@@ -87,5 +92,68 @@ fn status_check_exit_codes_follow_the_plugin_convention() {
         out.stdout
             .starts_with("CERTCTL UNKNOWN - cannot reach the agent at "),
         "{out}"
+    );
+}
+
+#[test]
+fn the_last_config_reload_is_in_status_json_check_and_metrics() {
+    let env = TestEnv::new();
+    let agent = env.spawn_agent();
+    let status = || env.ctl(&["--json", "status"]).assert_code(0).json();
+    assert!(status()["agent"]["config_reload"].is_null());
+
+    // A bad file: rejected, with the reason, and the check warns.
+    let good = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        format!("{good}\n[[target]]\nname = \"bad\"\nkind = \"ngnix\"\n"),
+    )
+    .unwrap();
+    agent.signal(Signal::SIGHUP);
+    agent.wait_for_log("configuration reload rejected", Duration::from_secs(10));
+    let reload = status()["agent"]["config_reload"].clone();
+    assert_eq!(reload["accepted"], false, "{reload}");
+    assert!(
+        reload["unix_ms"].as_i64().is_some_and(|t| t > 0),
+        "{reload}"
+    );
+    let error = reload["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did you mean \"nginx\""), "{reload}");
+    let out = env.ctl(&["status"]);
+    out.assert_code(0);
+    assert!(
+        out.stdout
+            .contains("config: last reload (SIGHUP) REJECTED "),
+        "{out}"
+    );
+    let out = env.ctl(&["status", "--check"]);
+    out.assert_code(1);
+    assert!(
+        out.stdout
+            .contains("agent: the last configuration reload was rejected "),
+        "{out}"
+    );
+    let metrics = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        metrics
+            .stdout
+            .contains("\ncertctl_config_reload_successful 0\n"),
+        "{metrics}"
+    );
+
+    // Fixed: accepted, and all is well again.
+    std::fs::write(env.config_path(), &good).unwrap();
+    agent.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload is accepted", || {
+        status()["agent"]["config_reload"]["accepted"] == true
+    });
+    assert!(status()["agent"]["config_reload"]["error"].is_null());
+    env.ctl(&["status", "--check"]).assert_code(0);
+    let metrics = env.ctl(&["status", "--prometheus"]);
+    assert!(
+        metrics
+            .stdout
+            .contains("\ncertctl_config_reload_successful 1\n"),
+        "{metrics}"
     );
 }
