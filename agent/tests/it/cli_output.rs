@@ -69,3 +69,24 @@ fn owners_by_name_history_origin_and_watch_filtered_by_target() {
     out.assert_code(3);
     assert!(out.stderr.contains("unknown target \"nosuch\""), "{out}");
 }
+
+#[test]
+fn agent_help_shows_the_exit_status() {
+    for args in [&["--help"][..], &["check-config", "--help"]] {
+        let out = crate::support::process::run_bounded(
+            std::process::Command::new(crate::support::agent_bin()).args(args),
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stdout.contains("\nExit status:\n  0 "),
+            "{}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("\n  64  configuration error"),
+            "{}",
+            out.stdout
+        );
+    }
+}
