@@ -22,6 +22,9 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy
 command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ] || need+=(caddy)
 # The keystore kind's tests list keystores with keytool and serve one from Java.
 command -v keytool >/dev/null 2>&1 || need+=(default-jdk-headless)
+# The completion tests run certctl's zsh and fish scripts (bash is there).
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate;
 # systemd-container and debootstrap: the end-to-end test of the package.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)

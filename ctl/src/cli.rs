@@ -67,7 +67,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Configured targets and their kinds, files and commands.
     #[command(after_help = READ_EXIT_STATUS)]
-    Targets,
+    Targets(TargetsArgs),
     /// Stream every deploy and drop-directory event of the agent until interrupted.
     #[command(after_help = READ_EXIT_STATUS)]
     Watch(WatchArgs),
@@ -93,6 +93,15 @@ pub struct RollbackArgs {
     /// Fail with exit code 8 instead of waiting when the target is busy.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// Only the names, one a line (what the shell completions offer): from
+    /// the agent, or from its configuration file when the agent cannot be
+    /// asked.
+    #[arg(long)]
+    pub names: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod complete;
 pub mod deploy;
 pub mod exit;
 pub mod inspect;
@@ -75,7 +76,8 @@ pub async fn run(cli: Cli) -> u8 {
     let result = match &cli.command {
         cli::Command::Deploy(args) => deploy::run(&cli, args).await,
         cli::Command::Status(args) => inspect::status(&cli, args).await,
-        cli::Command::Targets => inspect::targets(&cli).await,
+        cli::Command::Targets(args) if args.names => Ok(complete::names(&cli).await),
+        cli::Command::Targets(_) => inspect::targets(&cli).await,
         cli::Command::Watch(args) => inspect::watch(&cli, args).await,
         cli::Command::Rollback(args) => rollback::run(&cli, args).await,
         cli::Command::Verify(args) => verify::run(&cli, args).await,

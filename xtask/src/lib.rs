@@ -1,12 +1,14 @@
 //! Files generated from the CLI definitions (clap) and shipped in the
 //! Debian package: the man pages `certctl(1)` and `certctl-agent(1)` (with
 //! one page per subcommand, `certctl-deploy(1)`, ...; see [`man`] for their
-//! sections), and bash, zsh and fish completions for both programs.
+//! sections), and bash, zsh and fish completions for both programs
+//! (`certctl`'s complete target names: see [`complete`]).
 //!
 //! They are checked in under `packaging/` so that packaging needs no build
 //! step of its own; `cargo xtask gen` rewrites them and the test below fails
 //! when a CLI change was not regenerated, so they never drift from `--help`.
 
+pub mod complete;
 pub mod man;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +50,10 @@ pub fn generated() -> anyhow::Result<Vec<Generated>> {
         ] {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd.clone(), name, &mut script);
+            if name == "certctl" {
+                script = complete::with_target_names(shell, &cmd, &String::from_utf8(script)?)
+                    .into_bytes();
+            }
             out.push(Generated {
                 path: PathBuf::from(format!("packaging/completions/{file}")),
                 content: script,

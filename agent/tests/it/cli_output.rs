@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::support::assert::arg;
 use crate::support::pki;
-use crate::support::{TestEnv, wait_until};
+use crate::support::{TestEnv, find_program, server_missing, wait_until};
 
 #[test]
 fn owners_by_name_history_origin_and_watch_filtered_by_target() {
@@ -88,5 +88,161 @@ fn agent_help_shows_the_exit_status() {
             "{}",
             out.stdout
         );
+    }
+}
+
+/// What bash offers after `words` (the last one being completed), with
+/// `certctl`'s completion script and `env`'s socket.
+fn bash_complete(env: &TestEnv, words: &[&str], extra_env: &[(&str, &str)]) -> Vec<String> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/completions/certctl.bash"
+    );
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source {script}\nCOMP_WORDS=({})\nCOMP_CWORD={}\n\
+         _certctl_with_targets certctl '{}' '{}'\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        quoted.join(" "),
+        words.len() - 1,
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let bin_dir = crate::support::certctl_bin().parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(program)
+        .env("PATH", path)
+        .env("CERTCTL_SOCKET", env.socket());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = crate::support::process::run_bounded(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.stdout
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn bash_completes_target_names_from_the_agent_then_from_the_config() {
+    let mut env = TestEnv::new();
+    env.file_target("web", "");
+    env.file_target("api", "");
+    env.file_target("mail", "");
+    let mut agent = env.spawn_agent();
+
+    let out = env.ctl(&["targets", "--names"]);
+    out.assert_code(0);
+    assert_eq!(out.stdout, "api\nmail\nweb\n", "{out}");
+
+    assert_eq!(
+        bash_complete(&env, &["certctl", "deploy", ""], &[]),
+        ["api", "mail", "web"]
+    );
+    assert_eq!(
+        bash_complete(&env, &["certctl", "status", "web", "m"], &[]),
+        ["mail"]
+    );
+    assert_eq!(
+        bash_complete(&env, &["certctl", "--json", "rollback", "w"], &[]),
+        ["web"]
+    );
+    // Not after a command that has its target, nor for an option's value.
+    assert!(
+        !bash_complete(&env, &["certctl", "verify", "web", ""], &[]).contains(&"api".to_owned())
+    );
+    assert!(
+        !bash_complete(&env, &["certctl", "deploy", "web", "--cert", ""], &[])
+            .contains(&"api".to_owned())
+    );
+    // The --socket on the command line is the one asked.
+    let elsewhere = env.path().join("elsewhere.sock");
+    assert!(
+        bash_complete(
+            &env,
+            &[
+                "certctl",
+                "--socket",
+                elsewhere.to_str().unwrap(),
+                "deploy",
+                ""
+            ],
+            &[("CERTCTL_CONFIG", "/nonexistent/agent.toml")]
+        )
+        .is_empty()
+    );
+
+    // No agent: the names in the configuration file it would read.
+    agent.terminate();
+    let config = env.config_path();
+    let config = config.to_str().unwrap();
+    assert_eq!(
+        bash_complete(
+            &env,
+            &["certctl", "watch", ""],
+            &[("CERTCTL_CONFIG", config)]
+        ),
+        ["api", "mail", "web"]
+    );
+    let out = env.ctl(&["targets", "--names"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stderr.contains("did not answer"), "{out}");
+}
+
+#[test]
+fn fish_and_zsh_complete_target_names() {
+    let completions = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/completions");
+    let bin_dir = crate::support::certctl_bin().parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut env = TestEnv::new();
+    env.file_target("web", "");
+    env.file_target("api", "");
+    let _agent = env.spawn_agent();
+
+    if find_program("fish", &[]).is_some() || !server_missing("fish") {
+        let mut cmd = std::process::Command::new("fish");
+        cmd.arg("--no-config")
+            .arg("-c")
+            .arg(format!(
+                "source {completions}/certctl.fish; complete -C 'certctl rollback '; \
+                 echo SPLIT; complete -C 'certctl deploy web --cert '"
+            ))
+            .env("PATH", &path)
+            .env("CERTCTL_SOCKET", env.socket())
+            .current_dir(env.path());
+        let out = crate::support::process::run_bounded(&mut cmd, Duration::from_secs(30));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let (names, files) = out.stdout.split_once("SPLIT\n").unwrap();
+        let names: Vec<&str> = names
+            .lines()
+            .map(|l| l.split('\t').next().unwrap())
+            .collect();
+        assert_eq!(names, ["api", "web"], "{}", out.stdout);
+        assert!(!files.contains("api"), "--cert completes files: {files}");
+    }
+    if find_program("zsh", &[]).is_some() || !server_missing("zsh") {
+        let mut cmd = std::process::Command::new("zsh");
+        cmd.arg("-n").arg(format!("{completions}/_certctl"));
+        let out = crate::support::process::run_bounded(&mut cmd, Duration::from_secs(30));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let script = std::fs::read_to_string(format!("{completions}/_certctl")).unwrap();
+        assert!(
+            script.contains(
+                "':target -- Target name, as configured in the agent:_certctl_target_names'"
+            ),
+            "the zsh script completes target names"
+        );
+        assert!(script.contains("targets --names"));
     }
 }
