@@ -26,7 +26,7 @@ Exit status:
   0  the status was printed (without --check); with --check: OK
   1  with --check: WARNING (a certificate expires within --warn-days, an endpoint was unreachable, the last deploy, drop or configuration reload failed)
   2  with --check: CRITICAL (a certificate missing, unreadable or expired, another one served, a failed rollback); without: usage error
-  3  with --check: UNKNOWN (agent unreachable, permission denied, unknown target)
+  3  with --check: UNKNOWN (agent unreachable, permission denied, unknown target, bad arguments)
   7  without --check: agent unreachable or permission denied";
 
 /// Exit status of the read-only commands (`targets`, `history`, `watch`).

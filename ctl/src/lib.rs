@@ -41,31 +41,48 @@ pub fn usage_error(e: &clap::Error, args: impl IntoIterator<Item = std::ffi::OsS
             }
         })
         .collect();
-    let json = args
-        .into_iter()
-        .skip(1)
-        .take_while(|a| a != "--")
-        .any(|a| a == "--json");
-    if json {
-        // The error and its details on one line, without the usage.
-        let message = match e.kind() {
-            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                "a command is required: see certctl --help".to_owned()
-            }
-            _ => text
-                .lines()
-                .take_while(|l| !l.starts_with("Usage: "))
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ")
-                .trim_start_matches("error: ")
-                .to_owned(),
-        };
-        println!(
+    let words: Vec<std::ffi::OsString> =
+        args.into_iter().skip(1).take_while(|a| a != "--").collect();
+    let has = |w: &str| words.iter().any(|a| a == w);
+    // The error and its details on one line, without the usage.
+    let message = match e.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            "a command is required: see certctl --help".to_owned()
+        }
+        _ => text
+            .lines()
+            .take_while(|l| !l.starts_with("Usage: ") && !l.starts_with("For more information"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim_start_matches("error: ")
+            .to_owned(),
+    };
+    // A monitoring check with bad arguments is UNKNOWN, as the plugin
+    // convention has it, and says so on stdout where the monitor reads.
+    let (code, line) = if has("status") && has("--check") {
+        let code = check::Level::Unknown.code();
+        (code, Some(format!("CERTCTL UNKNOWN - {message}")))
+    } else {
+        (code, None)
+    };
+    match (has("--json"), &line) {
+        (true, Some(line)) => println!(
+            "{}",
+            serde_json::json!({
+                "status": "UNKNOWN",
+                "exit_code": code,
+                "summary": line,
+                "error": message,
+            })
+        ),
+        (true, None) => println!(
             "{}",
             serde_json::json!({ "error": message, "exit_code": code })
-        );
+        ),
+        (false, Some(line)) => println!("{line}"),
+        (false, None) => {}
     }
     eprint!("{text}");
     code
