@@ -25,7 +25,8 @@ const AGENT_DEADLINE: Duration = Duration::from_millis(1500);
 /// Where the agent reads its configuration by default.
 const DEFAULT_CONFIG: &str = "/etc/certctl/agent.toml";
 
-/// Prints the configured target names, one a line, sorted; always exit 0.
+/// Prints the configured target names, one a line, sorted (with `--json`:
+/// `{"names": [...]}`); always exit 0.
 pub async fn names(cli: &Cli) -> u8 {
     let from_agent = tokio::time::timeout(AGENT_DEADLINE, async {
         let mut client = client::connect(&cli.socket).await.ok()?;
@@ -55,6 +56,10 @@ pub async fn names(cli: &Cli) -> u8 {
     });
     names.sort();
     names.dedup();
+    if cli.json {
+        println!("{}", serde_json::json!({ "names": names }));
+        return exit::OK;
+    }
     for name in names {
         println!("{name}");
     }

@@ -141,6 +141,12 @@ fn bash_completes_target_names_from_the_agent_then_from_the_config() {
     let out = env.ctl(&["targets", "--names"]);
     out.assert_code(0);
     assert_eq!(out.stdout, "api\nmail\nweb\n", "{out}");
+    let out = env.ctl(&["--json", "targets", "--names"]);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({ "names": ["api", "mail", "web"] }),
+        "{out}"
+    );
 
     assert_eq!(
         bash_complete(&env, &["certctl", "deploy", ""], &[]),
