@@ -31,6 +31,9 @@ command -v certbot >/dev/null 2>&1 || need+=(certbot)
 command -v lego >/dev/null 2>&1 || need+=(lego)
 command -v dehydrated >/dev/null 2>&1 || need+=(dehydrated)
 command -v uacme >/dev/null 2>&1 || need+=(uacme)
+# The completion tests run certctl's zsh and fish scripts (bash is there).
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
 # systemd: systemd-analyze (unit checks) and systemd-socket-activate;
 # systemd-container and debootstrap: the end-to-end test of the package.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)

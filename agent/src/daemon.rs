@@ -410,11 +410,11 @@ fn reload(shared: &App, path: &Path) {
                 warn!("{w}");
             }
             info!(targets = new.targets.len(), "configuration reloaded");
-            shared.engine.metrics().config_reload(true);
+            shared.engine.metrics().config_reload(None);
             shared.replace_config(Arc::new(new));
         }
         Err(e) => {
-            shared.engine.metrics().config_reload(false);
+            shared.engine.metrics().config_reload(Some(&e.to_string()));
             error!("configuration reload rejected, the previous configuration stays in force: {e}")
         }
     }

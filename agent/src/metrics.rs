@@ -13,7 +13,7 @@
 //! | [`Metrics::verify_attempt`] | `deploy::progress::Run` | `certctl_verify_attempts_total` |
 //! | [`Metrics::drop_outcome`] | the drop directory watcher | `certctl_drops_total` |
 //! | [`Metrics::drop_dir_watching`] | the drop directory watcher | `certctl_drop_dir_watching` |
-//! | [`Metrics::config_reload`] | `daemon` (SIGHUP) | `certctl_config_reloads_total` |
+//! | [`Metrics::config_reload`] | `daemon` (SIGHUP) | `certctl_config_reloads_total`, `certctl_config_reload_successful`, `certctl_config_reload_timestamp_seconds` |
 //!
 //! [`Metrics::render`] renders everything, adding what the caller read at
 //! scrape time (each target's certificate `not_after`, through
@@ -58,6 +58,17 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
+/// The result of one `SIGHUP` configuration reload, for `certctl status`
+/// and the `certctl_config_reload_*` gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigReload {
+    /// The new configuration is in force; else the previous one stayed.
+    pub accepted: bool,
+    pub at: SystemTime,
+    /// Why it was rejected (the configuration error); empty when accepted.
+    pub error: String,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// (target, outcome)
@@ -72,6 +83,8 @@ struct Inner {
     drop_dir_watching: Option<bool>,
     /// result
     reloads: BTreeMap<&'static str, u64>,
+    /// The last `SIGHUP` reload; `None` before the first.
+    last_reload: Option<ConfigReload>,
     /// stage
     stages: BTreeMap<&'static str, Histogram>,
 }
@@ -279,10 +292,22 @@ impl Metrics {
         *self.inner().drops.entry(outcome.to_owned()).or_default() += 1;
     }
 
-    /// A `SIGHUP` configuration reload was applied (`true`) or rejected.
-    pub fn config_reload(&self, applied: bool) {
-        let result = if applied { "ok" } else { "rejected" };
-        *self.inner().reloads.entry(result).or_default() += 1;
+    /// A `SIGHUP` configuration reload was applied (`error` is `None`) or
+    /// rejected for `error`.
+    pub fn config_reload(&self, error: Option<&str>) {
+        let result = if error.is_none() { "ok" } else { "rejected" };
+        let mut m = self.inner();
+        *m.reloads.entry(result).or_default() += 1;
+        m.last_reload = Some(ConfigReload {
+            accepted: error.is_none(),
+            at: SystemTime::now(),
+            error: error.unwrap_or_default().to_owned(),
+        });
+    }
+
+    /// The last `SIGHUP` reload's result; `None` before the first.
+    pub fn last_config_reload(&self) -> Option<ConfigReload> {
+        self.inner().last_reload.clone()
     }
 
     fn observe_stage(&self, stage: &'static str, took: Duration) {
@@ -433,6 +458,37 @@ impl Metrics {
                 *n as f64,
             );
         }
+
+        // As Prometheus's own: the configuration loaded at start counts as
+        // the first successful load.
+        let (successful, at) = match &m.last_reload {
+            Some(r) => (r.accepted, r.at),
+            None => (true, self.started),
+        };
+        header(
+            &mut out,
+            "certctl_config_reload_successful",
+            "gauge",
+            "1 if the last configuration load (at start or SIGHUP) was accepted, 0 if it was rejected and the previous configuration stays in force.",
+        );
+        sample(
+            &mut out,
+            "certctl_config_reload_successful",
+            &[],
+            if successful { 1.0 } else { 0.0 },
+        );
+        header(
+            &mut out,
+            "certctl_config_reload_timestamp_seconds",
+            "gauge",
+            "When the last configuration load (at start or SIGHUP) happened, accepted or not, in Unix seconds.",
+        );
+        sample(
+            &mut out,
+            "certctl_config_reload_timestamp_seconds",
+            &[],
+            unix_seconds(at),
+        );
 
         header(
             &mut out,
@@ -796,9 +852,16 @@ mod tests {
         m.verify_attempt("web", false, "refused");
         m.verify_attempt("web", false, "refused");
         m.verify_attempt("web", true, "");
-        m.config_reload(true);
-        m.config_reload(false);
-        m.config_reload(false);
+        assert_eq!(
+            value(&render(&m), "certctl_config_reload_successful"),
+            Some(1.0)
+        );
+        m.config_reload(None);
+        m.config_reload(Some("bad"));
+        m.config_reload(Some("worse"));
+        let last = m.last_config_reload().unwrap();
+        assert!(!last.accepted);
+        assert_eq!(last.error, "worse");
         let t = render(&m);
         assert_eq!(
             value(
@@ -822,6 +885,8 @@ mod tests {
             value(&t, "certctl_config_reloads_total{result=\"rejected\"}"),
             Some(2.0)
         );
+        assert_eq!(value(&t, "certctl_config_reload_successful"), Some(0.0));
+        assert!(value(&t, "certctl_config_reload_timestamp_seconds").is_some_and(|v| v > 0.0));
     }
 
     #[test]
@@ -884,8 +949,8 @@ mod tests {
         let types = t.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = t.lines().filter(|l| l.starts_with("# HELP ")).count();
         assert_eq!(types, helps);
-        // 12 families since certctl_target_needs_operator.
-        assert_eq!(types, 12);
+        // 14 families since the certctl_config_reload_* gauges.
+        assert_eq!(types, 14);
     }
 
     #[test]

@@ -5,9 +5,42 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Exit status of every command but `status --check` (`--help`, and the man
+/// pages' EXIT STATUS, which xtask renders from this text).
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0  done: deployed, unchanged, dry run, restored; verify: served
+  1  internal or unexpected error
+  2  usage error: bad arguments, unreadable or oversized input file
+  3  input rejected: bad PEM, key mismatch, expired, unknown target
+  4  validate command failed; previous files restored, no reload
+  5  reload or verification failed; rolled back and re-verified (verify: not served)
+  6  rollback failed: operator action needed
+  7  agent unreachable or permission denied
+  8  target busy and --no-wait given
+status --check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.";
+
+/// Exit status of `certctl status`.
+pub const STATUS_EXIT_STATUS: &str = "\
+Exit status:
+  0  the status was printed (without --check); with --check: OK
+  1  with --check: WARNING (a certificate expires within --warn-days, an endpoint was unreachable, the last deploy, drop or configuration reload failed)
+  2  with --check: CRITICAL (a certificate missing, unreadable or expired, another one served, a failed rollback); without: usage error
+  3  with --check: UNKNOWN (agent unreachable, permission denied, unknown target, bad arguments)
+  7  without --check: agent unreachable or permission denied";
+
+/// Exit status of the read-only commands (`targets`, `history`, `watch`).
+pub const READ_EXIT_STATUS: &str = "\
+Exit status:
+  0  done (watch: the agent stopped the stream)
+  1  internal or unexpected error
+  2  usage error
+  3  unknown target
+  7  agent unreachable or permission denied";
+
 /// Operator CLI of the certctl agent: deploy certificates, inspect targets.
 #[derive(Debug, Parser)]
-#[command(name = "certctl", version)]
+#[command(name = "certctl", version, after_help = EXIT_STATUS)]
 pub struct Cli {
     /// The agent's control socket.
     #[arg(
@@ -27,19 +60,26 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Deploy a certificate, its chain and key to a target; streams each stage.
+    #[command(after_help = EXIT_STATUS)]
     Deploy(DeployArgs),
     /// Agent health and, per target, the certificate on disk and the last result.
+    #[command(after_help = STATUS_EXIT_STATUS)]
     Status(StatusArgs),
     /// Configured targets and their kinds, files and commands.
-    Targets,
+    #[command(after_help = READ_EXIT_STATUS)]
+    Targets(TargetsArgs),
     /// Stream every deploy and drop-directory event of the agent until interrupted.
-    Watch,
+    #[command(after_help = READ_EXIT_STATUS)]
+    Watch(WatchArgs),
     /// Put the previous certificate set back, reload, and verify it is served.
+    #[command(after_help = EXIT_STATUS)]
     Rollback(RollbackArgs),
     /// Past deploys and rollbacks, newest first, from the agent's journal.
+    #[command(after_help = READ_EXIT_STATUS)]
     History(HistoryArgs),
     /// Probe the target's endpoint now and compare what it serves with the
     /// certificate on disk (exit 0 match, 5 mismatch or unreachable).
+    #[command(after_help = EXIT_STATUS)]
     Verify(VerifyArgs),
 }
 
@@ -53,6 +93,22 @@ pub struct RollbackArgs {
     /// Fail with exit code 8 instead of waiting when the target is busy.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// Only the names, one a line (what the shell completions offer): from
+    /// the agent, or from its configuration file when the agent cannot be
+    /// asked.
+    #[arg(long)]
+    pub names: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only the events of these targets (all when none is given).
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -101,10 +157,18 @@ pub struct DeployArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Only this target.
-    pub target: Option<String>,
+    /// Only these targets (all when none is given).
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
     /// Print the agent's Prometheus metrics (text exposition format) instead:
     /// the same text as its metrics_listen endpoint, over the control socket.
-    #[arg(long, conflicts_with_all = ["target", "json"])]
+    #[arg(long, conflicts_with_all = ["targets", "check"])]
     pub prometheus: bool,
+    /// Judge the status as a monitoring plugin: print one summary line and
+    /// exit 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.
+    #[arg(long)]
+    pub check: bool,
+    /// With --check: WARNING when a certificate expires within this many days.
+    #[arg(long, value_name = "DAYS", default_value_t = 21, requires = "check")]
+    pub warn_days: u32,
 }

@@ -79,6 +79,28 @@ pub async fn connect(path: &Path) -> Result<AgentClient<Channel>, CliError> {
 }
 
 fn unreachable(path: &Path, e: &std::io::Error) -> CliError {
+    use std::os::unix::fs::FileTypeExt as _;
+    // Connecting to a path that is not a socket fails as "refused": say
+    // what the path is instead.
+    if e.kind() != std::io::ErrorKind::NotFound
+        && let Ok(meta) = std::fs::metadata(path)
+        && !meta.file_type().is_socket()
+    {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else if meta.is_file() {
+            "a regular file"
+        } else {
+            "a device or FIFO"
+        };
+        return CliError::Unreachable {
+            path: path.to_owned(),
+            reason: format!(
+                "not a socket ({what}): pass the agent's control socket with --socket or \
+                 CERTCTL_SOCKET (default /run/certctl/agent.sock, agent.socket in its configuration)"
+            ),
+        };
+    }
     let reason = match e.kind() {
         std::io::ErrorKind::NotFound => format!(
             "no socket there ({e}): is certctl-agent running? (systemctl status certctl-agent), or pass --socket / set CERTCTL_SOCKET"

@@ -118,14 +118,13 @@ fn print_human(e: &pb::DeployEvent) {
     let stage = stage_name(e.stage);
     match &e.result {
         None => {
-            println!("{}: {stage:<16} {}", e.target, e.message);
+            println!(
+                "{}: {stage:<16} {}",
+                e.target,
+                output::event_message(stage, &e.message)
+            );
             for f in e.files.iter() {
-                let owner = match (f.uid, f.gid) {
-                    (Some(u), Some(g)) => format!("{u}:{g}"),
-                    (Some(u), None) => u.to_string(),
-                    (None, Some(g)) => format!(":{g}"),
-                    (None, None) => "agent's user".to_owned(),
-                };
+                let owner = output::owner(f.uid, f.gid);
                 println!(
                     "    {} {:<5} {} mode {:04o} ({}) owner {owner} ({}){}",
                     if f.changed { "write" } else { "keep " },

@@ -2,10 +2,12 @@
 //! `certctl watch`: read-only views.
 
 use certctl_proto::agent::v1 as pb;
+use certctl_proto::agent::v1::agent_client::AgentClient;
 use serde_json::json;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
-use crate::cli::{Cli, HistoryArgs, StatusArgs};
+use crate::cli::{Cli, HistoryArgs, StatusArgs, WatchArgs};
 use crate::client::{self, CliError};
 use crate::exit;
 use crate::output::{
@@ -13,7 +15,51 @@ use crate::output::{
     stage_name, table,
 };
 
+/// The agent's status of `targets` (every target when empty), in the
+/// order the agent lists them; a name it does not know is an error that
+/// lists the configured ones, as the agent says it for one name.
+pub async fn fetch_status(
+    client: &mut AgentClient<Channel>,
+    targets: &[String],
+) -> Result<pb::StatusResponse, CliError> {
+    let one = match targets {
+        [one] => one.clone(),
+        _ => String::new(),
+    };
+    let mut resp = client
+        .status(pb::StatusRequest { target: one })
+        .await?
+        .into_inner();
+    if targets.len() > 1 {
+        if let Some(unknown) = targets
+            .iter()
+            .find(|n| !resp.targets.iter().any(|t| &t.name == *n))
+        {
+            let configured: Vec<&str> = resp.targets.iter().map(|t| t.name.as_str()).collect();
+            return Err(CliError::Status(
+                format!(
+                    "unknown target \"{unknown}\" (configured: {})",
+                    configured.join(", ")
+                ),
+                tonic::Code::NotFound,
+            ));
+        }
+        resp.targets.retain(|t| targets.contains(&t.name));
+    }
+    Ok(resp)
+}
+
 pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
+    if args.check {
+        return Ok(crate::check::run(cli, args).await);
+    }
+    if args.prometheus && cli.json {
+        return Err(CliError::Usage(
+            "--prometheus cannot be used with --json: the metrics are text in the Prometheus \
+             exposition format; drop one of them"
+                .to_owned(),
+        ));
+    }
     let mut client = client::connect(&cli.socket).await?;
     if args.prometheus {
         let text = client
@@ -24,12 +70,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         print!("{text}");
         return Ok(exit::OK);
     }
-    let resp = client
-        .status(pb::StatusRequest {
-            target: args.target.clone().unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
+    let resp = fetch_status(&mut client, &args.targets).await?;
     let agent = resp.agent.unwrap_or_default();
     if cli.json {
         let targets: Vec<_> = resp
@@ -78,6 +119,11 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                     "drops_in_flight": agent.drops_in_flight,
                     "rejected_dir": agent.rejected_dir,
                     "drop_dir_watching": agent.drop_dir_watching,
+                    "config_reload": agent.config_reload.as_ref().map(|r| json!({
+                        "accepted": r.accepted,
+                        "unix_ms": r.unix_ms,
+                        "error": (!r.error.is_empty()).then_some(&r.error),
+                    })),
                 },
                 "targets": targets,
             })
@@ -92,6 +138,23 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         agent.config_path,
         resp.targets.len()
     );
+    match &agent.config_reload {
+        None => {}
+        Some(r) if r.accepted => println!(
+            "config: last reload (SIGHUP) accepted {}",
+            relative(r.unix_ms / 1000)
+        ),
+        Some(r) => {
+            println!(
+                "config: last reload (SIGHUP) REJECTED {}, the previous configuration stays in \
+                 force; fix the file (certctl-agent check-config) and reload again:",
+                relative(r.unix_ms / 1000)
+            );
+            for line in r.error.lines() {
+                println!("    {line}");
+            }
+        }
+    }
     if !agent.drop_dir.is_empty() && !agent.drop_dir_watching {
         println!(
             "drops: NOT WATCHING {}: the directory is gone or was replaced; drops are not taken \
@@ -223,6 +286,7 @@ pub async fn history(cli: &Cli, args: &HistoryArgs) -> Result<u8, CliError> {
                     "target": e.target,
                     "op": e.op,
                     "origin": e.origin,
+                    "by": output::Origin::parse(&e.origin).json(),
                     "started_unix_ms": e.started_unix_ms,
                     "finished_unix_ms": (e.finished_unix_ms != 0).then_some(e.finished_unix_ms),
                     "outcome": (e.finished_unix_ms != 0).then(|| outcome_name(e.outcome)),
@@ -279,7 +343,7 @@ pub async fn history(cli: &Cli, args: &HistoryArgs) -> Result<u8, CliError> {
                 output::short(&e.cert_sha256)
             },
             took,
-            e.origin.clone(),
+            output::Origin::parse(&e.origin).text(&e.origin),
         ]);
     }
     print!("{}", table(&rows));
@@ -342,16 +406,39 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
-pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
+pub async fn watch(cli: &Cli, args: &WatchArgs) -> Result<u8, CliError> {
     let mut client = client::connect(&cli.socket).await?;
+    if !args.targets.is_empty() {
+        let configured: Vec<String> = client
+            .targets(pb::TargetsRequest {})
+            .await?
+            .into_inner()
+            .targets
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        if let Some(unknown) = args.targets.iter().find(|n| !configured.contains(n)) {
+            return Err(CliError::Status(
+                format!(
+                    "unknown target \"{unknown}\" (configured: {})",
+                    configured.join(", ")
+                ),
+                tonic::Code::NotFound,
+            ));
+        }
+    }
     let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
     while let Some(event) = stream.next().await {
         let event = event?;
+        if !args.targets.is_empty() && !args.targets.contains(&event.target) {
+            continue;
+        }
         if cli.json {
             println!("{}", event_json(&event));
         } else if event.drop.is_some() {
             println!("{}", drop_line(&event));
         } else {
+            let stage = stage_name(event.stage);
             println!(
                 "{} {}: {} {}",
                 if event.deploy_id.is_empty() {
@@ -360,8 +447,8 @@ pub async fn watch(cli: &Cli) -> Result<u8, CliError> {
                     &event.deploy_id
                 },
                 event.target,
-                stage_name(event.stage),
-                event.message
+                stage,
+                output::event_message(stage, &event.message)
             );
         }
     }

@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = <certctl_cli::Cli as clap::Parser>::parse();
+    let cli = match <certctl_cli::Cli as clap::Parser>::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(certctl_cli::usage_error(&e, std::env::args_os())),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

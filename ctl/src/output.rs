@@ -181,6 +181,114 @@ pub fn event_json(e: &pb::DeployEvent) -> Value {
     v
 }
 
+/// An event's message without the stage name it may start with: the
+/// stage is printed before it, so `verify attempt 2/3` under the stage
+/// `verify` reads `attempt 2/3`.
+pub fn event_message<'a>(stage: &str, message: &'a str) -> &'a str {
+    message
+        .strip_prefix(stage)
+        .and_then(|m| m.strip_prefix(' '))
+        .filter(|m| !m.is_empty())
+        .unwrap_or(message)
+}
+
+/// `root:caddy`: the names of a file's owner and group on this host (the
+/// agent's), each falling back to its number when the host has no name
+/// for it; `root` or `:caddy` when only one is set.
+pub fn owner(uid: Option<u32>, gid: Option<u32>) -> String {
+    let user = uid.map(|u| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+            .ok()
+            .flatten()
+            .map_or_else(|| u.to_string(), |u| u.name)
+    });
+    let group = gid.map(|g| {
+        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(g))
+            .ok()
+            .flatten()
+            .map_or_else(|| g.to_string(), |g| g.name)
+    });
+    match (user, group) {
+        (Some(u), Some(g)) => format!("{u}:{g}"),
+        (Some(u), None) => u,
+        (None, Some(g)) => format!(":{g}"),
+        (None, None) => "agent's user".to_owned(),
+    }
+}
+
+/// Who asked for a deploy or rollback, as the journal records it
+/// (`cli uid=1000(alice) pid=4242`, `drop /var/lib/certctl/drop/web.pem`),
+/// taken apart.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// `cli`, `drop`, or the first word of another origin.
+    pub via: String,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    pub pid: Option<i32>,
+    /// The drop a drop deploy came from.
+    pub drop: Option<String>,
+}
+
+impl Origin {
+    pub fn parse(text: &str) -> Origin {
+        let (via, rest) = text.split_once(' ').unwrap_or((text, ""));
+        let mut o = Origin {
+            via: via.to_owned(),
+            ..Origin::default()
+        };
+        if via == "drop" {
+            o.drop = (!rest.is_empty()).then(|| rest.to_owned());
+            return o;
+        }
+        for word in rest.split_whitespace() {
+            if let Some(v) = word.strip_prefix("uid=") {
+                let (num, user) = match v.split_once('(') {
+                    Some((n, u)) => (n, u.strip_suffix(')')),
+                    None => (v, None),
+                };
+                o.uid = num.parse().ok();
+                o.user = user.map(str::to_owned);
+            } else if let Some(v) = word.strip_prefix("pid=") {
+                o.pid = v.parse().ok();
+            }
+        }
+        o
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "via": self.via,
+            "uid": self.uid,
+            "user": self.user,
+            "pid": self.pid,
+            "drop": self.drop,
+        })
+    }
+
+    /// `alice (uid 1000, pid 4242)`, `drop /var/lib/certctl/drop/web.pem`.
+    pub fn text(&self, raw: &str) -> String {
+        if let Some(d) = &self.drop {
+            return format!("drop {d}");
+        }
+        let Some(uid) = self.uid else {
+            return if raw.is_empty() {
+                "-".to_owned()
+            } else {
+                raw.to_owned()
+            };
+        };
+        let pid = self.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        match &self.user {
+            Some(u) => format!("{u} (uid {uid}{pid})"),
+            None => format!(
+                "uid {uid}{}",
+                self.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// `9f3a12…e1c2`.
 pub fn short(hex: &str) -> String {
     if hex.len() <= 12 {
@@ -190,26 +298,38 @@ pub fn short(hex: &str) -> String {
     }
 }
 
-fn now_unix() -> i64 {
+/// Seconds since the epoch, now.
+pub fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// `3m ago`, `in 41d`.
+/// `42s ago`, `3m ago`, `in 41d`: see [`span`].
 pub fn relative(unix: i64) -> String {
-    let delta = unix - now_unix();
-    let (n, future) = (delta.unsigned_abs(), delta > 0);
-    let amount = match n {
-        0..=89 => format!("{n}s"),
-        90..=5399 => format!("{}m", n / 60),
-        5400..=172_799 => format!("{}h", n / 3600),
-        _ => format!("{}d", n / 86_400),
-    };
-    if future {
+    relative_to(unix, now_unix())
+}
+
+/// [`relative`] as seen at `now`.
+pub fn relative_to(unix: i64, now: i64) -> String {
+    let delta = unix - now;
+    let amount = span(delta.unsigned_abs());
+    if delta > 0 {
         format!("in {amount}")
     } else {
         format!("{amount} ago")
+    }
+}
+
+/// A length of time in one unit, rounded down, each unit used from its
+/// first whole count on: seconds below a minute, minutes below an hour,
+/// hours below two days, then days. So a longer time never reads shorter.
+pub fn span(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3_599 => format!("{}m", secs / 60),
+        3_600..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
     }
 }
 
@@ -239,4 +359,80 @@ pub fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_use_one_unit_and_never_read_shorter_for_longer_times() {
+        let cases = [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (75, "1m"),
+            (90, "1m"),
+            (3_599, "59m"),
+            (3_600, "1h"),
+            (172_799, "47h"),
+            (172_800, "2d"),
+            (89 * 86_400 + 5, "89d"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(span(secs), want, "{secs}s");
+        }
+        assert_eq!(relative_to(100, 25), "in 1m");
+        assert_eq!(relative_to(25, 100), "1m ago");
+    }
+
+    #[test]
+    fn an_event_message_does_not_repeat_its_stage() {
+        assert_eq!(
+            event_message("verify", "verify attempt 1/3: ok"),
+            "attempt 1/3: ok"
+        );
+        assert_eq!(event_message("verify", "verified"), "verified");
+        assert_eq!(event_message("drop", "drop"), "drop");
+        assert_eq!(event_message("done", "deployed"), "deployed");
+    }
+
+    #[test]
+    fn owners_are_named_with_numbers_as_fallback() {
+        assert_eq!(owner(Some(0), Some(0)), "root:root");
+        assert_eq!(owner(Some(0), None), "root");
+        assert_eq!(
+            owner(Some(4_000_000_000), Some(4_000_000_001)),
+            "4000000000:4000000001"
+        );
+        assert_eq!(owner(None, None), "agent's user");
+    }
+
+    #[test]
+    fn origins_are_taken_apart() {
+        let cli = Origin::parse("cli uid=1000(alice) pid=4242");
+        assert_eq!(
+            cli,
+            Origin {
+                via: "cli".to_owned(),
+                uid: Some(1000),
+                user: Some("alice".to_owned()),
+                pid: Some(4242),
+                drop: None,
+            }
+        );
+        assert_eq!(cli.text(""), "alice (uid 1000, pid 4242)");
+        let bare = Origin::parse("cli uid=0");
+        assert_eq!(
+            (bare.uid, bare.user.as_deref(), bare.pid),
+            (Some(0), None, None)
+        );
+        assert_eq!(bare.text(""), "uid 0");
+        let drop = Origin::parse("drop /var/lib/certctl/drop/web.pem");
+        assert_eq!(drop.via, "drop");
+        assert_eq!(drop.drop.as_deref(), Some("/var/lib/certctl/drop/web.pem"));
+        assert_eq!(drop.text(""), "drop /var/lib/certctl/drop/web.pem");
+        assert_eq!(Origin::parse("").text(""), "-");
+        assert_eq!(Origin::parse("recovery").text("recovery"), "recovery");
+    }
 }

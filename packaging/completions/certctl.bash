@@ -285,12 +285,16 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__status)
-            opts="-h --prometheus --socket --json --help"
+            opts="-h --prometheus --check --warn-days --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --warn-days)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -303,7 +307,7 @@ _certctl() {
             return 0
             ;;
         certctl__subcmd__targets)
-            opts="-h --socket --json --help"
+            opts="-h --names --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -360,7 +364,40 @@ _certctl() {
 }
 
 if [[ "${BASH_VERSINFO[0]}" -eq 4 && "${BASH_VERSINFO[1]}" -ge 4 || "${BASH_VERSINFO[0]}" -gt 4 ]]; then
-    complete -F _certctl -o nosort -o bashdefault -o default certctl
+    complete -F _certctl_with_targets -o nosort -o bashdefault -o default certctl
 else
-    complete -F _certctl -o bashdefault -o default certctl
+    complete -F _certctl_with_targets -o bashdefault -o default certctl
 fi
+
+# Target names where a command takes a TARGET, from `certctl targets --names`
+# (the agent, else its configuration file); everything else as above.
+_certctl_with_targets() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
+    local i w sub="" given=0 socket=()
+    for (( i = 1; i < COMP_CWORD; i++ )); do
+        w="${COMP_WORDS[i]}"
+        case "$w" in
+            --socket) socket=(--socket "${COMP_WORDS[i+1]}"); (( i++ )) ;;
+            --socket=*) socket=("$w") ;;
+            --cert|--chain|--key|--limit|--socket|--warn-days) (( i++ )) ;;
+            -*) ;;
+            *) if [[ -z "$sub" ]]; then sub="$w"; else (( given++ )); fi ;;
+        esac
+    done
+    case "$prev" in
+        --cert|--chain|--key|--limit|--socket|--warn-days) _certctl "$@"; return ;;
+    esac
+    if [[ "$cur" != -* ]]; then
+        case "$sub" in
+            deploy|rollback|history|verify)
+                if (( given == 0 )); then
+                    COMPREPLY=( $(compgen -W "$(certctl "${socket[@]}" targets --names 2>/dev/null)" -- "$cur") )
+                    return 0
+                fi ;;
+            status|watch)
+                COMPREPLY=( $(compgen -W "$(certctl "${socket[@]}" targets --names 2>/dev/null)" -- "$cur") )
+                return 0 ;;
+        esac
+    fi
+    _certctl "$@"
+}

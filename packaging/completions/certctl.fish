@@ -46,11 +46,14 @@ complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-reload -d 
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l no-wait -d 'Fail with exit code 8 instead of waiting when the target is busy'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand deploy" -s h -l help -d 'Print help'
+complete -c certctl -n "__fish_certctl_using_subcommand status" -l warn-days -d 'With --check: WARNING when a certificate expires within this many days' -r
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l socket -d 'The agent\'s control socket' -r -F
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l prometheus -d 'Print the agent\'s Prometheus metrics (text exposition format) instead: the same text as its metrics_listen endpoint, over the control socket'
+complete -c certctl -n "__fish_certctl_using_subcommand status" -l check -d 'Judge the status as a monitoring plugin: print one summary line and exit 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN'
 complete -c certctl -n "__fish_certctl_using_subcommand status" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand status" -s h -l help -d 'Print help'
 complete -c certctl -n "__fish_certctl_using_subcommand targets" -l socket -d 'The agent\'s control socket' -r -F
+complete -c certctl -n "__fish_certctl_using_subcommand targets" -l names -d 'Only the names, one a line (what the shell completions offer): from the agent, or from its configuration file when the agent cannot be asked'
 complete -c certctl -n "__fish_certctl_using_subcommand targets" -l json -d 'Machine output: one JSON document, or one JSON object per line for streams'
 complete -c certctl -n "__fish_certctl_using_subcommand targets" -s h -l help -d 'Print help'
 complete -c certctl -n "__fish_certctl_using_subcommand watch" -l socket -d 'The agent\'s control socket' -r -F
@@ -76,3 +79,15 @@ complete -c certctl -n "__fish_certctl_using_subcommand help; and not __fish_see
 complete -c certctl -n "__fish_certctl_using_subcommand help; and not __fish_seen_subcommand_from deploy status targets watch rollback history verify help" -f -a "history" -d 'Past deploys and rollbacks, newest first, from the agent\'s journal'
 complete -c certctl -n "__fish_certctl_using_subcommand help; and not __fish_seen_subcommand_from deploy status targets watch rollback history verify help" -f -a "verify" -d 'Probe the target\'s endpoint now and compare what it serves with the certificate on disk (exit 0 match, 5 mismatch or unreachable)'
 complete -c certctl -n "__fish_certctl_using_subcommand help; and not __fish_seen_subcommand_from deploy status targets watch rollback history verify help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+
+# Target names where a command takes a TARGET, from `certctl targets --names`
+# (the agent, else its configuration file).
+function __fish_certctl_target_names
+    set -l cmd (commandline -opc)
+    set -l socket
+    set -l i (contains -i -- --socket $cmd)
+    and test $i -lt (count $cmd)
+    and set socket --socket $cmd[(math $i + 1)]
+    certctl $socket targets --names 2>/dev/null
+end
+complete -c certctl -n "__fish_certctl_using_subcommand deploy status watch rollback history verify" -f -a "(__fish_certctl_target_names)"

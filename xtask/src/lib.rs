@@ -1,11 +1,15 @@
 //! Files generated from the CLI definitions (clap) and shipped in the
-//! Debian package: the man pages `certctl(1)` and `certctl-agent(8)` (with
-//! one page per subcommand, `certctl-deploy(1)`, ...), and bash, zsh and
-//! fish completions for both programs.
+//! Debian package: the man pages `certctl(1)` and `certctl-agent(1)` (with
+//! one page per subcommand, `certctl-deploy(1)`, ...; see [`man`] for their
+//! sections), and bash, zsh and fish completions for both programs
+//! (`certctl`'s complete target names: see [`complete`]).
 //!
 //! They are checked in under `packaging/` so that packaging needs no build
 //! step of its own; `cargo xtask gen` rewrites them and the test below fails
 //! when a CLI change was not regenerated, so they never drift from `--help`.
+
+pub mod complete;
+pub mod man;
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +33,12 @@ pub fn repo_root() -> PathBuf {
 /// Every generated file, rendered in memory.
 pub fn generated() -> anyhow::Result<Vec<Generated>> {
     let programs = [
-        (certctl_cli::Cli::command(), "certctl", "1"),
-        (certctl_agent::cli::Cli::command(), "certctl-agent", "8"),
+        (certctl_cli::Cli::command(), "certctl", man::SECTION),
+        (
+            certctl_agent::cli::Cli::command(),
+            "certctl-agent",
+            man::SECTION,
+        ),
     ];
     let mut out = Vec::new();
     for (cmd, name, section) in programs {
@@ -42,6 +50,10 @@ pub fn generated() -> anyhow::Result<Vec<Generated>> {
         ] {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd.clone(), name, &mut script);
+            if name == "certctl" {
+                script = complete::with_target_names(shell, &cmd, &String::from_utf8(script)?)
+                    .into_bytes();
+            }
             out.push(Generated {
                 path: PathBuf::from(format!("packaging/completions/{file}")),
                 content: script,
@@ -61,9 +73,14 @@ fn man_pages(cmd: clap::Command, section: &str, out: &mut Vec<Generated>) -> any
             .source(format!("certctl {}", env!("CARGO_PKG_VERSION")));
         let mut page = Vec::new();
         man.render(&mut page)?;
+        let filename = man.get_filename();
+        let name = filename
+            .strip_suffix(&format!(".{section}"))
+            .unwrap_or(&filename);
+        let page = with_sections(&String::from_utf8(page)?, &man::sections(name, &cmd));
         out.push(Generated {
             path: Path::new("packaging/man").join(man.get_filename()),
-            content: page,
+            content: page.into_bytes(),
         });
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
             walk(sub.clone(), section, out)?;
@@ -73,6 +90,37 @@ fn man_pages(cmd: clap::Command, section: &str, out: &mut Vec<Generated>) -> any
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     walk(cmd, section, out)
+}
+
+/// `page` with `sections` in place of clap_mangen's EXTRA section (the
+/// `after_help` text, which becomes EXIT STATUS) and before VERSION.
+fn with_sections(page: &str, sections: &str) -> String {
+    let mut page = page.to_owned();
+    if let Some(start) = page.find(".SH EXTRA\n") {
+        let end = page[start + 1..]
+            .find("\n.SH ")
+            .map_or(page.len(), |i| start + 1 + i + 1);
+        page.replace_range(start..end, "");
+    }
+    let at = page.find(".SH VERSION\n").unwrap_or(page.len());
+    page.insert_str(at, sections);
+    page
+}
+
+/// Files under `root`'s `packaging/man` and `packaging/completions` that
+/// are not generated (left over from a renamed command or page).
+pub fn orphans(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let generated: Vec<PathBuf> = generated()?.into_iter().map(|g| g.path).collect();
+    let mut out = Vec::new();
+    for dir in ["packaging/man", "packaging/completions"] {
+        for entry in std::fs::read_dir(root.join(dir))? {
+            let path = Path::new(dir).join(entry?.file_name());
+            if !generated.contains(&path) {
+                out.push(path);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The generated files whose checked-in copy under `root` differs or is missing.
@@ -98,6 +146,15 @@ mod tests {
     }
 
     #[test]
+    fn nothing_stale_is_left_beside_the_generated_files() {
+        let orphans = orphans(&repo_root()).unwrap();
+        assert!(
+            orphans.is_empty(),
+            "not generated from the CLI definitions: {orphans:?}; remove them (git rm)"
+        );
+    }
+
+    #[test]
     fn man_pages_name_their_section_and_commands() {
         let files = generated().unwrap();
         let page = |p: &str| {
@@ -116,8 +173,30 @@ mod tests {
         for sub in ["deploy", "status", "rollback", "verify", "watch", "targets"] {
             assert!(ctl.contains(sub), "certctl(1) lacks {sub}");
         }
-        let agent = page("packaging/man/certctl-agent.8");
-        assert!(agent.contains(".TH certctl-agent 8"), "{agent}");
+        let agent = page("packaging/man/certctl-agent.1");
+        assert!(agent.contains(".TH certctl-agent 1"), "{agent}");
         assert!(agent.contains("check\\-config"), "{agent}");
+        for section in [
+            ".SH \"EXIT STATUS\"",
+            ".SH ENVIRONMENT",
+            ".SH FILES",
+            ".SH EXAMPLES",
+            ".SH \"SEE ALSO\"",
+        ] {
+            assert!(ctl.contains(section), "certctl(1) lacks {section}");
+            assert!(agent.contains(section), "certctl-agent(1) lacks {section}");
+        }
+        assert!(agent.contains(".SH SIGNALS"), "{agent}");
+        assert!(agent.contains("\\fB64\\fR"), "{agent}");
+        assert!(ctl.contains("CERTCTL_SOCKET"), "{ctl}");
+        assert!(!ctl.contains(".SH EXTRA"), "{ctl}");
+        let status = page("packaging/man/certctl-status.1");
+        assert!(status.contains("CRITICAL"), "{status}");
+        // Every page is in section 1, as the binaries are in /usr/bin.
+        assert!(
+            files
+                .iter()
+                .all(|g| !g.path.to_string_lossy().ends_with(".8"))
+        );
     }
 }

@@ -63,7 +63,12 @@ fn gen_files() -> anyhow::Result<()> {
 }
 
 fn check() -> anyhow::Result<()> {
-    let stale = xtask::stale(&xtask::repo_root())?;
+    let root = xtask::repo_root();
+    let orphans = xtask::orphans(&root)?;
+    if !orphans.is_empty() {
+        anyhow::bail!("not generated (remove them): {orphans:?}");
+    }
+    let stale = xtask::stale(&root)?;
     if stale.is_empty() {
         println!("generated files are up to date");
         return Ok(());

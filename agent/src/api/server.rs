@@ -335,6 +335,13 @@ impl Agent for Service {
                 drops_in_flight: u32::try_from(drops_in_flight).unwrap_or(u32::MAX),
                 rejected_dir: dirs.map(|d| d.1.display().to_string()).unwrap_or_default(),
                 drop_dir_watching: self.shared.drops.watching(),
+                config_reload: self.shared.engine.metrics().last_config_reload().map(|r| {
+                    pb::ConfigReload {
+                        accepted: r.accepted,
+                        unix_ms: convert::unix_ms(r.at),
+                        error: r.error,
+                    }
+                }),
             }),
             targets: out,
         }))

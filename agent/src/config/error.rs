@@ -109,6 +109,35 @@ pub(super) fn syntax(path: &Path, text: &str, err: &toml::de::Error) -> ConfigEr
     }
 }
 
+/// At most this many unknown keys are collected before the rest of the
+/// file is checked: a file with more is not a certctl configuration.
+pub(super) const MAX_UNKNOWN_KEYS: usize = 100;
+
+/// Whether the TOML reader refused a key it does not know.
+pub(super) fn is_unknown_key(err: &toml::de::Error) -> bool {
+    err.message().trim().starts_with("unknown field `")
+}
+
+/// A reader error as one [`Problem`] of a list: the key is the line and
+/// column (`line 3, column 1`), the message as in [`syntax`].
+pub(super) fn syntax_problem(text: &str, err: &toml::de::Error) -> Problem {
+    match syntax(Path::new(""), text, err) {
+        ConfigError::Syntax {
+            line,
+            column,
+            message,
+            ..
+        } => Problem {
+            key: format!("line {line}, column {column}"),
+            message,
+        },
+        other => Problem {
+            key: String::new(),
+            message: other.to_string(),
+        },
+    }
+}
+
 /// 1-based line and character column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());

@@ -364,8 +364,72 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// [`parse`], looking users and groups up in `host` (a seam for tests).
+///
+/// Unknown keys are reported together with every other problem: each one
+/// found is recorded with its line and removed, and the file read again,
+/// so one misspelt key does not hide the rest.
 pub fn parse_with(text: &str, path: &Path, host: &dyn Host) -> Result<Config, ConfigError> {
+    use serde::Deserialize as _;
     let path = resolve::absolute(path);
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| error::syntax(&path, text, &e))?;
-    resolve::resolve(raw, path, host)
+    let mut doc = toml::de::DeTable::parse(text).map_err(|e| error::syntax(&path, text, &e))?;
+    let mut unknown = Vec::new();
+    let raw = loop {
+        match raw::RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(raw) => break raw,
+            Err(e) => {
+                let removed = error::is_unknown_key(&e)
+                    && unknown.len() < error::MAX_UNKNOWN_KEYS
+                    && e.span()
+                        .is_some_and(|span| remove_key(doc.get_mut(), &span));
+                let problem = error::syntax_problem(text, &e);
+                if !removed {
+                    if unknown.is_empty() {
+                        return Err(error::syntax(&path, text, &e));
+                    }
+                    // A shape error after unknown keys: report them all.
+                    unknown.push(problem);
+                    return Err(ConfigError::Invalid {
+                        path,
+                        problems: unknown,
+                    });
+                }
+                unknown.push(problem);
+            }
+        }
+    };
+    match resolve::resolve(raw, path.clone(), host) {
+        Ok(config) if unknown.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigError::Invalid {
+            path,
+            problems: unknown,
+        }),
+        Err(ConfigError::Invalid { path, problems }) => {
+            unknown.extend(problems);
+            Err(ConfigError::Invalid {
+                path,
+                problems: unknown,
+            })
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// Removes the key whose name starts at `span.start` from `table` or any
+/// table below it; `false` when there is none.
+fn remove_key(table: &mut toml::de::DeTable<'_>, span: &std::ops::Range<usize>) -> bool {
+    let found = table.keys().find(|k| k.span().start == span.start).cloned();
+    if let Some(key) = found {
+        return table.remove(&key).is_some();
+    }
+    table
+        .iter_mut()
+        .any(|(_, v)| remove_in_value(v.get_mut(), span))
+}
+
+fn remove_in_value(value: &mut toml::de::DeValue<'_>, span: &std::ops::Range<usize>) -> bool {
+    match value {
+        toml::de::DeValue::Table(t) => remove_key(t, span),
+        toml::de::DeValue::Array(a) => a.iter_mut().any(|v| remove_in_value(v.get_mut(), span)),
+        _ => false,
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::error::{ConfigError, Problem};
+use super::error::{ConfigError, Problem, suggest};
 use super::host::Host;
 use super::raw::{RawAgent, RawConfig, RawEndpoint, RawMode, RawTarget, RawVerify};
 use super::{
@@ -280,7 +280,12 @@ impl Resolver<'_> {
             );
         }
         let kind = Kind::parse(&raw.kind).unwrap_or_else(|e| {
-            self.problem(key("kind"), e.to_string());
+            let names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+            let message = match suggest(&raw.kind, &names) {
+                Some(best) => format!("{e}: did you mean \"{best}\"?"),
+                None => e.to_string(),
+            };
+            self.problem(key("kind"), message);
             Kind::File
         });
         let defaults = kind.defaults();
@@ -304,7 +309,14 @@ impl Resolver<'_> {
             Some(other) => {
                 self.problem(
                     key("layout"),
-                    format!("unknown layout {other:?} (expected \"in-place\" or \"generations\")"),
+                    match suggest(other, &["in-place", "generations"]) {
+                        Some(best) => format!(
+                            "unknown layout {other:?} (expected \"in-place\" or \"generations\"): did you mean \"{best}\"?"
+                        ),
+                        None => format!(
+                            "unknown layout {other:?} (expected \"in-place\" or \"generations\")"
+                        ),
+                    },
                 );
                 Layout::InPlace
             }

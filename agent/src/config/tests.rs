@@ -197,6 +197,50 @@ fn commented_examples_parse() {
     }
 }
 
+/// The comments of the shipped examples name every kind and every layout
+/// this version has, so they cannot fall behind the code.
+#[test]
+fn commented_examples_name_every_kind_and_layout() {
+    for (name, text) in [
+        (
+            "examples/agent.toml",
+            include_str!("../../../examples/agent.toml"),
+        ),
+        (
+            "packaging/agent.toml",
+            include_str!("../../../packaging/agent.toml"),
+        ),
+    ] {
+        // The key's own line and the comment lines aligned under it.
+        let comment_of = |key: &str| -> String {
+            let mut lines = text
+                .lines()
+                .skip_while(|l| !l.starts_with(&format!("#{key} ")));
+            let first = lines.next().unwrap_or_default();
+            std::iter::once(first)
+                .chain(lines.take_while(|l| l.starts_with("#      ")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let kinds = comment_of("kind");
+        for kind in Kind::ALL {
+            assert!(
+                kinds.contains(kind.as_str()),
+                "{name}: the kind comment lacks {kind}: {kinds}"
+            );
+        }
+        let layouts = comment_of("layout");
+        for layout in [Layout::InPlace, Layout::Generations] {
+            assert!(
+                layouts.contains(layout.as_str()),
+                "{name}: the layout comment lacks {}: {layouts}",
+                layout.as_str()
+            );
+        }
+        assert!(!text.contains("only layout"), "{name}");
+    }
+}
+
 /// The example of CONTRACT.md, with its paths moved to a temp dir.
 const CONTRACT_EXAMPLE: &str = r#"
 [agent]
@@ -778,6 +822,68 @@ fn all_problems_are_reported_one_per_line() {
     assert_eq!(message.lines().count(), 4);
     let prefix = format!("{}: ", env.config_path().display());
     assert!(message.lines().all(|l| l.starts_with(&prefix)), "{message}");
+}
+
+#[test]
+fn unknown_keys_are_reported_with_every_other_problem() {
+    let env = Env::new();
+    let text = format!(
+        "[agent]\nsettl = \"2s\"\nsettle = \"soon\"\n{}[target.verify]\nendpont = \"127.0.0.1:443\"\n",
+        web("relaod = []\nkey_mode = \"0644\"").replace("\"nginx\"", "\"ngnix\"")
+    );
+    let Err(ConfigError::Invalid { problems, .. }) = env.parse(&text) else {
+        panic!("expected Invalid");
+    };
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "line 2, column 1: unknown key \"settl\" (did you mean \"settle\"?)",
+            "line 9, column 1: unknown key \"relaod\" (did you mean \"reload\"?)",
+            "line 12, column 1: unknown key \"endpont\" (did you mean \"endpoint\"?)",
+            "agent.settle: \"soon\" is not a duration (examples: \"500ms\", \"2s\", \"1m\")",
+            "target \"web\" (target[0]).kind: unknown kind \"ngnix\" (available: file, nginx, \
+             apache, haproxy, postfix, dovecot, caddy, traefik, envoy, keystore): did you mean \"nginx\"?",
+            "target \"web\" (target[0]).key_mode: \"0644\" would let any local user read the \
+             private key: use \"0600\" or \"0640\"",
+        ],
+        "{text}"
+    );
+}
+
+#[test]
+fn misspelt_values_get_a_suggestion() {
+    let env = Env::new();
+    for (text, expected) in [
+        (
+            web("").replace("\"nginx\"", "\"apahce\""),
+            "did you mean \"apache\"?",
+        ),
+        (web("layout = \"in-plce\""), "did you mean \"in-place\"?"),
+    ] {
+        let message = env
+            .parse(&text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains(expected), "{message}\n{text}");
+    }
+    let message = env
+        .parse(&web("").replace("\"nginx\"", "\"tomcat\""))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(!message.contains("did you mean"), "{message}");
+}
+
+#[test]
+fn many_unknown_keys_stop_at_the_limit() {
+    let env = Env::new();
+    let keys: String = (0..150).map(|i| format!("junk{i} = 1\n")).collect();
+    let Err(ConfigError::Invalid { problems, .. }) = env.parse(&format!("[agent]\n{keys}")) else {
+        panic!("expected Invalid");
+    };
+    assert_eq!(problems.len(), super::error::MAX_UNKNOWN_KEYS + 1);
 }
 
 #[test]

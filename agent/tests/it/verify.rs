@@ -178,7 +178,9 @@ fn a_reload_that_does_nothing_is_caught_and_rolled_back() {
     ]);
     human.assert_code(5);
     assert!(
-        human.stdout.contains("verify attempt 1/3: served ")
+        human
+            .stdout
+            .contains(": verify           attempt 1/3: served ")
             && human.stdout.contains(", want ")
             && human.stdout.contains("; next in "),
         "{human}"
