@@ -19,6 +19,7 @@
 //! public keys only); the schema is versioned with `PRAGMA user_version`.
 //! The file can be read with `sqlite3` while the agent runs (WAL).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -138,6 +139,8 @@ pub struct Finish<'a> {
     pub served_sha256: &'a str,
     /// Set when recovery finished the run.
     pub recovered: bool,
+    /// When it ended (also what status says until the agent restarts).
+    pub finished: SystemTime,
 }
 
 /// One run as read back.
@@ -351,7 +354,7 @@ impl Journal {
 
     /// Closes run `id` with its outcome.
     pub fn finish(&self, id: &str, f: &Finish<'_>) -> Result<(), JournalError> {
-        let now = ms(SystemTime::now());
+        let now = ms(f.finished);
         self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -395,7 +398,7 @@ impl Journal {
     pub fn closed(&self, b: &Begin<'_>, f: &Finish<'_>) -> Result<(), JournalError> {
         let files = serde_json::to_string(b.files).unwrap_or_default();
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
-        let now = ms(SystemTime::now());
+        let now = ms(f.finished);
         self.write(Sync::Now, |c| {
             c.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
@@ -461,6 +464,21 @@ impl Journal {
                 params![target],
             )?
             .pop())
+    }
+
+    /// The newest finished run of every target that has one, in one query
+    /// (start-up: status then never asks the journal per target).
+    pub fn last_of_all(&self) -> Result<HashMap<String, Record>, JournalError> {
+        let records = self.query(
+            "WHERE rowid IN (
+                 SELECT (SELECT d.rowid FROM deploys d
+                         WHERE d.target = t.target AND d.outcome IS NOT NULL
+                               AND d.outcome != 'dry_run'
+                         ORDER BY d.started_ms DESC, d.id DESC LIMIT 1)
+                 FROM (SELECT DISTINCT target FROM deploys) t)",
+            params![],
+        )?;
+        Ok(records.into_iter().map(|r| (r.target.clone(), r)).collect())
     }
 
     fn stages(&self, id: &str) -> Result<Vec<(SystemTime, String, String)>, JournalError> {
@@ -575,6 +593,7 @@ mod tests {
             disk_sha256: "aa",
             served_sha256: "",
             recovered: false,
+            finished: SystemTime::now(),
         }
     }
 
@@ -618,6 +637,41 @@ mod tests {
         assert_eq!(ids, ["d4", "d3", "d2"]);
         assert!(j.history(Some("other"), 3).unwrap().is_empty());
         assert!(j.contains("d0").unwrap());
+    }
+
+    #[test]
+    fn the_last_run_of_every_target_is_what_last_says_of_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let runs = [
+            ("a1", "web", Some("deployed")),
+            ("a2", "web", Some("rolled_back")),
+            ("a3", "web", Some("dry_run")),
+            ("a4", "web", None),
+            ("b1", "mail", Some("unchanged")),
+            ("c1", "open", None),
+        ];
+        for (id, target, outcome) in runs {
+            let b = Begin {
+                target,
+                ..begin(id, &[])
+            };
+            match outcome {
+                Some(o) => j.closed(&b, &finish(o)).unwrap(),
+                None => j.begin(&b).unwrap(),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let all = j.last_of_all().unwrap();
+        for t in ["web", "mail", "open", "none"] {
+            assert_eq!(
+                all.get(t).map(|r| r.id.clone()),
+                j.last(t).unwrap().map(|r| r.id),
+                "{t}"
+            );
+        }
+        assert_eq!(all["web"].id, "a2");
+        assert_eq!(all.len(), 2);
     }
 
     #[test]

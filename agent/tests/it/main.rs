@@ -38,6 +38,7 @@ mod model;
 mod nginx;
 mod nspawn;
 mod socket_activation;
+mod status_state;
 mod strace;
 mod systemd_notify;
 mod systemd_units;
