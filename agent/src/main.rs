@@ -17,13 +17,6 @@ const EXIT_CONFIG: u8 = 64;
 /// disk faster; excess work queues instead (docs/performance.md).
 const BLOCKING_THREADS: usize = 32;
 
-/// mimalloc instead of glibc's malloc: after a burst of deploys glibc keeps
-/// the freed memory in per-thread arenas (the agent stayed at 38-45 MiB
-/// with 5-9 MiB live), mimalloc returns freed pages to the kernel shortly
-/// after they are freed (docs/performance.md has the measurements).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match certctl_agent::config::load(&cli.config) {
