@@ -186,16 +186,7 @@ pub async fn run(
         }
     };
     tokio::spawn(crate::drift::run(shared.clone(), shared.shutdown_signal()));
-    // What is on disk is read once in the background, so the first status
-    // call finds it read (a call before that reads what it needs itself).
-    {
-        let (deployed, targets) = (shared.engine.deployed().clone(), config.targets.clone());
-        tokio::task::spawn_blocking(move || {
-            for t in &targets {
-                deployed.refresh(t);
-            }
-        });
-    }
+
     if let Some(l) = metrics_listener {
         info!(listen = %config.agent.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint: GET /metrics");
         tokio::spawn(metrics_endpoint::serve(

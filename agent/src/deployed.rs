@@ -195,12 +195,6 @@ impl Deployed {
         seen
     }
 
-    /// Reads `target` now if it changed (after a run: the next status call
-    /// finds it read).
-    pub fn refresh(&self, target: &Target) {
-        self.leaf(target);
-    }
-
     /// Forgets every entry (the configuration changed: paths, keystore
     /// passwords).
     pub fn clear(&self) {
