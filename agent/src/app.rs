@@ -20,6 +20,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
 use crate::deploy::Engine;
+use crate::deployed::Seen;
 use crate::metrics::TargetCert;
 use crate::model::drop::LastDrop;
 use crate::model::stage::Outcome;
@@ -79,6 +80,8 @@ impl App {
             .config
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        // Paths and keystore passwords may have changed: read again.
+        self.engine.deployed().clear();
         self.reloaded.notify_waiters();
     }
 
@@ -100,18 +103,23 @@ impl App {
     }
 
     /// The Prometheus exposition: the engine's counters plus each target's
-    /// certificate expiry as read now through [`crate::disk`] (off the
-    /// async threads; keystore targets are opened as keystores).
+    /// certificate expiry as on disk now ([`crate::deployed`]: a `stat` per
+    /// target, a read only of what changed; keystore targets are opened as
+    /// keystores).
     pub async fn exposition(&self) -> String {
         let config = self.config();
-        // Disk reads and journal queries: off the async threads' queue.
+        // A stat per target, a read of what changed: off the async threads'
+        // queue.
         let certs = tokio::task::block_in_place(|| {
             config
                 .targets
                 .iter()
                 .map(|t| TargetCert {
                     target: t.name.clone(),
-                    not_after: crate::disk::leaf(t).ok().flatten().map(|c| c.not_after),
+                    not_after: match &*self.engine.deployed().leaf(t) {
+                        Seen::Leaf { not_after, .. } => Some(*not_after),
+                        _ => None,
+                    },
                     needs_operator: self
                         .engine
                         .last(&t.name)

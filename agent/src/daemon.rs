@@ -140,6 +140,9 @@ pub async fn run(
     if !recovered.is_empty() {
         info!(runs = recovered.len(), "recovery done");
     }
+    // What status shows of each target's last run: one journal query now,
+    // none per status call.
+    tokio::task::block_in_place(|| engine.seed(&config.targets))?;
     // A drop directory the agent cannot use stops it before the socket exists.
     let drops = drop::prepare(&config)?;
 
@@ -183,6 +186,7 @@ pub async fn run(
         }
     };
     tokio::spawn(crate::drift::run(shared.clone(), shared.shutdown_signal()));
+
     if let Some(l) = metrics_listener {
         info!(listen = %config.agent.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint: GET /metrics");
         tokio::spawn(metrics_endpoint::serve(

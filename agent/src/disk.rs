@@ -102,8 +102,14 @@ pub fn leaf_in(path: &Path) -> Result<Option<Cert>, DiskError> {
             });
         }
     };
-    match bundle::first_cert_in_pem(&bytes) {
-        Ok(Some(cert)) => Ok(Some(cert)),
+    leaf_of(path, &bytes).map(Some)
+}
+
+/// The first certificate of `bytes`, the contents of the PEM file at
+/// `path` (named in the error).
+pub fn leaf_of(path: &Path, bytes: &[u8]) -> Result<Cert, DiskError> {
+    match bundle::first_cert_in_pem(bytes) {
+        Ok(Some(cert)) => Ok(cert),
         Ok(None) => Err(DiskError::NoCertificate {
             path: path.to_owned(),
         }),

@@ -19,6 +19,7 @@
 //! public keys only); the schema is versioned with `PRAGMA user_version`.
 //! The file can be read with `sqlite3` while the agent runs (WAL).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -138,6 +139,8 @@ pub struct Finish<'a> {
     pub served_sha256: &'a str,
     /// Set when recovery finished the run.
     pub recovered: bool,
+    /// When it ended (also what status says until the agent restarts).
+    pub finished: SystemTime,
 }
 
 /// One run as read back.
@@ -351,7 +354,7 @@ impl Journal {
 
     /// Closes run `id` with its outcome.
     pub fn finish(&self, id: &str, f: &Finish<'_>) -> Result<(), JournalError> {
-        let now = ms(SystemTime::now());
+        let now = ms(f.finished);
         self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -395,7 +398,7 @@ impl Journal {
     pub fn closed(&self, b: &Begin<'_>, f: &Finish<'_>) -> Result<(), JournalError> {
         let files = serde_json::to_string(b.files).unwrap_or_default();
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
-        let now = ms(SystemTime::now());
+        let now = ms(f.finished);
         self.write(Sync::Now, |c| {
             c.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
@@ -461,6 +464,52 @@ impl Journal {
                 params![target],
             )?
             .pop())
+    }
+
+    /// The newest finished run of every target that has one, in one query
+    /// (start-up: status then never asks the journal per target). Only
+    /// what status shows is read: `files`, `inputs` and the stages stay
+    /// empty.
+    pub fn last_of_all(&self) -> Result<HashMap<String, Record>, JournalError> {
+        let records = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, target, op, origin, started_ms, stage, cert_sha256, prev_sha256,
+                        finished_ms, outcome, error, recovered, no_reload
+                 FROM deploys WHERE rowid IN (
+                     SELECT (SELECT d.rowid FROM deploys d
+                             WHERE d.target = t.target AND d.outcome IS NOT NULL
+                                   AND d.outcome != 'dry_run'
+                             ORDER BY d.started_ms DESC, d.id DESC LIMIT 1)
+                     FROM (SELECT DISTINCT target FROM deploys) t)",
+            )?;
+            st.query_map(params![], |r| {
+                Ok(Record {
+                    id: r.get(0)?,
+                    target: r.get(1)?,
+                    op: r.get(2)?,
+                    origin: r.get(3)?,
+                    started: time(r.get(4)?),
+                    stage: r.get(5)?,
+                    files: Vec::new(),
+                    cert_sha256: r.get(6)?,
+                    prev_sha256: r.get(7)?,
+                    finished: r.get::<_, Option<i64>>(8)?.map(time),
+                    outcome: r.get(9)?,
+                    error: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+                    verification: String::new(),
+                    disk_sha256: String::new(),
+                    served_sha256: String::new(),
+                    recovered: r.get(11)?,
+                    no_reload: r.get(12)?,
+                    stages: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        // The pages that query read are not needed again soon: give the
+        // cache back rather than keep it for the agent's idle life.
+        self.with(|c| c.execute_batch("PRAGMA shrink_memory"))?;
+        Ok(records.into_iter().map(|r| (r.target.clone(), r)).collect())
     }
 
     fn stages(&self, id: &str) -> Result<Vec<(SystemTime, String, String)>, JournalError> {
@@ -575,6 +624,7 @@ mod tests {
             disk_sha256: "aa",
             served_sha256: "",
             recovered: false,
+            finished: SystemTime::now(),
         }
     }
 
@@ -618,6 +668,41 @@ mod tests {
         assert_eq!(ids, ["d4", "d3", "d2"]);
         assert!(j.history(Some("other"), 3).unwrap().is_empty());
         assert!(j.contains("d0").unwrap());
+    }
+
+    #[test]
+    fn the_last_run_of_every_target_is_what_last_says_of_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let runs = [
+            ("a1", "web", Some("deployed")),
+            ("a2", "web", Some("rolled_back")),
+            ("a3", "web", Some("dry_run")),
+            ("a4", "web", None),
+            ("b1", "mail", Some("unchanged")),
+            ("c1", "open", None),
+        ];
+        for (id, target, outcome) in runs {
+            let b = Begin {
+                target,
+                ..begin(id, &[])
+            };
+            match outcome {
+                Some(o) => j.closed(&b, &finish(o)).unwrap(),
+                None => j.begin(&b).unwrap(),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let all = j.last_of_all().unwrap();
+        for t in ["web", "mail", "open", "none"] {
+            assert_eq!(
+                all.get(t).map(|r| r.id.clone()),
+                j.last(t).unwrap().map(|r| r.id),
+                "{t}"
+            );
+        }
+        assert_eq!(all["web"].id, "a2");
+        assert_eq!(all.len(), 2);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod deploy;
+pub mod deployed;
 pub mod disk;
 pub mod drift;
 pub mod drop;

@@ -24,6 +24,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::deploy::Request as DeployRequest;
 use crate::deploy::rollback::RollbackRequest;
+use crate::deployed::Seen;
 use crate::verify::served::{self as verify, Expect};
 
 /// Largest PEM input accepted in one field of a deploy request.
@@ -280,12 +281,18 @@ impl Agent for Service {
         // progress, the per-target entries read below are at least as new.
         let drops_pending = self.shared.drops.pending();
         let drops_in_flight = self.shared.drops.in_flight();
+        // What is on disk, as the engine holds it: a stat per target, a
+        // read only of what changed since the last look (`deployed`). Off
+        // the async threads' queue, in one go.
+        let now = convert::unix_ms(SystemTime::now()) / 1000;
+        let disks: Vec<DiskCert> = tokio::task::block_in_place(|| {
+            targets
+                .iter()
+                .map(|t| DiskCert::of(&self.shared.engine.deployed().leaf(t), now))
+                .collect()
+        });
         let mut out = Vec::with_capacity(targets.len());
-        for t in targets {
-            let target = t.clone();
-            let disk = tokio::task::spawn_blocking(move || read_disk_cert(&target))
-                .await
-                .unwrap_or_else(|e| DiskCert::state(format!("cannot read: {e}")));
+        for (t, disk) in targets.into_iter().zip(disks) {
             let served = self.shared.engine.served(&t.name);
             let last = self.shared.engine.last(&t.name).map(|l| pb::LastDeploy {
                 deploy_id: l.deploy_id,
@@ -465,22 +472,23 @@ impl DiskCert {
             state,
         }
     }
-}
 
-fn read_disk_cert(target: &crate::config::Target) -> DiskCert {
-    match crate::disk::leaf(target) {
-        Ok(None) => DiskCert::state("missing".to_owned()),
-        Ok(Some(leaf)) => DiskCert {
-            sha256: leaf.sha256_hex(),
-            not_after: leaf.not_after,
-            subject: leaf.subject,
-            state: if leaf.not_after <= convert::unix_ms(SystemTime::now()) / 1000 {
-                "expired".to_owned()
-            } else {
-                "ok".to_owned()
+    /// What status says of `seen` at `now` (seconds since the epoch).
+    fn of(seen: &Seen, now: i64) -> Self {
+        match seen {
+            Seen::Missing => DiskCert::state("missing".to_owned()),
+            Seen::Leaf {
+                sha256,
+                not_after,
+                subject,
+            } => DiskCert {
+                sha256: sha256.clone(),
+                not_after: *not_after,
+                subject: subject.clone(),
+                state: if *not_after <= now { "expired" } else { "ok" }.to_owned(),
             },
-        },
-        Err(e) => DiskCert::state(e.status()),
+            Seen::Unreadable(why) => DiskCert::state(why.clone()),
+        }
     }
 }
 

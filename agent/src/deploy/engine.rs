@@ -1,7 +1,14 @@
 //! The engine: the state every run shares (per-target locks, the event
 //! broadcast, the last result and the last probe per target, the journal,
-//! the metrics, cancellation of verification waits). Runs themselves are
-//! `run` (a deploy, in stage order), `rollback` and `recover`.
+//! the metrics, cancellation of verification waits, what is deployed).
+//! Runs themselves are `run` (a deploy, in stage order), `rollback` and
+//! `recover`.
+//!
+//! What status shows is held here: the last result of every target (seeded
+//! from the journal in one query at start, then kept as runs finish) and
+//! what is deployed ([`Deployed`], read again only when a file changed), so
+//! a status call neither queries the journal nor parses a certificate in
+//! the steady state.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,7 +21,8 @@ use zeroize::Zeroizing;
 
 use crate::bundle::Bundle;
 use crate::config::Target;
-use crate::journal::Journal;
+use crate::deployed::Deployed;
+use crate::journal::{Journal, JournalError, Record};
 use crate::lock::{LockError, Locks, TargetGuard};
 use crate::metrics::Metrics;
 use crate::model::event::{Event, Outcome};
@@ -58,12 +66,30 @@ pub struct LastDeploy {
     pub cert_sha256: String,
 }
 
+impl LastDeploy {
+    /// The journal's record of a finished run (`None` for an outcome this
+    /// build does not know).
+    fn of(rec: &Record) -> Option<LastDeploy> {
+        Some(LastDeploy {
+            deploy_id: rec.id.clone(),
+            outcome: Outcome::parse(rec.outcome.as_deref().unwrap_or_default())?,
+            finished: rec.finished.unwrap_or(rec.started),
+            error: rec.error.clone(),
+            cert_sha256: rec.cert_sha256.clone(),
+        })
+    }
+}
+
 /// Runs deploys; shared by every API call of one agent.
 #[derive(Debug)]
 pub struct Engine {
     pub(super) locks: Locks,
     pub(super) events: broadcast::Sender<Event>,
-    pub(super) last: Mutex<HashMap<String, LastDeploy>>,
+    /// Per target, its last finished run (`None`: the journal has none).
+    /// A target missing here is looked up in the journal once.
+    pub(super) last: Mutex<HashMap<String, Option<LastDeploy>>>,
+    /// What each target has on disk, as status shows it.
+    pub(super) deployed: Arc<Deployed>,
     /// The last probe of each target's verify endpoint.
     pub(super) served: Mutex<HashMap<String, Checks>>,
     /// Fires at shutdown: verification waits end early.
@@ -87,6 +113,7 @@ impl Engine {
             locks: Locks::new(lock_dir),
             events,
             last: Mutex::new(HashMap::new()),
+            deployed: Arc::new(Deployed::new()),
             served: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             hurry: Mutex::new(HashMap::new()),
@@ -143,20 +170,44 @@ impl Engine {
         self.locks.is_busy(target)
     }
 
-    /// The last finished (not dry-run) deploy of `target` since start.
+    /// The last finished (not dry-run) run of `target`: kept in memory,
+    /// from the journal the first time a target is asked about (at start
+    /// for every configured target: [`Engine::seed`]).
     pub fn last(&self, target: &str) -> Option<LastDeploy> {
         if let Some(last) = lock(&self.last).get(target) {
-            return Some(last.clone());
+            return last.clone();
         }
-        // Before this agent finished a run of the target: the journal's.
-        let rec = self.journal.last(target).ok().flatten()?;
-        Some(LastDeploy {
-            deploy_id: rec.id,
-            outcome: Outcome::parse(rec.outcome.as_deref().unwrap_or_default())?,
-            finished: rec.finished.unwrap_or(rec.started),
-            error: rec.error,
-            cert_sha256: rec.cert_sha256,
-        })
+        let last = match self.journal.last(target) {
+            Ok(rec) => rec.and_then(|r| LastDeploy::of(&r)),
+            // Not remembered: asked again next time.
+            Err(e) => {
+                tracing::warn!(target, "cannot read the last run from the journal: {e}");
+                return None;
+            }
+        };
+        lock(&self.last)
+            .entry(target.to_owned())
+            .or_insert(last)
+            .clone()
+    }
+
+    /// Reads the last run of every target in one journal query, before
+    /// status is asked for (start-up, blocking). Targets already known
+    /// (a run finished since) keep what they have.
+    pub fn seed(&self, targets: &[Target]) -> Result<(), JournalError> {
+        let mut found = self.journal.last_of_all()?;
+        let mut last = lock(&self.last);
+        for t in targets {
+            let rec = found.remove(&t.name);
+            last.entry(t.name.clone())
+                .or_insert_with(|| rec.as_ref().and_then(LastDeploy::of));
+        }
+        Ok(())
+    }
+
+    /// What each target has on disk, kept in memory (status, metrics).
+    pub fn deployed(&self) -> &Arc<Deployed> {
+        &self.deployed
     }
 
     /// Takes `target`'s lock. A deploy that has to wait hurries the holder

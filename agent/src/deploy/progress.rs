@@ -222,8 +222,18 @@ impl<'e> Run<'e> {
     }
 
     /// Notes the leaf on disk at the end, for the report.
+    /// What the target holds at the end of the run, for the report; read
+    /// through the engine's [`crate::deployed::Deployed`], which status
+    /// then finds up to date.
     pub(super) async fn look_at_disk(&mut self, target: &Target) {
-        self.disk_sha256 = leaf_sha256(target).await.unwrap_or_default();
+        let (deployed, t) = (self.engine.deployed.clone(), target.clone());
+        self.disk_sha256 = match tokio::task::spawn_blocking(move || deployed.leaf(&t)).await {
+            Ok(seen) => match &*seen {
+                crate::deployed::Seen::Leaf { sha256, .. } => sha256.clone(),
+                _ => String::new(),
+            },
+            Err(_) => String::new(),
+        };
     }
 
     pub(super) fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
@@ -267,16 +277,17 @@ impl<'e> Run<'e> {
             }
         }
         if !dry_run {
-            self.journal_finish(outcome, &error, &report);
+            let finished = SystemTime::now();
+            self.journal_finish(outcome, &error, &report, finished);
             lock(&self.engine.last).insert(
                 self.target.clone(),
-                LastDeploy {
+                Some(LastDeploy {
                     deploy_id: self.id.clone(),
                     outcome,
-                    finished: SystemTime::now(),
+                    finished,
                     error,
                     cert_sha256,
-                },
+                }),
             );
         }
         self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
@@ -285,7 +296,13 @@ impl<'e> Run<'e> {
 
     /// Closes the run's journal row (or writes a closed one for a run that
     /// ended before it took the lock).
-    pub(super) fn journal_finish(&self, outcome: Outcome, error: &str, report: &Report) {
+    pub(super) fn journal_finish(
+        &self,
+        outcome: Outcome,
+        error: &str,
+        report: &Report,
+        finished: SystemTime,
+    ) {
         failpoint::hit("before-finish");
         let finish = journal::Finish {
             outcome: outcome.as_str(),
@@ -294,6 +311,7 @@ impl<'e> Run<'e> {
             disk_sha256: &report.disk_sha256,
             served_sha256: &report.served_sha256,
             recovered: self.recovered,
+            finished,
         };
         let written = tokio::task::block_in_place(|| {
             if self.begun {

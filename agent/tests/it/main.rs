@@ -43,6 +43,7 @@ mod package;
 mod print_dropin;
 mod socket_activation;
 mod status_check;
+mod status_state;
 mod strace;
 mod systemd_notify;
 mod systemd_units;

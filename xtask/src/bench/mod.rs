@@ -13,6 +13,7 @@ mod agent;
 mod deploy;
 mod drop;
 mod floor;
+mod host;
 mod pki;
 mod scale;
 mod stats;
@@ -34,7 +35,8 @@ pub struct Options {
     /// binaries: checks that the harness works, measures nothing.
     #[arg(long)]
     pub smoke: bool,
-    /// Targets (and drops) of the scale and idle figures.
+    /// Targets (and drops) of the scale and idle figures; figure 7 has ten
+    /// times as many, and ten journal runs for each of those.
     #[arg(long)]
     pub targets: Option<usize>,
     /// Seconds the agent is left alone for the idle figure.
@@ -85,6 +87,12 @@ struct Plan {
     probes: usize,
     backoff: Duration,
     schedule_runs: usize,
+    /// Figure 7: targets, journal runs at the restart, Status calls per
+    /// client and concurrent clients.
+    host_targets: usize,
+    journal_runs: usize,
+    host_calls: usize,
+    host_clients: usize,
     only: Vec<u8>,
     wrap: Vec<String>,
     compare: Option<PathBuf>,
@@ -106,6 +114,10 @@ impl Plan {
                 probes: 3,
                 backoff: Duration::from_millis(20),
                 schedule_runs: 1,
+                host_targets: 50,
+                journal_runs: 500,
+                host_calls: 2,
+                host_clients: 2,
                 only: Vec::new(),
                 wrap: Vec::new(),
                 compare: None,
@@ -125,6 +137,10 @@ impl Plan {
                 // The configuration's default.
                 backoff: Duration::from_secs(1),
                 schedule_runs: 3,
+                host_targets: 10_000,
+                journal_runs: 100_000,
+                host_calls: 5,
+                host_clients: 10,
                 only: Vec::new(),
                 wrap: Vec::new(),
                 compare: None,
@@ -137,6 +153,8 @@ impl Plan {
         }
         if let Some(t) = o.targets {
             p.targets = t.max(1);
+            p.host_targets = 10 * p.targets;
+            p.journal_runs = 10 * p.host_targets;
         }
         if let Some(s) = o.idle {
             p.idle = Duration::from_secs(s);
@@ -293,6 +311,9 @@ async fn figures(bins: &Bins, root: &Path, plan: &Plan) -> Result<Vec<Row>> {
     }
     if [4, 5].iter().any(|k| plan.wants(*k)) {
         rows.extend(many_target_figures(bins, root, plan, &pki).await?);
+    }
+    if plan.wants(7) {
+        rows.extend(host::figures(&bins.agent, root, plan, &pki).await?);
     }
     // Figure order, whatever order they were measured in.
     rows.sort_by_key(|r| r.id);
@@ -453,32 +474,120 @@ async fn one_target_figures(
     Ok(rows)
 }
 
-/// Figures 4 and 5: one agent with `plan.targets` targets.
+/// Figures 4 and 5: one agent with `plan.targets` targets, then the agent
+/// given with `--compare-bin` on the same load (its rows follow each of
+/// this build's, marked), and the ratios of the two.
 async fn many_target_figures(
     bins: &Bins,
     root: &Path,
     plan: &Plan,
     pki: &[pki::Pki; 2],
 ) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
     let n = plan.targets;
     eprintln!("==> 4: {n} targets: generating {} certificates", 2 * n);
-    let mut many = Layout::new(&root.join("scale"))?;
     let mut round_sets: [Vec<pki::Set>; 2] = [Vec::with_capacity(n), Vec::with_capacity(n)];
     for i in 0..n {
-        many.file_target(&scale::name(i), "")?;
         for (s, issuer) in round_sets.iter_mut().zip(pki) {
             s.push(issuer.leaf(&format!("{}.bench.test", scale::name(i)))?);
         }
     }
-    let agent = Agent::start(&bins.agent, &many, &plan.wrap)?;
-    let rejected = root.join("scale/state/rejected");
+    let this = scale_run(&bins.agent, &root.join("scale"), plan, &round_sets, "").await?;
+    let Some(bin) = &plan.compare else {
+        return Ok(this.rows);
+    };
+    let bin = std::path::absolute(bin)?;
+    let other = scale_run(
+        &bin,
+        &root.join("scale-compare"),
+        plan,
+        &round_sets,
+        " (--compare-bin)",
+    )
+    .await?;
+    let mut rows = Vec::new();
+    // Each row of this build followed by the compared build's.
+    let mut theirs = other.rows.into_iter().peekable();
+    for row in this.rows {
+        let id = row.id;
+        rows.push(row);
+        if let Some(next) = theirs.next_if(|r| r.id == id) {
+            rows.push(next);
+        }
+    }
+    rows.extend(theirs);
+    if plan.wants(4) {
+        if let (Some(a), Some(b)) = (this.rate, other.rate) {
+            rows.push(
+                Row::new(
+                    "4",
+                    format!("{n} drops at once: deploys/s, this build vs --compare-bin"),
+                )
+                .n(plural_bursts(plan.bursts))
+                .measured(format!("{a:.0} deploys/s"))
+                .baseline(format!("{b:.0} deploys/s"))
+                .ratio(a / b)
+                .goal("≥ 2.00×", a / b >= 2.0),
+            );
+        }
+        if let (Some(a), Some(b)) = (this.status_p99, other.status_p99) {
+            rows.push(
+                Row::new(
+                    "4",
+                    format!(
+                        "Status p99, {} clients, this build vs --compare-bin",
+                        plan.clients
+                    ),
+                )
+                .n(plan.clients * plan.calls)
+                .measured(stats::secs(a))
+                .baseline(stats::secs(b))
+                .ratio(a / b),
+            );
+        }
+    }
+    Ok(rows)
+}
+
+fn plural_bursts(n: usize) -> String {
+    if n == 1 {
+        "1 burst".to_owned()
+    } else {
+        format!("{n} bursts")
+    }
+}
+
+/// What one agent build did under figures 4 and 5.
+struct ScaleRun {
+    rows: Vec<Row>,
+    /// Median deploys/s of the bursts.
+    rate: Option<f64>,
+    /// p99 of Status under `plan.clients` clients, seconds.
+    status_p99: Option<f64>,
+}
+
+/// Figures 4 and 5 for the agent `bin`, in a layout under `dir`; `mark`
+/// follows the name of every row.
+async fn scale_run(
+    bin: &Path,
+    dir: &Path,
+    plan: &Plan,
+    round_sets: &[Vec<pki::Set>; 2],
+    mark: &str,
+) -> Result<ScaleRun> {
+    let mut rows = Vec::new();
+    let n = plan.targets;
+    let mut many = Layout::new(dir)?;
+    for i in 0..n {
+        many.file_target(&scale::name(i), "")?;
+    }
+    let agent = Agent::start(bin, &many, &plan.wrap)?;
+    let rejected = dir.join("state/rejected");
     let mut events = agent::watch(&agent).await?;
     // The first burst creates every file (no backups yet): warm-up.
     let mut bursts = Vec::new();
     for b in 0..=plan.bursts {
         eprintln!(
-            "==> 4: burst {b} of {}{}",
+            "==> 4{mark}: burst {b} of {}{}",
             plan.bursts,
             if b == 0 { " (warm-up)" } else { "" }
         );
@@ -503,28 +612,55 @@ async fn many_target_figures(
     // Idle before the Status load below, whose responses (50 × 1,000
     // targets at once) are a peak of their own.
     if plan.wants(5) {
-        eprintln!("==> 5: idle for {} s after the bursts", plan.idle.as_secs());
-        rows.extend(scale::idle(agent.pid(), n, plan.idle, "after the bursts").await?);
-    }
-    if plan.wants(4) {
-        eprintln!("==> 4: Status, 1 client × {} calls", plan.calls);
-        rows.push(scale::status_latency(&agent, n, 1, plan.calls).await?);
         eprintln!(
-            "==> 4: Status, {} clients × {} calls",
+            "==> 5{mark}: idle for {} s after the bursts",
+            plan.idle.as_secs()
+        );
+        rows.extend(scale::idle(agent.pid(), n, plan.idle, "after the bursts", 20.0).await?);
+    }
+    let mut status_p99 = None;
+    if plan.wants(4) {
+        eprintln!("==> 4{mark}: Status, 1 client × {} calls", plan.calls);
+        rows.push(scale::status_latency(&agent, n, 1, plan.calls).await?.0);
+        eprintln!(
+            "==> 4{mark}: Status, {} clients × {} calls",
             plan.clients, plan.calls
         );
-        let status_row = scale::status_latency(&agent, n, plan.clients, plan.calls).await?;
-        rows.push(status_row.baseline(format!(
-            "peak RSS during it {}, RSS after {}",
-            stats::mib(agent::vm_kib(agent.pid(), "VmHWM")?),
-            stats::mib(agent::vm_kib(agent.pid(), "VmRSS")?)
-        )));
+        let rss_before = agent::vm_kib(agent.pid(), "VmRSS")?;
+        let (status_row, samples) =
+            scale::status_latency(&agent, n, plan.clients, plan.calls).await?;
+        status_p99 = Some(samples.p99());
+        rows.push(
+            status_row
+                .baseline(format!(
+                    "RSS before {}, peak during it {}, after {}",
+                    stats::mib(rss_before),
+                    stats::mib(agent::vm_kib(agent.pid(), "VmHWM")?),
+                    stats::mib(agent::vm_kib(agent.pid(), "VmRSS")?)
+                ))
+                .goal("p99 < 5 ms", samples.p99() < 0.005),
+        );
     }
     drop(agent);
     if plan.wants(5) {
-        eprintln!("==> 5: idle for {} s after a restart", plan.idle.as_secs());
-        let agent = Agent::start(&bins.agent, &many, &plan.wrap)?;
-        rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start").await?);
+        eprintln!(
+            "==> 5{mark}: idle for {} s after a restart",
+            plan.idle.as_secs()
+        );
+        let agent = Agent::start(bin, &many, &plan.wrap)?;
+        rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start", 15.0).await?);
     }
-    Ok(rows)
+    for r in &mut rows {
+        r.what.push_str(mark);
+        if !mark.is_empty() {
+            // Goals are for this build.
+            r.goal.clear();
+            r.met = None;
+        }
+    }
+    Ok(ScaleRun {
+        rate: scale::rate(n, &bursts),
+        rows,
+        status_p99,
+    })
 }

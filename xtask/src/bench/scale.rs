@@ -169,9 +169,24 @@ pub fn burst_rows(n: usize, bursts: &[Burst], hwm_kib: f64, rss_kib: f64) -> Vec
     rows
 }
 
+/// The median deploys/s of `bursts` of `n` drops (`None` when a Watch
+/// stream lagged).
+pub fn rate(n: usize, bursts: &[Burst]) -> Option<f64> {
+    let mut rate = Samples::default();
+    for b in bursts {
+        rate.push_value(n as f64 / b.committed?.as_secs_f64());
+    }
+    (rate.len() > 0).then(|| rate.median())
+}
+
 /// Status (every target) from `clients` connections at once, `calls`
-/// each, back to back.
-pub async fn status_latency(agent: &Agent, n: usize, clients: usize, calls: usize) -> Result<Row> {
+/// each, back to back: the row and the samples.
+pub async fn status_latency(
+    agent: &Agent,
+    n: usize,
+    clients: usize,
+    calls: usize,
+) -> Result<(Row, Samples)> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(agent.client().await?);
@@ -200,7 +215,7 @@ pub async fn status_latency(agent: &Agent, n: usize, clients: usize, calls: usiz
             all.push(d);
         }
     }
-    Ok(Row::new(
+    let row = Row::new(
         "4",
         format!(
             "Status RPC (all {n} targets), {clients} concurrent client{}",
@@ -208,11 +223,19 @@ pub async fn status_latency(agent: &Agent, n: usize, clients: usize, calls: usiz
         ),
     )
     .n(all.len())
-    .measured(med_p99(&all)))
+    .measured(med_p99(&all));
+    Ok((row, all))
 }
 
 /// Figure 5: RSS and CPU of the agent (`pid`) left alone for `window`.
-pub async fn idle(pid: u32, n: usize, window: Duration, when: &str) -> Result<Vec<Row>> {
+/// The RSS goal is `goal_mib` at its highest.
+pub async fn idle(
+    pid: u32,
+    n: usize,
+    window: Duration,
+    when: &str,
+    goal_mib: f64,
+) -> Result<Vec<Row>> {
     let hz = agent::clock_ticks();
     let mut rss = Samples::default();
     let t0 = Instant::now();
@@ -234,7 +257,7 @@ pub async fn idle(pid: u32, n: usize, window: Duration, when: &str) -> Result<Ve
         )
         .n(format!("{:.0} s", elapsed))
         .measured(format!("{} (max {})", mib(last), mib(rss.max())))
-        .goal("< 20 MiB", max_mib < 20.0),
+        .goal(format!("< {goal_mib:.0} MiB"), max_mib < goal_mib),
         Row::new("5", format!("idle CPU (utime+stime), {when}"))
             .n(format!("{:.0} s", elapsed))
             .measured(format!(
