@@ -31,6 +31,8 @@ command -v certbot >/dev/null 2>&1 || need+=(certbot)
 command -v lego >/dev/null 2>&1 || need+=(lego)
 command -v dehydrated >/dev/null 2>&1 || need+=(dehydrated)
 command -v uacme >/dev/null 2>&1 || need+=(uacme)
+# The alerting rules' test runs promtool (agent/tests/it/alert_rules.rs).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The completion tests run certctl's zsh and fish scripts (bash is there).
 command -v zsh >/dev/null 2>&1 || need+=(zsh)
 command -v fish >/dev/null 2>&1 || need+=(fish)

@@ -114,16 +114,23 @@ impl App {
             config
                 .targets
                 .iter()
-                .map(|t| TargetCert {
-                    target: t.name.clone(),
-                    not_after: match &*self.engine.deployed().leaf(t) {
-                        Seen::Leaf { not_after, .. } => Some(*not_after),
-                        _ => None,
-                    },
-                    needs_operator: self
-                        .engine
-                        .last(&t.name)
-                        .is_some_and(|l| l.outcome == Outcome::RollbackFailed),
+                .map(|t| {
+                    let last = self.engine.last(&t.name);
+                    TargetCert {
+                        target: t.name.clone(),
+                        not_after: match &*self.engine.deployed().leaf(t) {
+                            Seen::Leaf { not_after, .. } => Some(*not_after),
+                            _ => None,
+                        },
+                        needs_operator: last
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == Outcome::RollbackFailed),
+                        last_outcome: last.map(|l| l.outcome.as_str()),
+                        served: self
+                            .engine
+                            .served(&t.name)
+                            .and_then(|c| c.decisive().map(|d| d.state.as_str())),
+                    }
                 })
                 .collect::<Vec<_>>()
         });

@@ -128,8 +128,9 @@ impl RollbackTrigger {
     }
 }
 
-/// The certificate on disk of one target, read at scrape time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The state of one target at scrape time: its certificate on disk, its
+/// last run and its latest probe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TargetCert {
     pub target: String,
     /// `not_after` of the leaf at `cert_path`, Unix seconds; `None` when the
@@ -138,6 +139,13 @@ pub struct TargetCert {
     /// The target's last run ended `rollback_failed`: an operator has to
     /// look (it is never retried behind their back).
     pub needs_operator: bool,
+    /// The outcome of the target's last run (`deployed`, `rolled_back`,
+    /// ...); `None` before its first.
+    pub last_outcome: Option<&'static str>,
+    /// The state of the target's latest probe of what is served (by a
+    /// deploy or the drift watch: `verified`, `mismatch`, `unreachable`,
+    /// ...); `None` before its first.
+    pub served: Option<&'static str>,
 }
 
 impl Default for Metrics {
@@ -557,6 +565,38 @@ impl Metrics {
                 1.0,
             );
         }
+        header(
+            &mut out,
+            "certctl_target_last_outcome",
+            "gauge",
+            "1 for the outcome of each target's last run (deployed, unchanged, validate_failed, rolled_back, rollback_failed, restored, ...); absent before its first.",
+        );
+        for c in certs {
+            if let Some(outcome) = c.last_outcome {
+                sample(
+                    &mut out,
+                    "certctl_target_last_outcome",
+                    &[("target", &c.target), ("outcome", outcome)],
+                    1.0,
+                );
+            }
+        }
+        header(
+            &mut out,
+            "certctl_served_state",
+            "gauge",
+            "1 for the state of each target's latest probe of what is served, by a deploy or the drift watch (verified, mismatch, chain-mismatch, unreachable, expiring); absent before its first.",
+        );
+        for c in certs {
+            if let Some(state) = c.served {
+                sample(
+                    &mut out,
+                    "certctl_served_state",
+                    &[("target", &c.target), ("state", state)],
+                    1.0,
+                );
+            }
+        }
         out
     }
 }
@@ -691,11 +731,13 @@ mod tests {
                 target: "web".into(),
                 not_after: Some(1_900_000_000),
                 needs_operator: false,
+                ..TargetCert::default()
             },
             TargetCert {
                 target: "gone".into(),
                 not_after: None,
                 needs_operator: false,
+                ..TargetCert::default()
             },
         ])
     }
@@ -890,6 +932,43 @@ mod tests {
     }
 
     #[test]
+    fn the_last_outcome_and_the_served_state_are_one_series_each() {
+        let m = Metrics::new();
+        let t = m.render(&[
+            TargetCert {
+                target: "web".into(),
+                last_outcome: Some("rolled_back"),
+                served: Some("mismatch"),
+                ..TargetCert::default()
+            },
+            TargetCert {
+                target: "new".into(),
+                ..TargetCert::default()
+            },
+        ]);
+        assert_eq!(
+            value(
+                &t,
+                "certctl_target_last_outcome{target=\"web\",outcome=\"rolled_back\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "certctl_served_state{target=\"web\",state=\"mismatch\"}"
+            ),
+            Some(1.0)
+        );
+        assert!(
+            t.contains("# TYPE certctl_target_last_outcome gauge\n"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE certctl_served_state gauge\n"), "{t}");
+        assert!(!t.contains("target=\"new\""), "{t}");
+    }
+
+    #[test]
     fn a_target_whose_rollback_failed_needs_an_operator() {
         let m = Metrics::new();
         let t = m.render(&[
@@ -897,11 +976,13 @@ mod tests {
                 target: "web".into(),
                 not_after: None,
                 needs_operator: true,
+                ..TargetCert::default()
             },
             TargetCert {
                 target: "ok".into(),
                 not_after: None,
                 needs_operator: false,
+                ..TargetCert::default()
             },
         ]);
         assert_eq!(
@@ -949,8 +1030,8 @@ mod tests {
         let types = t.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = t.lines().filter(|l| l.starts_with("# HELP ")).count();
         assert_eq!(types, helps);
-        // 14 families since the certctl_config_reload_* gauges.
-        assert_eq!(types, 14);
+        // 16 families since the last-outcome and served-state gauges.
+        assert_eq!(types, 16);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod support;
 
 mod acme;
 mod agent_lifecycle;
+mod alert_rules;
 mod apache_kind;
 mod caddy_kind;
 mod cli_output;
