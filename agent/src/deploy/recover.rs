@@ -24,7 +24,7 @@
 //! and the next start recovers it the same way. A run whose target is no
 //! longer configured gets its files put back and no command run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use tokio::sync::mpsc;
@@ -67,44 +67,47 @@ impl Engine {
 
     /// Removes temp files a run could not remove itself (its disk was
     /// failing) and backups beyond retention, in every target directory.
-    /// Each target is locked while its directories are swept.
+    /// Each target is locked while its directories are swept. Targets that
+    /// share a directory are swept one after the other (their sweeps would
+    /// race for the same entries); the others [`SWEEP_CONCURRENCY`] at a
+    /// time, so a host with thousands of targets is ready sooner.
     async fn sweep_leftovers(&self, config: &Config) {
-        for t in &config.targets {
-            let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
-                continue;
-            };
-            // With the directory of a file a reload hook writes (its temp
-            // may be left there too).
-            let mut files: Vec<PathBuf> = t.paths().map(PathBuf::from).collect();
-            files.extend(
-                t.reload_hook
-                    .as_ref()
-                    .and_then(|h| h.writes())
-                    .map(|(_, p)| p.clone()),
-            );
-            let dirs: Vec<PathBuf> = super::commit::dirs_of(files.iter()).into_iter().collect();
-            let (name, keep) = (t.name.clone(), t.backup_retention as usize);
-            let swept = blocking(move || {
-                let mut removed = Vec::new();
-                for d in &dirs {
-                    removed.extend(atomic::remove_temps(d)?);
-                    // Sets a killed run did not finish filling.
-                    removed.extend(atomic::remove_partials(&d.join(atomic::AGENT_DIR))?);
-                    removed.extend(atomic::remove_partials(
-                        &d.join(atomic::AGENT_DIR).join("backup").join(&name),
-                    )?);
+        use futures_util::stream::{self, StreamExt};
+        let groups = sweep_groups(config);
+        stream::iter(groups)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |group| async move {
+                for (t, dirs) in group {
+                    self.sweep_target(t, dirs).await;
                 }
-                super::commit::prune(&dirs.iter().cloned().collect(), &name, keep)?;
-                Ok::<_, FsError>(removed)
             })
             .await;
-            match swept {
-                Ok(removed) if !removed.is_empty() => {
-                    warn!(target = %t.name, files = ?removed, "removed temp files left by an earlier run");
-                }
-                Ok(_) => {}
-                Err(e) => warn!(target = %t.name, "cannot sweep the target's directory: {e}"),
+    }
+
+    async fn sweep_target(&self, t: &Target, dirs: Vec<PathBuf>) {
+        let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
+            return;
+        };
+        let (name, keep) = (t.name.clone(), t.backup_retention as usize);
+        let swept = blocking(move || {
+            let mut removed = Vec::new();
+            for d in &dirs {
+                removed.extend(atomic::remove_temps(d)?);
+                // Sets a killed run did not finish filling.
+                removed.extend(atomic::remove_partials(&d.join(atomic::AGENT_DIR))?);
+                removed.extend(atomic::remove_partials(
+                    &d.join(atomic::AGENT_DIR).join("backup").join(&name),
+                )?);
             }
+            super::commit::prune(&dirs.iter().cloned().collect(), &name, keep)?;
+            Ok::<_, FsError>(removed)
+        })
+        .await;
+        match swept {
+            Ok(removed) if !removed.is_empty() => {
+                warn!(target = %t.name, files = ?removed, "removed temp files left by an earlier run");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(target = %t.name, "cannot sweep the target's directory: {e}"),
         }
     }
 
@@ -381,6 +384,68 @@ impl Run<'_> {
 /// Removes the run's temp files and returns what there is to put back: a
 /// file with a backup is restored from it; a file that did not exist before
 /// the run is removed; a file whose backup is already gone was restored.
+/// Targets swept at once at start.
+const SWEEP_CONCURRENCY: usize = 8;
+
+/// The directories a target's sweep looks at: those of its files and of a
+/// file its reload hook writes (its temp may be left there too).
+fn sweep_dirs(t: &Target) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = t.paths().map(PathBuf::from).collect();
+    files.extend(
+        t.reload_hook
+            .as_ref()
+            .and_then(|h| h.writes())
+            .map(|(_, p)| p.clone()),
+    );
+    super::commit::dirs_of(files.iter()).into_iter().collect()
+}
+
+/// The targets with their sweep directories, in groups that share no
+/// directory with each other.
+fn sweep_groups(config: &Config) -> Vec<Vec<(&Target, Vec<PathBuf>)>> {
+    disjoint(config.targets.iter().map(|t| (t, sweep_dirs(t))).collect())
+}
+
+/// `items` in groups such that no two groups share a directory: items
+/// sharing one, even through a third, are in one group. Groups and the
+/// items in each keep the order of `items`.
+fn disjoint<T>(items: Vec<(T, Vec<PathBuf>)>) -> Vec<Vec<(T, Vec<PathBuf>)>> {
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    // Union-find over item indexes, joined through shared directories.
+    let mut parent: Vec<usize> = (0..items.len()).collect();
+    let mut owner: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, (_, dirs)) in items.iter().enumerate() {
+        for d in dirs {
+            match owner.get(d) {
+                Some(&j) => {
+                    let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    owner.insert(d.clone(), i);
+                }
+            }
+        }
+    }
+    let roots: Vec<usize> = (0..items.len()).map(|i| root(&mut parent, i)).collect();
+    let mut index: HashMap<usize, usize> = HashMap::new();
+    let mut groups: Vec<Vec<(T, Vec<PathBuf>)>> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let g = *index.entry(roots[i]).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(item);
+    }
+    groups
+}
+
 fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, FsError> {
     let mut dirs = BTreeSet::new();
     for f in files {
@@ -421,4 +486,34 @@ fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, Fs
         }
     }
     Ok(committed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(groups: &[Vec<(&str, Vec<PathBuf>)>]) -> Vec<Vec<String>> {
+        groups
+            .iter()
+            .map(|g| g.iter().map(|(n, _)| (*n).to_owned()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn targets_sharing_a_directory_even_through_a_third_are_swept_together() {
+        let d = |p: &str| PathBuf::from(p);
+        let items = vec![
+            ("a", vec![d("/x")]),
+            ("b", vec![d("/y")]),
+            ("c", vec![d("/z"), d("/w")]),
+            ("e", vec![d("/v")]),
+            ("f", vec![d("/w"), d("/x")]),
+            ("g", vec![]),
+        ];
+        assert_eq!(
+            names(&disjoint(items)),
+            [vec!["a", "c", "f"], vec!["b"], vec!["e"], vec!["g"]]
+        );
+        assert!(disjoint::<&str>(Vec::new()).is_empty());
+    }
 }
