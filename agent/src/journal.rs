@@ -467,45 +467,18 @@ impl Journal {
     }
 
     /// The newest finished run of every target that has one, in one query
-    /// (start-up: status then never asks the journal per target). Only
-    /// what status shows is read: `files`, `inputs` and the stages stay
-    /// empty.
+    /// (start-up: status then never asks the journal per target), as
+    /// [`Journal::last`] gives each (the stages stay empty).
     pub fn last_of_all(&self) -> Result<HashMap<String, Record>, JournalError> {
-        let records = self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT id, target, op, origin, started_ms, stage, cert_sha256, prev_sha256,
-                        finished_ms, outcome, error, recovered, no_reload
-                 FROM deploys WHERE rowid IN (
-                     SELECT (SELECT d.rowid FROM deploys d
-                             WHERE d.target = t.target AND d.outcome IS NOT NULL
-                                   AND d.outcome != 'dry_run'
-                             ORDER BY d.started_ms DESC, d.id DESC LIMIT 1)
-                     FROM (SELECT DISTINCT target FROM deploys) t)",
-            )?;
-            st.query_map(params![], |r| {
-                Ok(Record {
-                    id: r.get(0)?,
-                    target: r.get(1)?,
-                    op: r.get(2)?,
-                    origin: r.get(3)?,
-                    started: time(r.get(4)?),
-                    stage: r.get(5)?,
-                    files: Vec::new(),
-                    cert_sha256: r.get(6)?,
-                    prev_sha256: r.get(7)?,
-                    finished: r.get::<_, Option<i64>>(8)?.map(time),
-                    outcome: r.get(9)?,
-                    error: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
-                    verification: String::new(),
-                    disk_sha256: String::new(),
-                    served_sha256: String::new(),
-                    recovered: r.get(11)?,
-                    no_reload: r.get(12)?,
-                    stages: Vec::new(),
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
+        let records = self.query(
+            "WHERE rowid IN (
+                 SELECT (SELECT d.rowid FROM deploys d
+                         WHERE d.target = t.target AND d.outcome IS NOT NULL
+                               AND d.outcome != 'dry_run'
+                         ORDER BY d.started_ms DESC, d.id DESC LIMIT 1)
+                 FROM (SELECT DISTINCT target FROM deploys) t)",
+            params![],
+        )?;
         // The pages that query read are not needed again soon: give the
         // cache back rather than keep it for the agent's idle life.
         self.with(|c| c.execute_batch("PRAGMA shrink_memory"))?;
