@@ -117,11 +117,29 @@ pub fn shown(path: &Path) -> String {
 /// [`escape`]d (for values that are already shown, such as messages that
 /// embed escaped names, kept as they are).
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(hidden) {
-        std::borrow::Cow::Owned(escape(text.as_bytes()))
-    } else {
+    if is_one_line(text) {
         std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(escape(text.as_bytes()))
     }
+}
+
+/// Whether `text` shows as it is: nothing in it is hidden (no control or
+/// invisible character), so it cannot break or forge a line.
+pub fn is_one_line(text: &str) -> bool {
+    !text.chars().any(hidden)
+}
+
+/// What a server said, for a message: its first `limit` characters as
+/// [`one_line`], with `…` when it was longer.
+pub fn clipped(text: &str, limit: usize) -> String {
+    let mut short: String = text.chars().take(limit).collect();
+    let cut = short.len() < text.len();
+    short = one_line(&short).into_owned();
+    if cut {
+        short.push('…');
+    }
+    short
 }
 
 #[cfg(test)]

@@ -129,13 +129,7 @@ fn refused(endpoint: &Endpoint, method: &str, path: &str, r: &Response) -> Caddy
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
         .unwrap_or_else(|| r.body.trim().to_owned());
     // caddy's words go into a log line: one line, every byte visible, cut.
-    let mut short: String = error.chars().take(QUOTE_LIMIT).collect();
-    let cut = short.len() < error.len();
-    short = crate::model::fmt::one_line(&short).into_owned();
-    if cut {
-        short.push('…');
-    }
-    let error = short;
+    let error = crate::model::fmt::clipped(&error, QUOTE_LIMIT);
     CaddyError::Refused {
         endpoint: endpoint.to_string(),
         request: format!("{method} {path}"),
@@ -190,10 +184,7 @@ mod fuzz {
             let endpoint = Endpoint::Tcp { host: "127.0.0.1".to_owned(), port: 2019 };
             let e = refused(&endpoint, "PATCH", "/id/certctl-web", &Response { status, body });
             let text = e.to_string();
-            prop_assert!(
-                matches!(crate::model::fmt::one_line(&text), std::borrow::Cow::Borrowed(_)),
-                "{text:?}"
-            );
+            prop_assert!(crate::model::fmt::is_one_line(&text), "{text:?}");
             // An escape is at most ten characters (`\u{NNNN}`).
             prop_assert!(text.chars().count() < 10 * QUOTE_LIMIT + 400, "{}", text.len());
         }

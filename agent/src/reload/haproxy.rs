@@ -233,13 +233,7 @@ fn one_line(answer: &str) -> String {
     if text.is_empty() {
         return "no answer".to_owned();
     }
-    let mut short: String = text.chars().take(QUOTE_LIMIT).collect();
-    let cut = short.len() < text.len();
-    short = crate::model::fmt::one_line(&short).into_owned();
-    if cut {
-        short.push('…');
-    }
-    short
+    crate::model::fmt::clipped(&text, QUOTE_LIMIT)
 }
 
 #[cfg(test)]
@@ -472,10 +466,7 @@ mod fuzz {
     }
 
     fn plain(text: &str) -> bool {
-        matches!(
-            crate::model::fmt::one_line(text),
-            std::borrow::Cow::Borrowed(_)
-        ) && !text.contains('\n')
+        crate::model::fmt::is_one_line(text)
     }
 
     proptest! {
