@@ -93,18 +93,28 @@ pub enum RemoteError {
         port: u16,
         fingerprint: String,
     },
-    #[error("ssh authentication failed for {endpoint}: {detail}; install the agent's public key in the account's authorized_keys")]
+    #[error(
+        "ssh authentication failed for {endpoint}: {detail}; install the agent's public key in the account's authorized_keys"
+    )]
     AuthFailed { endpoint: String, detail: String },
-    #[error("ssh connection to {endpoint} did not complete within {timeout:?}: check the host is up and reachable")]
+    #[error(
+        "ssh connection to {endpoint} did not complete within {timeout:?}: check the host is up and reachable"
+    )]
     ConnectTimeout { endpoint: String, timeout: Duration },
     #[error("ssh could not reach the host: {0}")]
     Unreachable(String),
-    #[error(
-        "the OpenSSH client (ssh) is not installed or not on PATH: install openssh-client"
-    )]
+    #[error("the OpenSSH client (ssh) is not installed or not on PATH: install openssh-client")]
     NoSshClient,
-    #[error("remote command `{command}` did not finish within {timeout:?} and was stopped")]
-    CommandTimeout { command: String, timeout: Duration },
+    #[error(
+        "remote command `{command}` did not finish within {timeout:?}: {}",
+        if *.remote_stopped { "it was killed on the remote host" } else { "it could not be killed on the remote host and may still run there" }
+    )]
+    CommandTimeout {
+        command: String,
+        timeout: Duration,
+        /// Whether its process group on the remote host was killed.
+        remote_stopped: bool,
+    },
     #[error("ssh transport failed: {0}")]
     Protocol(String),
     #[error("ssh transport i/o failed: {0}")]

@@ -57,7 +57,10 @@ mod tests {
         assert_eq!(quote("$(rm -rf /)").unwrap(), "'$(rm -rf /)'");
         assert_eq!(quote("a\nb").unwrap(), "'a\nb'");
         assert_eq!(quote("\\'").unwrap(), "'\\'\\'''");
-        assert_eq!(quote("a\0b").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            quote("a\0b").unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
         assert_eq!(
             command_line(&["printf".into(), "%s\n".into(), "x y".into()]).unwrap(),
             "'printf' '%s\n' 'x y'"

@@ -59,7 +59,10 @@ impl std::fmt::Debug for Session {
 /// and quotes, which are refused.
 fn option_path(what: &str, path: &Path) -> Result<String, RemoteError> {
     let s = path.to_str().ok_or_else(|| {
-        RemoteError::Protocol(format!("{what} path is not UTF-8: {}", crate::model::fmt::shown(path)))
+        RemoteError::Protocol(format!(
+            "{what} path is not UTF-8: {}",
+            crate::model::fmt::shown(path)
+        ))
     })?;
     if s.is_empty()
         || s.chars()
@@ -167,7 +170,13 @@ fn control_op(ep: &Endpoint, control: &Path, op: &str) -> bool {
     let Ok(mut args) = common_args(ep, control) else {
         return false;
     };
-    args.extend(["-o".into(), "LogLevel=QUIET".into(), "-O".into(), op.into(), "--".into()]);
+    args.extend([
+        "-o".into(),
+        "LogLevel=QUIET".into(),
+        "-O".into(),
+        op.into(),
+        "--".into(),
+    ]);
     args.push(ep.host.clone().into());
     let mut cmd = ssh(&args);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
@@ -183,7 +192,11 @@ fn control_op(ep: &Endpoint, control: &Path, op: &str) -> bool {
 /// The control directory, created 0700 when missing; it must be a
 /// directory of this user, not open to others.
 fn prepare_control_dir(dir: &Path) -> Result<(), RemoteError> {
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) => return Err(RemoteError::Io(e)),
     }
@@ -224,26 +237,28 @@ fn collect_lines(
     log: Arc<Mutex<Vec<String>>>,
     done: mpsc::Sender<()>,
 ) {
-    let spawned = thread::Builder::new().name("ssh-log".into()).spawn(move || {
-        let mut r = BufReader::new(stream);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            // A line longer than this is cut (the rest arrives as the next
-            // "line" and is cut too): memory stays bounded.
-            match (&mut r).take(4096).read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let mut l = lock(&log);
-                    if l.len() < LOG_LINES {
-                        let text = String::from_utf8_lossy(&line);
-                        l.push(text.trim_end().to_owned());
+    let spawned = thread::Builder::new()
+        .name("ssh-log".into())
+        .spawn(move || {
+            let mut r = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // A line longer than this is cut (the rest arrives as the next
+                // "line" and is cut too): memory stays bounded.
+                match (&mut r).take(4096).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let mut l = lock(&log);
+                        if l.len() < LOG_LINES {
+                            let text = String::from_utf8_lossy(&line);
+                            l.push(text.trim_end().to_owned());
+                        }
                     }
                 }
             }
-        }
-        let _ = done.send(());
-    });
+            let _ = done.send(());
+        });
     if spawned.is_err() {
         tracing::warn!("could not start the thread reading ssh's log");
     }
@@ -267,7 +282,9 @@ fn classify(ep: &Endpoint, log: &[String], status: Option<ExitStatus>) -> Remote
             .unwrap_or_default()
     };
     let host = ep.host.clone();
-    if has("REMOTE HOST IDENTIFICATION HAS CHANGED") || has("has changed and you have requested strict") {
+    if has("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || has("has changed and you have requested strict")
+    {
         return RemoteError::HostKeyChanged {
             host,
             port: ep.port,
@@ -287,7 +304,11 @@ fn classify(ep: &Endpoint, log: &[String], status: Option<ExitStatus>) -> Remote
             detail: line("Permission denied ("),
         };
     }
-    for needle in ["UNPROTECTED PRIVATE KEY FILE", "Load key", "no such identity"] {
+    for needle in [
+        "UNPROTECTED PRIVATE KEY FILE",
+        "Load key",
+        "no such identity",
+    ] {
         if has(needle) {
             return RemoteError::AuthFailed {
                 endpoint: ep.display(),
@@ -325,16 +346,29 @@ fn classify(ep: &Endpoint, log: &[String], status: Option<ExitStatus>) -> Remote
     RemoteError::Protocol(format!("ssh to {} {status}: {last}", ep.display()))
 }
 
-/// Keeps the first and last `OUTPUT_LIMIT / 2` bytes of a stream, reading
-/// it to its end (so the remote side never blocks on a full pipe).
-fn read_bounded(mut r: impl Read) -> (Vec<u8>, Vec<u8>, u64) {
+/// What is kept of an output stream: its head, its tail, and how many
+/// bytes were dropped between them.
+type Kept = (Vec<u8>, Vec<u8>, u64);
+
+/// Keeps the first and last `OUTPUT_LIMIT / 2` bytes of `first` and then
+/// the stream, reading it to its end (so the remote side never blocks on a
+/// full pipe).
+fn read_bounded(first: Vec<u8>, mut r: impl Read) -> Kept {
     let half = OUTPUT_LIMIT / 2;
     let (mut head, mut tail, mut dropped) = (Vec::new(), Vec::new(), 0u64);
     let mut buf = [0u8; 4096];
+    let mut pending = first;
     loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = if pending.is_empty() {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            }
+        } else {
+            let n = pending.len().min(buf.len());
+            buf[..n].copy_from_slice(&pending[..n]);
+            pending.drain(..n);
+            n
         };
         let mut chunk = &buf[..n];
         if head.len() < half {
@@ -352,23 +386,40 @@ fn read_bounded(mut r: impl Read) -> (Vec<u8>, Vec<u8>, u64) {
     (head, tail, dropped)
 }
 
-fn join_bounded((head, tail, dropped): (Vec<u8>, Vec<u8>, u64)) -> String {
+/// What a wrapped command writes first on stderr: its process group.
+const PGID_MARK: &str = "certctl-remote-pgid=";
+
+/// stderr of a command: with `pgid`, a first line `<mark><pid>` is taken
+/// out and sent; anything else stays output.
+fn read_stderr(r: impl Read, pgid: Option<mpsc::Sender<u32>>) -> Kept {
+    let mut r = BufReader::new(r);
+    let Some(pgid) = pgid else {
+        return read_bounded(Vec::new(), r);
+    };
+    let mut first = Vec::new();
+    let _ = (&mut r).take(64).read_until(b'\n', &mut first);
+    let parsed = std::str::from_utf8(&first)
+        .ok()
+        .and_then(|l| l.strip_prefix(PGID_MARK))
+        .and_then(|l| l.strip_suffix('\n'))
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| *n > 1);
+    match parsed {
+        Some(n) => {
+            let _ = pgid.send(n);
+            read_bounded(Vec::new(), r)
+        }
+        None => read_bounded(first, r),
+    }
+}
+
+fn join_bounded((head, tail, dropped): Kept) -> String {
     let mut s = String::from_utf8_lossy(&head).into_owned();
     if dropped > 0 {
         s.push_str(&format!("\n[… {dropped} bytes dropped …]\n"));
     }
     s.push_str(&String::from_utf8_lossy(&tail));
     s
-}
-
-fn reader_thread(
-    stream: Option<impl Read + Send + 'static>,
-) -> Option<thread::JoinHandle<(Vec<u8>, Vec<u8>, u64)>> {
-    let stream = stream?;
-    thread::Builder::new()
-        .name("ssh-output".into())
-        .spawn(move || read_bounded(stream))
-        .ok()
 }
 
 impl Session {
@@ -522,41 +573,95 @@ impl Session {
 
     /// Runs `argv` on the remote host through the account's login shell,
     /// each argument single-quoted (see `quote`), stdin closed, bounded by
-    /// `timeout`. At the deadline the local ssh is killed, which closes the
-    /// channel: sshd then closes the command's stdin, stdout and stderr but
-    /// sends it no signal (OpenSSH signals nothing without a terminal), so a
-    /// hung remote command keeps running until it exits or writes to its
-    /// closed output (`SIGPIPE`); wrap it in the remote `timeout(1)` when
-    /// that matters. Each output stream keeps its first and last
+    /// `timeout`. Each output stream keeps its first and last
     /// `OUTPUT_LIMIT / 2` bytes.
+    ///
+    /// The command line is `echo "<mark><pid>" >&2; exec <argv>`: sshd runs
+    /// every command without a terminal in a session of its own (`setsid`),
+    /// so that PID is also the command's process group, and the first line
+    /// of stderr (removed from the output) tells it. At the deadline the
+    /// local ssh is killed, which closes the channel, but sshd sends the
+    /// command no signal (OpenSSH signals nothing without a terminal); so
+    /// the agent then runs `kill -s KILL -- -<pgid>` over the same master,
+    /// bounded too. [`RemoteError::CommandTimeout`] says whether that
+    /// worked; when it did not (the host is gone, or no PID was seen), the
+    /// command may still run there.
     pub fn run(&self, argv: &[String], timeout: Duration) -> Result<RemoteOutput, RemoteError> {
-        let line = command_line(argv)?;
+        let quoted = command_line(argv)?;
+        let line = format!("echo \"{PGID_MARK}$$\" >&2; exec {quoted}");
+        let (pgid_tx, pgid_rx) = mpsc::channel();
+        let started = Instant::now();
+        match self.exec(&line, started + timeout, Some(pgid_tx))? {
+            Some(out) => Ok(out),
+            None => {
+                let remote_stopped = match pgid_rx.try_recv() {
+                    Ok(pgid) => self.kill_remote_group(pgid),
+                    Err(_) => false,
+                };
+                Err(RemoteError::CommandTimeout {
+                    command: clipped(&quoted, 200),
+                    timeout,
+                    remote_stopped,
+                })
+            }
+        }
+    }
+
+    /// Kills the remote process group `pgid` (bounded); whether it worked.
+    fn kill_remote_group(&self, pgid: u32) -> bool {
+        let line = format!("kill -s KILL -- -{pgid}");
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        let done = self.exec(&line, deadline, None);
+        let ok = matches!(&done, Ok(Some(out)) if out.success());
+        if !ok {
+            tracing::warn!(endpoint = %self.ep.display(), pgid, "could not stop a timed-out remote command");
+        }
+        ok
+    }
+
+    /// Runs the command line `line` until `deadline`: its output, or `None`
+    /// when the deadline came first (the local ssh is then killed). With
+    /// `pgid`, the first stderr line carries the remote process group.
+    fn exec(
+        &self,
+        line: &str,
+        deadline: Instant,
+        pgid: Option<mpsc::Sender<u32>>,
+    ) -> Result<Option<RemoteOutput>, RemoteError> {
         let mut args = self.client_args()?;
         args.extend(["-T", "--"].map(OsString::from));
         args.push(self.ep.host.clone().into());
-        args.push(line.clone().into());
+        args.push(line.into());
         let mut cmd = ssh(&args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = spawn(&mut cmd)?;
-        let out = reader_thread(child.stdout.take());
-        let err = reader_thread(child.stderr.take());
-        let status = wait_until(&mut child, started + timeout)?;
-        let Some(status) = status else {
-            return Err(RemoteError::CommandTimeout {
-                command: clipped(&line, 200),
-                timeout,
-            });
+        let out = child.stdout.take().and_then(|s| {
+            thread::Builder::new()
+                .name("ssh-stdout".into())
+                .spawn(move || read_bounded(Vec::new(), s))
+                .ok()
+        });
+        let err = child.stderr.take().and_then(|s| {
+            thread::Builder::new()
+                .name("ssh-stderr".into())
+                .spawn(move || read_stderr(s, pgid))
+                .ok()
+        });
+        let Some(status) = wait_until(&mut child, deadline)? else {
+            return Ok(None);
         };
-        let collect = |h: Option<thread::JoinHandle<(Vec<u8>, Vec<u8>, u64)>>| {
-            h.and_then(|h| h.join().ok()).map(join_bounded).unwrap_or_default()
+        let collect = |h: Option<thread::JoinHandle<Kept>>| {
+            h.and_then(|h| h.join().ok())
+                .map(join_bounded)
+                .unwrap_or_default()
         };
-        Ok(RemoteOutput {
+        Ok(Some(RemoteOutput {
             code: status.code(),
             stdout: collect(out),
             stderr: collect(err),
             duration: started.elapsed(),
-        })
+        }))
     }
 
     /// Ends the connection (`ssh -O exit`, then the master is stopped and
@@ -564,7 +669,10 @@ impl Session {
     pub fn close(self) {}
 
     fn shut(&mut self) {
-        let master = self.master.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let master = self
+            .master
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if matches!(master.try_wait(), Ok(None)) {
             control_op(&self.ep, &self.control, "exit");
             let _ = wait_until(master, Instant::now() + Duration::from_secs(2));
@@ -679,7 +787,9 @@ mod tests {
         let msg = classify(&e, &denied, None).to_string();
         assert!(msg.contains("authorized_keys"), "{msg}");
         let refused = lines("ssh: connect to host example.org port 2222: Connection refused");
-        assert!(matches!(classify(&e, &refused, None), RemoteError::Unreachable(m) if m.contains("refused")));
+        assert!(
+            matches!(classify(&e, &refused, None), RemoteError::Unreachable(m) if m.contains("refused"))
+        );
         let hostile = lines("\u{1b}[31mevil\u{7}");
         let msg = classify(&e, &hostile, None).to_string();
         assert!(!msg.contains('\u{1b}') && !msg.contains('\u{7}'), "{msg}");
@@ -688,11 +798,23 @@ mod tests {
     #[test]
     fn output_keeps_head_and_tail() {
         let data: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-        let kept = join_bounded(read_bounded(&data[..]));
+        let kept = join_bounded(read_bounded(Vec::new(), &data[..]));
         assert!(kept.len() < OUTPUT_LIMIT + 64, "{}", kept.len());
         assert!(kept.starts_with("abc"));
         assert!(kept.contains("bytes dropped"));
-        let small = join_bounded(read_bounded(&b"hello"[..]));
+        let small = join_bounded(read_bounded(b"he".to_vec(), &b"llo"[..]));
         assert_eq!(small, "hello");
+        let (tx, rx) = mpsc::channel();
+        let err = join_bounded(read_stderr(
+            &b"certctl-remote-pgid=4242\noops\n"[..],
+            Some(tx),
+        ));
+        assert_eq!((err.as_str(), rx.try_recv().ok()), ("oops\n", Some(4242)));
+        let (tx, rx) = mpsc::channel();
+        let err = join_bounded(read_stderr(&b"mux: no master\n"[..], Some(tx)));
+        assert_eq!(
+            (err.as_str(), rx.try_recv().ok()),
+            ("mux: no master\n", None)
+        );
     }
 }

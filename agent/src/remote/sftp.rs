@@ -125,7 +125,11 @@ impl Sftp {
             .name("sftp-write".into())
             .spawn(move || {
                 for packet in requests {
-                    if writer.write_all(&packet).and_then(|()| writer.flush()).is_err() {
+                    if writer
+                        .write_all(&packet)
+                        .and_then(|()| writer.flush())
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -161,7 +165,11 @@ impl Sftp {
                     "sftp server speaks version {version}, not 3"
                 )));
             }
-            _ => return Err(protocol("sftp server did not answer init with its version".into())),
+            _ => {
+                return Err(protocol(
+                    "sftp server did not answer init with its version".into(),
+                ));
+            }
         }
         Ok(sftp)
     }
@@ -199,7 +207,10 @@ impl Sftp {
                 format!("sftp channel unusable after an earlier error ({why})"),
             ));
         }
-        let sent = self.to_writer.as_ref().is_some_and(|w| w.send(packet).is_ok());
+        let sent = self
+            .to_writer
+            .as_ref()
+            .is_some_and(|w| w.send(packet).is_ok());
         if !sent {
             let e = io::Error::new(io::ErrorKind::BrokenPipe, "sftp channel closed");
             return Err(self.fail(e));
@@ -364,7 +375,9 @@ impl Sftp {
     pub fn write_all(&mut self, h: &Handle, bytes: &[u8]) -> io::Result<()> {
         let mut offset = 0u64;
         for chunk in bytes.chunks(CHUNK) {
-            let r = self.call(wire::FXP_WRITE, |r| r.bytes(&h.bytes).u64(offset).bytes(chunk))?;
+            let r = self.call(wire::FXP_WRITE, |r| {
+                r.bytes(&h.bytes).u64(offset).bytes(chunk)
+            })?;
             self.status(r)?;
             offset += chunk.len() as u64;
         }
@@ -382,9 +395,9 @@ impl Sftp {
             match r {
                 Reply::Data { data, .. } => {
                     if data.is_empty() {
-                        return Err(self.fail(protocol(
-                            "sftp server answered a read with no data".into(),
-                        )));
+                        return Err(
+                            self.fail(protocol("sftp server answered a read with no data".into()))
+                        );
                     }
                     if out.len() + data.len() > limit {
                         return Err(io::Error::new(
@@ -397,7 +410,11 @@ impl Sftp {
                 Reply::Status {
                     code: wire::FX_EOF, ..
                 } => return Ok(out),
-                other => return Err(self.status(other).err().unwrap_or_else(|| protocol("sftp server answered a read with ok".into()))),
+                other => {
+                    return Err(self.status(other).err().unwrap_or_else(|| {
+                        protocol("sftp server answered a read with ok".into())
+                    }));
+                }
             }
         }
     }
@@ -531,10 +548,9 @@ impl Sftp {
                     code: wire::FX_EOF, ..
                 } => break Ok(()),
                 other => {
-                    break Err(self
-                        .status(other)
-                        .err()
-                        .unwrap_or_else(|| protocol("sftp server answered readdir with ok".into())));
+                    break Err(self.status(other).err().unwrap_or_else(|| {
+                        protocol("sftp server answered readdir with ok".into())
+                    }));
                 }
             }
         };
@@ -567,8 +583,15 @@ impl Sftp {
     /// server that announces `@openssh.com` extensions follows it; others
     /// get the draft's order.
     pub fn symlink(&mut self, target: &Path, link: &Path) -> io::Result<()> {
-        let openssh = self.extensions.iter().any(|(n, _)| n.ends_with("@openssh.com"));
-        let (first, second) = if openssh { (target, link) } else { (link, target) };
+        let openssh = self
+            .extensions
+            .iter()
+            .any(|(n, _)| n.ends_with("@openssh.com"));
+        let (first, second) = if openssh {
+            (target, link)
+        } else {
+            (link, target)
+        };
         let r = self.call(wire::FXP_SYMLINK, |r| {
             r.bytes(path_bytes(first)).bytes(path_bytes(second))
         })?;

@@ -255,7 +255,7 @@ pub enum Reply {
         id: u32,
         attrs: Attrs,
     },
-    ExtendedReply {
+    Extended {
         id: u32,
     },
 }
@@ -270,7 +270,7 @@ impl Reply {
             | Reply::Data { id, .. }
             | Reply::Name { id, .. }
             | Reply::Attrs { id, .. }
-            | Reply::ExtendedReply { id } => Some(*id),
+            | Reply::Extended { id } => Some(*id),
         }
     }
 }
@@ -330,7 +330,7 @@ pub fn decode(body: &[u8]) -> io::Result<Reply> {
             id,
             attrs: c.attrs()?,
         },
-        FXP_EXTENDED_REPLY => Reply::ExtendedReply { id },
+        FXP_EXTENDED_REPLY => Reply::Extended { id },
         other => return Err(bad(&format!("unknown packet type {other}"))),
     };
     Ok(reply)
@@ -369,8 +369,8 @@ mod tests {
         assert_eq!(
             p,
             [
-                0, 0, 0, 23, FXP_OPEN, 0, 0, 0, 7, 0, 0, 0, 2, b'/', b'a', 0, 0, 0, 0x2a, 0, 0,
-                0, 4, 0, 0, 1, 0xa0
+                0, 0, 0, 23, FXP_OPEN, 0, 0, 0, 7, 0, 0, 0, 2, b'/', b'a', 0, 0, 0, 0x2a, 0, 0, 0,
+                4, 0, 0, 1, 0xa0
             ]
         );
         let init = Request::new(FXP_INIT, None).u32(3).finish();
@@ -378,7 +378,10 @@ mod tests {
         let attrs = Request::new(FXP_FSETSTAT, Some(1))
             .attrs(Some((5, 6)), Some(0o600))
             .finish();
-        assert_eq!(&attrs[9..13], &(ATTR_UIDGID | ATTR_PERMISSIONS).to_be_bytes());
+        assert_eq!(
+            &attrs[9..13],
+            &(ATTR_UIDGID | ATTR_PERMISSIONS).to_be_bytes()
+        );
         assert_eq!(attrs.len(), 4 + 1 + 4 + 4 + 12);
     }
 
@@ -453,7 +456,12 @@ mod tests {
         let n = body(&[&[FXP_NAME], &1u32.to_be_bytes(), &u32::MAX.to_be_bytes()]);
         assert!(decode(&n).is_err());
         // An oversized handle.
-        let h = body(&[&[FXP_HANDLE], &1u32.to_be_bytes(), &300u32.to_be_bytes(), &[0; 300]]);
+        let h = body(&[
+            &[FXP_HANDLE],
+            &1u32.to_be_bytes(),
+            &300u32.to_be_bytes(),
+            &[0; 300],
+        ]);
         assert!(decode(&h).is_err());
         assert!(decode(&[77, 0, 0, 0, 1]).is_err());
         assert!(decode(&[]).is_err());
@@ -542,9 +550,8 @@ mod fuzz {
                     // Framed with a lying outer length.
                     let mut framed = lie.to_be_bytes().to_vec();
                     framed.extend_from_slice(&good);
-                    match read_packet(&mut &framed[..]) {
-                        Ok(b) => prop_assert!(b.len() == lie as usize && b.len() <= good.len()),
-                        Err(_) => {}
+                    if let Ok(b) = read_packet(&mut &framed[..]) {
+                        prop_assert!(b.len() == lie as usize && b.len() <= good.len());
                     }
                     Ok(())
                 },
