@@ -45,7 +45,9 @@
 //! # Commands
 //! [`Session::run`] sends an argv as one command line for the account's
 //! login shell, each argument single-quoted (`quote`), bounded in time and
-//! output. See its doc for what a timeout does on the remote side.
+//! output. At the deadline the local ssh is killed and the command's
+//! process group on the remote host is killed over the same master (sshd
+//! itself signals nothing when a channel without a terminal closes).
 //!
 //! # Host keys and timeouts
 //! The host key must be in the endpoint's known_hosts file

@@ -3,6 +3,7 @@
 //! real `sftp-server`. Since the server runs here, every remote file
 //! operation is checked against the local filesystem directly.
 
+use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -432,4 +433,167 @@ fn remote_transport_stalled_sftp_server_times_out() {
     // A new channel works.
     drop(sftp);
     s.sftp().unwrap().lstat(&sshd.account_dir()).unwrap();
+}
+
+/// The system calls traced on the server side.
+const TRACED: &str = "openat,fchmod,fchown,write,fsync,fdatasync,rename,renameat,renameat2,link,linkat,unlink,unlinkat,close";
+
+/// The first line at or after `from` that contains all of `parts`.
+fn find(lines: &[&str], from: usize, parts: &[&str]) -> Option<usize> {
+    (from..lines.len()).find(|&i| parts.iter().all(|p| lines[i].contains(p)))
+}
+
+/// The return value at the end of a trace line (`... = 3`).
+fn ret(line: &str) -> String {
+    line.rsplit("= ").next().unwrap().trim().to_owned()
+}
+
+#[test]
+fn remote_transport_server_side_order_is_mode_write_fsync_rename_fsync_dir() {
+    let Some(sshd) = start() else { return };
+    let Some(strace) = crate::support::find_program("strace", &["/usr/bin/strace"]) else {
+        panic!("strace is not installed: apt-get install strace");
+    };
+    if !nix::unistd::Uid::effective().is_root() {
+        // sftp-server makes itself undumpable: only root's strace can read
+        // the paths of its system calls.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: tracing sftp-server needs root");
+        return;
+    }
+    let s = connect(&sshd);
+    let mut sftp = s.sftp().unwrap();
+    sftp.lstat(Path::new("/")).unwrap();
+    let servers = sshd.descendants_named("/usr/lib/openssh/sftp-server");
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let trace_path = sshd.path().join("sftp.trace");
+    let mut cmd = std::process::Command::new(strace);
+    cmd.args(["-qq", "-e", &format!("trace={TRACED}"), "-o"])
+        .arg(&trace_path)
+        .args(["-p", &servers[0].to_string()])
+        .stdin(std::process::Stdio::null());
+    let mut tracer = crate::support::ChildGuard::spawn(
+        "strace",
+        &mut cmd,
+        Signal::SIGINT,
+        Duration::from_secs(5),
+    );
+    crate::support::wait_until(Duration::from_secs(10), "strace attached", || {
+        std::fs::read_to_string(format!("/proc/{}/status", servers[0]))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    });
+    let dir = sshd.account_dir();
+    let (tmp, target, backup) = (
+        dir.join(".certctl-tmp-key.pem"),
+        dir.join("key.pem"),
+        dir.join("key.pem.bak"),
+    );
+    std::fs::write(&target, b"old").unwrap();
+    nix::unistd::chown(&target, Some(sshd.uid().into()), Some(sshd.gid().into())).unwrap();
+    // What a deploy does, in its order.
+    let body = vec![7u8; 70_000];
+    let h = sftp.create_excl(&tmp, 0o640).unwrap();
+    sftp.fsetstat(&h, None, Some(sshd.gid()), None).unwrap();
+    sftp.write_all(&h, &body).unwrap();
+    sftp.fsync(&h).unwrap();
+    sftp.close(h).unwrap();
+    sftp.hardlink(&target, &backup).unwrap();
+    sftp.posix_rename(&tmp, &target).unwrap();
+    sftp.fsync_dir(&dir).unwrap();
+    drop(sftp);
+    // The server exits with its channel; strace then ends and flushes.
+    assert!(
+        tracer.wait_timeout(Duration::from_secs(10)).is_some(),
+        "strace did not end"
+    );
+    let (tmp, target, backup, dir) = (
+        tmp.display().to_string(),
+        target.display().to_string(),
+        backup.display().to_string(),
+        dir.display().to_string(),
+    );
+
+    let trace = std::fs::read_to_string(&trace_path).unwrap();
+    // strace pads before ` = `: one space between words.
+    let normal: Vec<String> = trace
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let lines: Vec<&str> = normal.iter().map(String::as_str).collect();
+    let why = || trace.clone();
+    let create = find(
+        &lines,
+        0,
+        &[&format!(
+            "openat(AT_FDCWD, \"{tmp}\", O_WRONLY|O_CREAT|O_EXCL, 0640) = "
+        )],
+    )
+    .unwrap_or_else(|| panic!("no exclusive create with the mode:\n{}", why()));
+    let fd = ret(lines[create]);
+    let chmod = find(&lines, create, &[&format!("fchmod({fd}, 0640) = 0")]).unwrap();
+    let close = find(&lines, create, &[&format!("close({fd}) = 0")]).unwrap();
+    let writes: Vec<usize> = (create..close)
+        .filter(|&i| lines[i].contains(&format!("write({fd}, ")))
+        .collect();
+    assert!(writes.len() >= 3, "70 KB in 32 KiB chunks:\n{}", why());
+    let fsync = find(&lines, create, &[&format!("fsync({fd}) = 0")]).unwrap();
+    let link = find(
+        &lines,
+        0,
+        &[&format!("\"{target}\", "), &format!("\"{backup}\""), "link"],
+    )
+    .unwrap_or_else(|| panic!("no hard link:\n{}", why()));
+    let rename = find(
+        &lines,
+        0,
+        &[
+            "rename",
+            &format!("\"{tmp}\", "),
+            &format!("\"{target}\") = 0"),
+        ],
+    )
+    .unwrap_or_else(|| panic!("no rename:\n{}", why()));
+    let dir_open = find(
+        &lines,
+        rename,
+        &[&format!("openat(AT_FDCWD, \"{dir}\", O_RDONLY) = ")],
+    )
+    .unwrap();
+    let dir_fd = ret(lines[dir_open]);
+    let dir_fsync = find(&lines, dir_open, &[&format!("fsync({dir_fd}) = 0")])
+        .unwrap_or_else(|| panic!("no fsync of the directory:\n{}", why()));
+
+    // Mode before the first byte, every byte before the fsync, the fsync
+    // and the backup before the rename, the directory fsync after it.
+    assert!(chmod < writes[0], "{}", why());
+    assert!(
+        *writes.last().unwrap() < fsync && fsync < close,
+        "{}",
+        why()
+    );
+    assert!(fsync < rename && link < rename, "{}", why());
+    assert!(rename < dir_open && dir_open < dir_fsync, "{}", why());
+    // No plain SSH_FXP_RENAME (link + unlink of the temp) anywhere.
+    assert!(
+        find(&lines, 0, &["unlink", &format!("\"{tmp}\"")]).is_none(),
+        "{}",
+        why()
+    );
+}
+
+#[test]
+fn remote_transport_connect_to_a_silent_host_is_bounded() {
+    let Some(sshd) = start() else { return };
+    // Connections complete in the backlog, and nothing ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ep = sshd.endpoint();
+    ep.port = silent.local_addr().unwrap().port();
+    ep.connect_timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let err = Session::connect(&ep, &sshd.control_dir()).unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, RemoteError::ConnectTimeout { .. }), "{err:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(err.to_string().contains("reachable"), "{err}");
 }
