@@ -72,7 +72,7 @@ mod wire;
 pub use endpoint::{Endpoint, RemoteError, RemoteOutput};
 pub use pool::Pool;
 pub use quote::{command_line, quote};
-pub use session::{MAX_CONTROL_PATH, OUTPUT_LIMIT, Session};
+pub use session::{MAX_CONTROL_PATH, OUTPUT_LIMIT, Session, sweep_stale};
 pub use sftp::{
     CHUNK, DEFAULT_REQUEST_TIMEOUT, EXT_FSYNC, EXT_HARDLINK, EXT_POSIX_RENAME, Handle,
     MAX_DIR_ENTRIES, Sftp, status_error,

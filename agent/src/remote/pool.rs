@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::endpoint::{Endpoint, RemoteError};
-use super::session::Session;
+use super::session::{Session, sweep_stale};
 use crate::sync::lock;
 
 /// A session's slot: connecting holds the slot's lock, so two deploys to
@@ -23,7 +23,9 @@ pub struct Pool {
 impl Pool {
     /// A pool whose control sockets live in `control_dir` (created 0700
     /// on first use; keep it short: see `session::MAX_CONTROL_PATH`).
+    /// Masters left there by agent processes that are gone are ended.
     pub fn new(control_dir: PathBuf) -> Pool {
+        sweep_stale(&control_dir);
         Pool {
             control_dir,
             slots: Mutex::new(HashMap::new()),

@@ -189,6 +189,66 @@ fn control_op(ep: &Endpoint, control: &Path, op: &str) -> bool {
     )
 }
 
+/// Ends the masters left by agent processes that are gone (a crash, a
+/// `SIGKILL`): each control socket of `dir` whose name carries the PID of
+/// a process that no longer exists is told `ssh -O exit` (bounded), then
+/// removed. Best effort: what cannot be done is logged.
+pub fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').nth(1))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if !is_socket || !gone || pid == std::process::id() as i32 {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(control) = option_path("control socket", &path) else {
+            continue;
+        };
+        let args: Vec<OsString> = [
+            "-F",
+            "none",
+            "-o",
+            &format!("ControlPath={control}"),
+            "-o",
+            "LogLevel=QUIET",
+            "-O",
+            "exit",
+            "--",
+            "stale",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let mut cmd = ssh(&args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        if let Ok(mut child) = cmd.spawn() {
+            let _ = wait_until(&mut child, Instant::now() + CONTROL_TIMEOUT);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(socket = %path.display(), "ended an ssh master left by a previous agent")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "could not remove a stale ssh control socket")
+            }
+        }
+    }
+}
+
 /// The control directory, created 0700 when missing; it must be a
 /// directory of this user, not open to others.
 fn prepare_control_dir(dir: &Path) -> Result<(), RemoteError> {

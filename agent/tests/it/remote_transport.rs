@@ -597,3 +597,30 @@ fn remote_transport_connect_to_a_silent_host_is_bounded() {
     assert!(took < Duration::from_secs(4), "{took:?}");
     assert!(err.to_string().contains("reachable"), "{err}");
 }
+
+#[test]
+fn remote_transport_a_new_pool_ends_masters_left_by_a_dead_agent() {
+    let Some(sshd) = start() else { return };
+    let s = connect(&sshd);
+    let mut done = std::process::Command::new("true").spawn().unwrap();
+    done.wait().unwrap();
+    let dead = done.id();
+    // The socket as a crashed agent process (`dead`) would have left it.
+    let sockets: Vec<_> = std::fs::read_dir(sshd.control_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    let name = sockets[0].file_name().unwrap().to_str().unwrap().to_owned();
+    let hash = name.split('-').next().unwrap();
+    let stale = sshd.control_dir().join(format!("{hash}-{dead}-0"));
+    std::fs::rename(&sockets[0], &stale).unwrap();
+    let master = s.master_pid();
+    assert!(crate::support::process::pid_alive(master));
+
+    let _pool = Pool::new(sshd.control_dir());
+    assert!(!stale.exists());
+    crate::support::wait_until(Duration::from_secs(5), "the stale master exits", || {
+        !s.is_alive()
+    });
+}
