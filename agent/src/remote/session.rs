@@ -280,12 +280,12 @@ fn control_path(dir: &Path, ep: &Endpoint) -> Result<PathBuf, RemoteError> {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let digest = Sha256::digest(format!("{ep:?}").as_bytes());
     let name = format!("{}-{}-{n}", hex::encode(&digest[..6]), std::process::id());
-    let path = dir.join(name);
+    let path = dir.join(&name);
     if path.as_os_str().as_bytes().len() > MAX_CONTROL_PATH {
         return Err(RemoteError::Protocol(format!(
-            "ssh control directory {} is too long for a control socket (at most {} bytes with the socket name): use a shorter one",
+            "ssh control directory {} is too long for a control socket (at most {} bytes): use a shorter one",
             crate::model::fmt::shown(dir),
-            MAX_CONTROL_PATH - 30
+            MAX_CONTROL_PATH.saturating_sub(name.len() + 1)
         )));
     }
     Ok(path)
@@ -853,6 +853,13 @@ mod tests {
         let hostile = lines("\u{1b}[31mevil\u{7}");
         let msg = classify(&e, &hostile, None).to_string();
         assert!(!msg.contains('\u{1b}') && !msg.contains('\u{7}'), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_ssh_says_what_to_install() {
+        let err = spawn(&mut Command::new("/nonexistent/bin/ssh")).unwrap_err();
+        assert!(matches!(err, RemoteError::NoSshClient), "{err:?}");
+        assert!(err.to_string().contains("install openssh-client"), "{err}");
     }
 
     #[test]
