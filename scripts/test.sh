@@ -41,6 +41,10 @@ command -v fish >/dev/null 2>&1 || need+=(fish)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+# The SSH transport's tests run a real sshd with the external sftp-server,
+# and the agent's side is the OpenSSH client (agent/tests/it/remote_transport.rs).
+[ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "==> installing ${need[*]}"
@@ -60,6 +64,17 @@ EOF
     fi
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
+
+if [ "$(id -u)" -eq 0 ] && ! id certctl-ssh-test >/dev/null 2>&1; then
+    # The unprivileged account the SSH transport's tests log in as
+    # (agent/tests/it/support/sshd.rs): a POSIX shell, since remote
+    # commands run through it, and the password field `*` (no password,
+    # but not locked: sshd without PAM refuses a locked `!` account).
+    echo "==> creating the account certctl-ssh-test (SSH transport tests)"
+    useradd --system --create-home --home-dir /var/lib/certctl-ssh-test \
+        --shell /bin/sh certctl-ssh-test
+    usermod -p '*' certctl-ssh-test
+fi
 
 if [ "$(id -u)" -eq 0 ] && [ -z "${CERTCTL_TEST_DEB:-}" ]; then
     # The package the systemd-nspawn test installs: a release build with

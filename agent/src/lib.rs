@@ -35,6 +35,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod reload;
+pub mod remote;
 pub mod sync;
 pub mod systemd;
 pub mod verify;

@@ -28,6 +28,9 @@
 //!   `NOTIFY_SOCKET` that records `READY=1`, `STATUS=`, `WATCHDOG=1`, ...
 //! - [`acme`]: [`acme::Pebble`], the ACME test server on loopback ports, for
 //!   the recipes of `examples/acme/`.
+//! - [`sshd`]: [`sshd::Sshd`], a real OpenSSH server on a loopback port with
+//!   its own host key, a client key and an unprivileged account, for the
+//!   SSH transport.
 //! - [`nspawn`]: a Debian root booted with `systemd-nspawn` (cached
 //!   `debootstrap`), and a command channel into it (`nsenter`).
 //!
@@ -53,6 +56,7 @@ pub mod pki;
 pub mod postfix;
 pub mod process;
 pub mod readers;
+pub mod sshd;
 pub mod strace;
 pub mod tls;
 
