@@ -163,6 +163,44 @@ pub struct Target {
     /// Kind `keystore`: format, alias and password of the one file
     /// (`keystore_path`, which is `cert_path` and `key_path`).
     pub keystore: Option<KeystoreConfig>,
+    /// `[target.ssh]`: the files are on another host, written over SSH
+    /// and its commands run there (docs/remote.md). `None`: this host.
+    pub ssh: Option<SshConfig>,
+}
+
+impl Target {
+    /// Whether the target's files are on another host.
+    pub fn is_remote(&self) -> bool {
+        self.ssh.is_some()
+    }
+}
+
+/// `[target.ssh]`: how the agent reaches the host a remote target's files
+/// are on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SshConfig {
+    /// Host name or address, as `ssh` takes it.
+    pub host: String,
+    /// 1 to 65535; 22 by default.
+    pub port: u16,
+    /// The account the agent logs in as.
+    pub user: String,
+    /// The private key the agent authenticates with.
+    pub identity: SshIdentity,
+    /// The pinned host keys: the only keys the host may present. Absolute.
+    pub known_hosts: PathBuf,
+    /// Limit on connecting, host key check and login included.
+    pub connect_timeout: Duration,
+}
+
+/// Where a remote target's private SSH key is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SshIdentity {
+    /// `identity_file`: an absolute path.
+    File(PathBuf),
+    /// `identity_credential`: a systemd credential (`LoadCredential=`),
+    /// read from `$CREDENTIALS_DIRECTORY` when the agent connects.
+    Credential(String),
 }
 
 /// `[target.verify]`, present only when an endpoint is configured.

@@ -53,6 +53,8 @@ pub(super) struct RawTarget {
     pub command_timeout: Option<String>,
     pub backup_retention: Option<i64>,
     pub verify: Option<RawVerify>,
+    /// The target's files are on another host, reached over SSH.
+    pub ssh: Option<RawSsh>,
     // The kinds' own keys (docs/kinds.md); `resolve` refuses them on
     // other kinds.
     /// haproxy: the one file holding leaf, chain and key.
@@ -136,6 +138,19 @@ pub(super) struct RawVerify {
     pub ca_file: Option<String>,
     pub consecutive: Option<i64>,
     pub settle: Option<String>,
+}
+
+/// `[target.ssh]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSsh {
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub user: Option<String>,
+    pub identity_file: Option<String>,
+    pub identity_credential: Option<String>,
+    pub known_hosts: Option<String>,
+    pub connect_timeout: Option<String>,
 }
 
 /// An entry of `endpoints`: `"HOST:PORT"`, or a table with the address and

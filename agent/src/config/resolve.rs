@@ -22,6 +22,7 @@ use super::{
 use crate::kind::{DefaultLayout, Kind};
 
 mod kinds;
+mod remote;
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -56,6 +57,7 @@ pub(super) fn resolve(
         host,
         problems: Vec::new(),
         state_dir: PathBuf::new(),
+        remote: false,
     };
     let agent = r.agent(raw.agent);
     r.state_dir.clone_from(&agent.state_dir);
@@ -95,7 +97,13 @@ pub(super) fn resolve(
         ] {
             let Some(file) = file else { continue };
             let key = format!("{label}.{role}");
-            let id = file_identity(file);
+            let id = match &target.ssh {
+                // Another host's file: the same path on two hosts is two files.
+                Some(ssh) => {
+                    PathBuf::from(format!("ssh://{}:{}{}", ssh.host, ssh.port, file.display()))
+                }
+                None => file_identity(file),
+            };
             if let Some(other) = files.get(&id) {
                 r.problem(
                     &key,
@@ -108,7 +116,7 @@ pub(super) fn resolve(
                 files.insert(id.clone(), key.clone());
             }
             for (dir_key, dir) in &own_dirs {
-                if id.starts_with(dir) {
+                if target.ssh.is_none() && id.starts_with(dir) {
                     r.problem(
                         &key,
                         format!(
@@ -143,6 +151,9 @@ struct Resolver<'h> {
     problems: Vec<Problem>,
     /// `agent.state_dir`, resolved (scratch space of kinds that need it).
     state_dir: PathBuf,
+    /// The target being resolved has `[target.ssh]`: its paths and owners
+    /// are the remote host's, not looked up here.
+    remote: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -299,6 +310,8 @@ impl Resolver<'_> {
             );
         }
         let drop = raw.drop.clone().unwrap_or_else(|| raw.name.clone());
+        let ssh = self.ssh(label, &raw);
+        self.remote = raw.ssh.is_some();
         let layout = match raw.layout.as_deref() {
             None => match defaults.layout {
                 DefaultLayout::InPlace => Layout::InPlace,
@@ -357,7 +370,9 @@ impl Resolver<'_> {
         let group = raw
             .group
             .and_then(|s| self.ident(&key("group"), &s, Db::Group));
-        let root = self.host.euid() == 0;
+        // A remote target's files belong to the account the agent logs in
+        // as unless owner or group says otherwise.
+        let root = self.host.euid() == 0 && !self.remote;
         let default_owner = root
             .then(|| self.first_existing(defaults.owners, Db::User))
             .flatten();
@@ -413,6 +428,7 @@ impl Resolver<'_> {
             backup_retention,
             verify,
             keystore,
+            ssh,
         }
     }
 
@@ -692,6 +708,11 @@ impl Resolver<'_> {
         let Some(path) = self.path(key, text) else {
             return PathBuf::new();
         };
+        if self.remote {
+            // A path on the remote host (absolute: checked with the
+            // [target.ssh] table), looked at when the agent connects.
+            return path;
+        }
         if text.ends_with('/')
             || matches!(
                 path.components().next_back(),
@@ -865,6 +886,7 @@ impl Resolver<'_> {
                 return None;
             };
             let name = match db {
+                _ if self.remote => None,
                 Db::User => self.host.user_name(id),
                 Db::Group => self.host.group_name(id),
             };
@@ -872,6 +894,10 @@ impl Resolver<'_> {
                 name: name.unwrap_or_else(|| spec.to_owned()),
                 id,
             });
+        }
+        if self.remote {
+            // Refused with the [target.ssh] table: names are this host's.
+            return None;
         }
         match lookup(self.host, db, spec) {
             Ok(Some(id)) => Some(Ident {

@@ -357,6 +357,7 @@ fn contract_example_parses() {
                 ca_file: Some(dir.join("ca.pem")),
             }),
             keystore: None,
+            ssh: None,
         }]
     );
     assert!(config.target("web").is_some() && config.target("nope").is_none());

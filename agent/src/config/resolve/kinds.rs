@@ -156,10 +156,15 @@ impl Resolver<'_> {
 
     /// `apachectl`, or `apache2ctl` where only that exists.
     fn apache_control(&mut self, label: &str, commands: &mut KindCommands) {
-        let Some(found) = kind::APACHE_CONTROL
-            .iter()
-            .find(|p| self.host.has_program(p))
-        else {
+        let found = if self.remote {
+            // Run on the remote host: Debian's apache2 has both names.
+            kind::APACHE_CONTROL.first()
+        } else {
+            kind::APACHE_CONTROL
+                .iter()
+                .find(|p| self.host.has_program(p))
+        };
+        let Some(found) = found else {
             self.problem(
                 format!("{label}.kind"),
                 format!(
