@@ -13,6 +13,12 @@
 //! tick would leave the stamp as it was) is not trusted until it is read
 //! again later; a read whose bytes hash as before is not parsed again.
 //!
+//! A remote target's file (`[target.ssh]`) has no stamp to compare over
+//! SFTP (no inode, no ctime): it is read again through its connection
+//! when its entry is older than [`REMOTE_FRESH`], and after every run on
+//! it ([`Deployed::refresh`]); a change made on that host behind the
+//! agent's back shows within that time.
+//!
 //! Blocking (`stat`, reads): callers run it off the async threads.
 
 use std::collections::HashMap;
@@ -33,6 +39,10 @@ use crate::sync::lock;
 /// without a new ctime (the kernel stamps files from a clock that ticks
 /// every few milliseconds), so its entry is read again on the next call.
 pub const RACY: Duration = Duration::from_millis(100);
+
+/// How long what was read of a remote target's file is shown without
+/// reading it again.
+pub const REMOTE_FRESH: Duration = Duration::from_secs(30);
 
 /// Largest certificate file read for status (a keystore or PEM set is a
 /// few KiB; the same bound as a deploy's input).
@@ -144,6 +154,9 @@ impl Deployed {
     /// changed since the last call; a read when the file changed, a parse
     /// when its bytes did.
     pub fn leaf(&self, target: &Target) -> Arc<Seen> {
+        if target.is_remote() {
+            return self.remote_leaf(target, false);
+        }
         let path = &target.cert_path;
         let read_at = SystemTime::now();
         let now = match std::fs::metadata(path) {
@@ -189,6 +202,43 @@ impl Deployed {
                 stamp,
                 read_at,
                 content,
+                seen: seen.clone(),
+            },
+        );
+        seen
+    }
+
+    /// What `target` has now, read again whatever was read before: after a
+    /// run changed it.
+    pub fn refresh(&self, target: &Target) -> Arc<Seen> {
+        if target.is_remote() {
+            return self.remote_leaf(target, true);
+        }
+        self.leaf(target)
+    }
+
+    /// A remote target's leaf: the entry while younger than
+    /// [`REMOTE_FRESH`] (unless `again`), else a read over SFTP.
+    fn remote_leaf(&self, target: &Target, again: bool) -> Arc<Seen> {
+        let path = &target.cert_path;
+        let now = SystemTime::now();
+        if !again
+            && let Some(e) = lock(&self.entries).get(&target.name)
+            && e.path == *path
+            && now
+                .duration_since(e.read_at)
+                .is_ok_and(|age| age < REMOTE_FRESH)
+        {
+            return e.seen.clone();
+        }
+        let seen = Arc::new(Seen::of(disk::leaf(target)));
+        lock(&self.entries).insert(
+            target.name.clone(),
+            Entry {
+                path: path.clone(),
+                stamp: None,
+                read_at: now,
+                content: None,
                 seen: seen.clone(),
             },
         );

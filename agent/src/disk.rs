@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::atomic::Fs;
 use crate::bundle::{self, BundleError, Cert};
 use crate::config::Target;
 use crate::keystore::{self, KeystoreError};
@@ -61,10 +62,16 @@ impl DiskError {
 /// The target's certificate set. `Ok(None)`: there is no certificate file
 /// yet.
 pub fn read(target: &Target) -> Result<Option<OnDisk>, DiskError> {
+    read_on(&Fs::of(target), target)
+}
+
+/// [`read`] through `fs`, the target's files (a deploy reads a remote
+/// target through the connection it writes with).
+pub fn read_on(fs: &Fs, target: &Target) -> Result<Option<OnDisk>, DiskError> {
     if target.keystore.is_some() {
         return read_keystore(target);
     }
-    let Some(mut certs) = read_pem(&target.cert_path)? else {
+    let Some(mut certs) = read_pem(fs, &target.cert_path)? else {
         return Ok(None);
     };
     if certs.is_empty() {
@@ -73,7 +80,7 @@ pub fn read(target: &Target) -> Result<Option<OnDisk>, DiskError> {
         });
     }
     if let Some(chain) = &target.chain_path {
-        certs.extend(read_pem(chain)?.unwrap_or_default());
+        certs.extend(read_pem(fs, chain)?.unwrap_or_default());
     }
     let leaf = certs.remove(0);
     Ok(Some(OnDisk { leaf, chain: certs }))
@@ -83,10 +90,25 @@ pub fn read(target: &Target) -> Result<Option<OnDisk>, DiskError> {
 /// entry's leaf). Cheaper than [`read`] for a PEM target (the chain file is
 /// not opened), and what status, metrics and the traefik hook need.
 pub fn leaf(target: &Target) -> Result<Option<Cert>, DiskError> {
+    leaf_on(&Fs::of(target), target)
+}
+
+/// [`leaf`] through `fs`, the target's files.
+pub fn leaf_on(fs: &Fs, target: &Target) -> Result<Option<Cert>, DiskError> {
     if target.keystore.is_some() {
         return Ok(read_keystore(target)?.map(|d| d.leaf));
     }
-    leaf_in(&target.cert_path)
+    match fs {
+        Fs::Local => leaf_in(&target.cert_path),
+        fs => match fs.read_file(&target.cert_path) {
+            Ok(Some(bytes)) => leaf_of(&target.cert_path, &bytes).map(Some),
+            Ok(None) => Ok(None),
+            Err(source) => Err(DiskError::Read {
+                path: target.cert_path.clone(),
+                source,
+            }),
+        },
+    }
 }
 
 /// The first certificate of the PEM file at `path`; `Ok(None)` when there
@@ -120,15 +142,15 @@ pub fn leaf_of(path: &Path, bytes: &[u8]) -> Result<Cert, DiskError> {
     }
 }
 
-fn read_pem(path: &Path) -> Result<Option<Vec<Cert>>, DiskError> {
-    match std::fs::read(path) {
-        Ok(bytes) => bundle::certs_in_pem(&bytes)
+fn read_pem(fs: &Fs, path: &Path) -> Result<Option<Vec<Cert>>, DiskError> {
+    match fs.read_file(path) {
+        Ok(None) => Ok(None),
+        Ok(Some(bytes)) => bundle::certs_in_pem(&bytes)
             .map(Some)
             .map_err(|error| DiskError::Pem {
                 path: path.to_owned(),
                 error,
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DiskError::Read {
             path: path.to_owned(),
             source,

@@ -22,66 +22,206 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::config::Target;
 use crate::failpoint;
 
-/// A file as found on disk before the deploy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Existing {
-    pub uid: u32,
-    pub gid: u32,
-    /// Permission bits only (`st_mode & 0o7777`).
-    pub mode: u32,
-    /// What the file holds: the SHA-256 of its bytes, or for a keystore
-    /// that opens with the target's password, its
-    /// [`content_digest`](crate::keystore::content_digest) (the bytes of
-    /// two encodings of the same material differ: fresh salts).
-    pub sha256: [u8; 32],
+mod base;
+pub mod remote;
+
+pub use base::{
+    AGENT_DIR, Existing, FsError, Result, TEMP_PREFIX, backup_dir, is_private_key, parent,
+    partial_of, temp_path,
+};
+pub use remote::RemoteFs;
+
+/// Where a target's files are: this host, or another one reached over SSH
+/// ([`remote`]). The in-place layout's steps are methods here, each the
+/// same protocol on either side; the free functions of this module are
+/// this host's, and what the generations layout and the agent's own
+/// directories use.
+#[derive(Clone, Debug)]
+pub enum Fs {
+    Local,
+    Remote(std::sync::Arc<RemoteFs>),
 }
 
-/// Prefix of every temp file the agent creates beside a target.
-pub const TEMP_PREFIX: &str = ".certctl-tmp-";
-/// The agent's own directory beside a target's files.
-pub const AGENT_DIR: &str = ".certctl";
+/// This host's files.
+pub const LOCAL: Fs = Fs::Local;
 
-/// A filesystem operation that failed, with the path it failed on and, for
-/// the failures an operator can fix, what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}{}", remedy(.source))]
-pub struct FsError {
-    pub op: &'static str,
-    pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
-}
-
-/// What an operator can do about an I/O error, as a message suffix.
-fn remedy(e: &io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(nix::libc::EACCES | nix::libc::EPERM) => {
-            " (the agent may not change this directory: run it as root or give it write access)"
+impl Fs {
+    /// Where `target`'s files are. A remote target's connection is made
+    /// (or reused) at its first step, not here.
+    pub fn of(target: &Target) -> Fs {
+        match &target.ssh {
+            None => Fs::Local,
+            Some(ssh) => Fs::Remote(RemoteFs::new(ssh.clone())),
         }
-        Some(nix::libc::EROFS) => {
-            " (read-only filesystem: under systemd, add the directory to ReadWritePaths= of certctl-agent.service)"
-        }
-        Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => {
-            " (no space left: free some and deploy again)"
-        }
-        _ => "",
     }
-}
 
-impl FsError {
-    fn new(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FsError {
-        let path = path.to_owned();
-        move |source| FsError { op, path, source }
+    /// The remote host as the journal records it (`user@host:port`);
+    /// empty for this host.
+    pub fn host(&self) -> String {
+        match self {
+            Fs::Local => String::new(),
+            Fs::Remote(r) => r.host(),
+        }
     }
-}
 
-pub type Result<T> = std::result::Result<T, FsError>;
+    /// Whether something is at `path` (a symlink is not followed).
+    pub fn exists(&self, path: &Path) -> Result<bool> {
+        match self {
+            Fs::Local => match fs::symlink_metadata(path) {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(FsError::new("cannot inspect", path)(e)),
+            },
+            Fs::Remote(r) => r.exists(path),
+        }
+    }
 
-/// The parent directory of a target file (configuration guarantees one).
-pub fn parent(path: &Path) -> &Path {
-    path.parent().unwrap_or(Path::new("/"))
+    /// Whether a regular file is at `path` (a symlink is not followed).
+    pub fn is_file(&self, path: &Path) -> Result<bool> {
+        match self {
+            Fs::Local => match fs::symlink_metadata(path) {
+                Ok(m) => Ok(m.is_file()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(FsError::new("cannot inspect", path)(e)),
+            },
+            Fs::Remote(r) => r.is_file(path),
+        }
+    }
+
+    /// See [`observe`].
+    pub fn observe(&self, path: &Path) -> Result<Option<Existing>> {
+        match self {
+            Fs::Local => observe(path),
+            Fs::Remote(r) => r.observe(path),
+        }
+    }
+
+    /// See [`write_temp`].
+    pub fn write_temp(
+        &self,
+        final_path: &Path,
+        deploy_id: &str,
+        bytes: &[u8],
+        mode: u32,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<PathBuf> {
+        match self {
+            Fs::Local => write_temp(final_path, deploy_id, bytes, mode, uid, gid),
+            Fs::Remote(r) => r.write_temp(final_path, deploy_id, bytes, mode, uid, gid),
+        }
+    }
+
+    /// See [`rename`].
+    pub fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        match self {
+            Fs::Local => rename(from, to),
+            Fs::Remote(r) => r.rename(from, to),
+        }
+    }
+
+    /// See [`fsync_dir`].
+    pub fn fsync_dir(&self, dir: &Path) -> Result<()> {
+        match self {
+            Fs::Local => fsync_dir(dir),
+            Fs::Remote(r) => r.fsync_dir(dir),
+        }
+    }
+
+    /// See [`remove`].
+    pub fn remove(&self, path: &Path) -> Result<()> {
+        match self {
+            Fs::Local => remove(path),
+            Fs::Remote(r) => r.remove(path),
+        }
+    }
+
+    /// See [`make_private_dir`].
+    pub fn make_private_dir(&self, dir: &Path) -> Result<()> {
+        match self {
+            Fs::Local => make_private_dir(dir),
+            Fs::Remote(r) => r.make_private_dir(dir),
+        }
+    }
+
+    /// See [`keep_backup`].
+    pub fn keep_backup(&self, live: &Path, backup: &Path) -> Result<()> {
+        match self {
+            Fs::Local => keep_backup(live, backup),
+            Fs::Remote(r) => r.keep_backup(live, backup),
+        }
+    }
+
+    /// See [`restore`].
+    pub fn restore(&self, backup: &Path, live: &Path, deploy_id: &str) -> Result<Option<String>> {
+        match self {
+            Fs::Local => restore(backup, live, deploy_id),
+            Fs::Remote(r) => r.restore(backup, live, deploy_id),
+        }
+    }
+
+    /// See [`remove_temps`].
+    pub fn remove_temps(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        match self {
+            Fs::Local => remove_temps(dir),
+            Fs::Remote(r) => r.remove_temps(dir),
+        }
+    }
+
+    /// See [`remove_tree`].
+    pub fn remove_tree(&self, dir: &Path) -> Result<()> {
+        match self {
+            Fs::Local => remove_tree(dir),
+            Fs::Remote(r) => r.remove_tree(dir),
+        }
+    }
+
+    /// See [`remove_partials`].
+    pub fn remove_partials(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        match self {
+            Fs::Local => remove_partials(dir),
+            Fs::Remote(r) => r.remove_partials(dir),
+        }
+    }
+
+    /// See [`list_backups`].
+    pub fn list_backups(&self, dir: &Path, target: &str) -> Result<Vec<String>> {
+        match self {
+            Fs::Local => list_backups(dir, target),
+            Fs::Remote(r) => r.list_backups(dir, target),
+        }
+    }
+
+    /// See [`remove_live_backups`].
+    pub fn remove_live_backups(&self, dir: &Path, target: &str) -> Result<()> {
+        match self {
+            Fs::Local => remove_live_backups(dir, target),
+            Fs::Remote(r) => r.remove_live_backups(dir, target),
+        }
+    }
+
+    /// See [`remove_empty_backups`].
+    pub fn remove_empty_backups(&self, dir: &Path, target: &str) -> Result<()> {
+        match self {
+            Fs::Local => remove_empty_backups(dir, target),
+            Fs::Remote(r) => r.remove_empty_backups(dir, target),
+        }
+    }
+
+    /// The bytes of the file at `path`; `None` when there is none.
+    pub fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Fs::Local => match fs::read(path) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            Fs::Remote(r) => r.read_file(path),
+        }
+    }
 }
 
 /// What is at `path` now: `None` when nothing is there. A symlink or
@@ -132,15 +272,6 @@ pub fn observe(path: &Path) -> Result<Option<Existing>> {
         mode: meta.mode() & 0o7777,
         sha256: hasher.finalize().into(),
     }))
-}
-
-/// The temp file name for `final_path` in deploy `deploy_id`.
-pub fn temp_path(final_path: &Path, deploy_id: &str) -> PathBuf {
-    let base = final_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    parent(final_path).join(format!("{TEMP_PREFIX}{deploy_id}-{base}"))
 }
 
 /// Writes `bytes` to a new temp file beside `final_path`: created 0600 and
@@ -273,14 +404,6 @@ pub fn remove(path: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(FsError::new("cannot remove", path)(e)),
     }
-}
-
-/// The directory holding one deploy's backups of the files in `dir`.
-pub fn backup_dir(dir: &Path, target: &str, deploy_id: &str) -> PathBuf {
-    dir.join(AGENT_DIR)
-        .join("backup")
-        .join(target)
-        .join(deploy_id)
 }
 
 /// Creates a directory (and missing parents) with mode 0700, and fsyncs the
@@ -457,15 +580,7 @@ pub fn holds_private_key(path: &Path) -> bool {
     if file.take(1024 * 1024).read_to_end(&mut head).is_err() {
         return false;
     }
-    let pem_key = head.windows(16).any(|w| w == b"PRIVATE KEY-----");
-    let jks = head.starts_with(&[0xFE, 0xED, 0xFE, 0xED]);
-    // PFX ::= SEQUENCE { version INTEGER (3), ... } in DER.
-    let pkcs12 = match head.as_slice() {
-        [0x30, 0x82, _, _, 0x02, 0x01, 0x03, ..] | [0x30, 0x81, _, 0x02, 0x01, 0x03, ..] => true,
-        [0x30, l, 0x02, 0x01, 0x03, ..] => *l < 0x80,
-        _ => false,
-    };
-    pem_key || jks || pkcs12
+    is_private_key(&head)
 }
 
 /// Points the symlink `link` at `target` atomically: a temp symlink beside
@@ -571,14 +686,6 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(FsError::new("cannot remove", dir)(e)),
     }
-}
-
-/// Where a backup set or a generation is filled before it is renamed to
-/// `dir` whole: `.<name>.partial` beside it (a dot name: never listed as a
-/// backup or a generation).
-pub fn partial_of(dir: &Path) -> PathBuf {
-    let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    parent(dir).join(format!(".{name}.partial"))
 }
 
 /// Removes every `.*.partial` directory in `dir` (sets a killed run did
