@@ -34,6 +34,18 @@ pub fn describe(config: &Config) -> String {
             t.kind.as_str(),
             t.layout.as_str()
         );
+        if let Some(ssh) = &t.ssh {
+            let _ = writeln!(
+                out,
+                "    host      {} (over SSH, key {}, host keys pinned in {}; paths and commands are that host's)",
+                crate::atomic::remote::shown(ssh),
+                match &ssh.identity {
+                    crate::config::SshIdentity::File(p) => p.display().to_string(),
+                    crate::config::SshIdentity::Credential(n) => format!("credential {n}"),
+                },
+                ssh.known_hosts.display()
+            );
+        }
         if let Some(ks) = &t.keystore {
             let _ = writeln!(
                 out,

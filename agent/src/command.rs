@@ -189,6 +189,110 @@ pub async fn run(spec: &Spec<'_>) -> Result<Output, CommandError> {
     }
 }
 
+/// Slack past a remote command's own limit before its local `ssh` is
+/// killed: `timeout -k` on the remote side has this long to end it.
+const REMOTE_KILL_AFTER: Duration = Duration::from_secs(5);
+
+/// The argv a remote target's command runs as on its host: under
+/// `timeout` (coreutils: it kills the command at the limit there, and
+/// `-k` sends `SIGKILL` if that is ignored), through `env` with the same
+/// fixed `PATH` and `CERTCTL_*` variables a local command gets (the login
+/// shell's `PATH` lacks `/usr/sbin`).
+pub fn remote_argv(spec: &Spec<'_>) -> Vec<String> {
+    let mut argv = vec![
+        "timeout".to_owned(),
+        "-k".to_owned(),
+        format!("{}", REMOTE_KILL_AFTER.as_secs()),
+        format!("{:.3}", spec.timeout.as_secs_f64()),
+        "env".to_owned(),
+        format!("PATH={}", crate::config::host::DEFAULT_PATH),
+    ];
+    argv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    argv.extend(spec.argv.iter().cloned());
+    argv
+}
+
+/// Runs `spec` on a remote target's host through its SSH connection
+/// ([`crate::remote::Session::run`]): the argv of [`remote_argv`], each
+/// word quoted for the remote shell. `Ok` only for exit status 0; the
+/// remote `timeout`'s 124 (and 137 after its `-k`) is a timeout.
+pub async fn run_remote(
+    session: std::sync::Arc<crate::remote::Session>,
+    spec: &Spec<'_>,
+) -> Result<Output, CommandError> {
+    if spec.argv.is_empty() {
+        return Err(CommandError::Empty {
+            purpose: spec.purpose.to_owned(),
+        });
+    }
+    let cmdline = display_argv(spec.argv);
+    let argv = remote_argv(spec);
+    let limit = spec.timeout + REMOTE_KILL_AFTER * 2;
+    if spec.purpose == "reload" {
+        crate::failpoint::hit("during-reload");
+    }
+    let started = Instant::now();
+    let ran = tokio::task::spawn_blocking(move || session.run(&argv, limit))
+        .await
+        .map_err(|e| CommandError::Spawn {
+            purpose: spec.purpose.to_owned(),
+            program: "ssh".to_owned(),
+            hint: "",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let out = match ran {
+        Ok(out) => out,
+        Err(e) => {
+            return Err(CommandError::Spawn {
+                purpose: spec.purpose.to_owned(),
+                program: cmdline,
+                hint: " (over SSH)",
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
+    let output = Output {
+        stdout: out.stdout,
+        stderr: out.stderr,
+        duration: started.elapsed(),
+    };
+    let shown = if output.stderr.trim().is_empty() {
+        output.stdout.clone()
+    } else {
+        output.stderr.clone()
+    };
+    match out.code {
+        Some(0) => Ok(output),
+        Some(124 | 137) => Err(CommandError::Timeout {
+            purpose: spec.purpose.to_owned(),
+            cmdline,
+            timeout: spec.timeout,
+            output: shown,
+        }),
+        Some(127) if shown.contains("timeout") || shown.contains("env:") => {
+            Err(CommandError::Spawn {
+                purpose: spec.purpose.to_owned(),
+                program: spec.argv[0].clone(),
+                hint: " (not found on the remote host: install it there, or give its absolute path)",
+                source: std::io::Error::other(shown.trim().to_owned()),
+            })
+        }
+        Some(code) => Err(CommandError::Failed {
+            purpose: spec.purpose.to_owned(),
+            cmdline,
+            status: format!("exited with status {code} on the remote host"),
+            output: shown,
+        }),
+        None => Err(CommandError::Failed {
+            purpose: spec.purpose.to_owned(),
+            cmdline,
+            status: "ended without an exit status on the remote host (killed by a signal)"
+                .to_owned(),
+            output: shown,
+        }),
+    }
+}
+
 fn describe_status(st: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {

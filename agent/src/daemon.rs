@@ -113,6 +113,13 @@ pub async fn run(
         path: state_dir.clone(),
         source,
     })?;
+    // Remote targets' SSH control sockets: private to the agent.
+    let ssh_dir = state_dir.join("ssh");
+    atomic::create_private_dir(&ssh_dir).map_err(|source| DaemonError::StateDir {
+        path: ssh_dir.clone(),
+        source,
+    })?;
+    atomic::remote::set_control_dir(ssh_dir);
     let journal = Arc::new(Journal::open(&state_dir)?);
     let engine = Engine::new(state_dir.join("locks"), journal);
     // Before any call is accepted: finish what a previous run of the agent

@@ -100,6 +100,14 @@ pub fn plan(config: &Config) -> DropIn {
 /// One target's needs.
 fn target(d: &mut DropIn, t: &Target) {
     let name = &t.name;
+    if let Some(ssh) = &t.ssh {
+        // Its files are written and its commands run on that host: here
+        // the agent only connects (the control socket is in the state
+        // directory, the key and known_hosts are only read).
+        remote(d, name, "SSH host", &ssh.host);
+        verify_endpoints(d, t);
+        return;
+    }
     let mut files: Vec<&Path> = vec![&t.cert_path, &t.key_path];
     files.extend(t.chain_path.as_deref());
     for f in files {
@@ -152,13 +160,18 @@ fn target(d: &mut DropIn, t: &Target) {
             command(d, name, program);
         }
     }
+    verify_endpoints(d, t);
+}
+
+/// The addresses a target is verified at.
+fn verify_endpoints(d: &mut DropIn, t: &Target) {
     if let Some(v) = &t.verify {
         for e in &v.endpoints {
             let host = match e.address.rsplit_once(':') {
                 Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),
                 None => e.address.as_str(),
             };
-            remote(d, name, "verify endpoint", host);
+            remote(d, &t.name, "verify endpoint", host);
         }
     }
 }
@@ -388,6 +401,41 @@ chain_path = "web/chain.pem"
             text.contains("# target web: nginx -t opens the pid file"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_remote_target_needs_only_its_ssh_host_and_verify_endpoint() {
+        let (dir, _) = parse("");
+        std::fs::write(dir.path().join("id"), "key").unwrap();
+        std::fs::write(dir.path().join("known_hosts"), "edge ssh-ed25519 AAAA").unwrap();
+        let body = r#"[[target]]
+name = "edge"
+kind = "nginx"
+cert_path = "/etc/nginx/tls/edge.crt"
+key_path = "/etc/nginx/tls/edge.key"
+[target.ssh]
+host = "192.0.2.7"
+user = "certdeploy"
+identity_file = "id"
+known_hosts = "known_hosts"
+[target.verify]
+endpoint = "198.51.100.9:443"
+"#;
+        let path = dir.path().join("agent.toml");
+        let c = crate::config::parse(body, &path).unwrap();
+        let text = plan(&c).render(&c.path);
+        // Nothing of nginx's on this host: no directories, no /run, no
+        // port binding; the two addresses it connects to.
+        assert_eq!(
+            lines(&text),
+            [
+                "[Service]",
+                "IPAddressAllow=192.0.2.7",
+                "IPAddressAllow=198.51.100.9"
+            ],
+            "{text}"
+        );
+        assert!(text.contains("# target edge: SSH host 192.0.2.7"), "{text}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Current schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deploys (
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS deploys (
     disk_sha256   TEXT,
     served_sha256 TEXT,
     recovered     INTEGER NOT NULL DEFAULT 0,
-    no_reload     INTEGER NOT NULL DEFAULT 0 -- deployed with --no-reload (since version 2)
+    no_reload     INTEGER NOT NULL DEFAULT 0, -- deployed with --no-reload (since version 2)
+    host          TEXT NOT NULL DEFAULT ''    -- a remote target's user@host:port; '' for this host (since version 3)
 );
 CREATE INDEX IF NOT EXISTS deploys_target ON deploys (target, started_ms);
 CREATE INDEX IF NOT EXISTS deploys_open ON deploys (outcome)
@@ -127,6 +128,9 @@ pub struct Begin<'a> {
     /// Deployed with `--no-reload`: recovery completes it without reload
     /// or verification.
     pub no_reload: bool,
+    /// A remote target's `user@host:port`; empty for this host. Recovery
+    /// never acts on a run's files on any other host than this one.
+    pub host: &'a str,
 }
 
 /// What is recorded when a run ends.
@@ -164,6 +168,8 @@ pub struct Record {
     pub recovered: bool,
     /// Deployed with `--no-reload`.
     pub no_reload: bool,
+    /// A remote target's `user@host:port`; empty for this host.
+    pub host: String,
     /// Stages with their times, oldest first (only filled by `history`).
     pub stages: Vec<(SystemTime, String, String)>,
 }
@@ -241,6 +247,11 @@ impl Journal {
             )
             .map_err(open_err)?;
         }
+        if (1..3).contains(&version) {
+            // Before version 3 every run was on this host.
+            conn.execute_batch("ALTER TABLE deploys ADD COLUMN host TEXT NOT NULL DEFAULT ''")
+                .map_err(open_err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         Ok(Journal {
@@ -306,8 +317,8 @@ impl Journal {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
-                                      cert_sha256, prev_sha256, inputs, no_reload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9, ?10)",
+                                      cert_sha256, prev_sha256, inputs, no_reload, host)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     b.id,
                     b.target,
@@ -318,7 +329,8 @@ impl Journal {
                     b.cert_sha256,
                     b.prev_sha256,
                     inputs,
-                    b.no_reload
+                    b.no_reload,
+                    b.host
                 ],
             )?;
             tx.execute(
@@ -505,7 +517,7 @@ impl Journal {
         let sql = format!(
             "SELECT id, target, op, origin, started_ms, stage, files, cert_sha256, prev_sha256,
                     finished_ms, outcome, error, verification, disk_sha256, served_sha256, recovered,
-                    no_reload
+                    no_reload, host
              FROM deploys {tail}"
         );
         let rows: Vec<(Record, String)> = self.with(|c| {
@@ -530,6 +542,7 @@ impl Journal {
                         served_sha256: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
                         recovered: r.get(15)?,
                         no_reload: r.get(16)?,
+                        host: r.get(17)?,
                         stages: Vec::new(),
                     },
                     r.get::<_, String>(6)?,
@@ -586,6 +599,7 @@ mod tests {
             prev_sha256: "bb",
             inputs: &[],
             no_reload: false,
+            host: "",
         }
     }
 
@@ -685,10 +699,10 @@ mod tests {
             let c = Connection::open(dir.path().join("journal.sqlite")).unwrap();
             // Version 1's table: no no_reload column.
             let v1 = SCHEMA.replace(
-                ",\n    no_reload     INTEGER NOT NULL DEFAULT 0 -- deployed with --no-reload (since version 2)",
+                ",\n    no_reload     INTEGER NOT NULL DEFAULT 0, -- deployed with --no-reload (since version 2)\n    host          TEXT NOT NULL DEFAULT ''    -- a remote target's user@host:port; '' for this host (since version 3)",
                 "",
             );
-            assert!(!v1.contains("no_reload"));
+            assert!(!v1.contains("no_reload") && !v1.contains("host"));
             c.execute_batch(&v1).unwrap();
             c.execute(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
@@ -709,6 +723,13 @@ mod tests {
         })
         .unwrap();
         assert!(j.unfinished().unwrap()[1].no_reload);
+        assert_eq!(open[0].host, "");
+        j.begin(&Begin {
+            host: "deploy@edge:22",
+            ..begin("d3", &[])
+        })
+        .unwrap();
+        assert_eq!(j.unfinished().unwrap()[2].host, "deploy@edge:22");
     }
 
     #[test]

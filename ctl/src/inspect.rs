@@ -80,6 +80,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
                 json!({
                     "name": t.name,
                     "kind": t.kind,
+                    "host": (!t.host.is_empty()).then_some(&t.host),
                     "cert_path": t.cert_path,
                     "cert_sha256": t.cert_sha256,
                     "not_after_unix": t.not_after_unix,
@@ -218,7 +219,7 @@ pub async fn status(cli: &Cli, args: &StatusArgs) -> Result<u8, CliError> {
         };
         rows.push(vec![
             t.name.clone(),
-            t.kind.clone(),
+            output::kind_on(&t.kind, &t.host),
             disk,
             expires,
             t.verification.clone(),
@@ -366,6 +367,7 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
                 json!({
                     "name": t.name,
                     "kind": t.kind,
+                    "host": (!t.host.is_empty()).then_some(&t.host),
                     "layout": t.layout,
                     "cert_path": t.cert_path,
                     "key_path": t.key_path,
@@ -390,7 +392,7 @@ pub async fn targets(cli: &Cli) -> Result<u8, CliError> {
     for t in &resp.targets {
         rows.push(vec![
             t.name.clone(),
-            t.kind.clone(),
+            output::kind_on(&t.kind, &t.host),
             t.cert_path.clone(),
             t.key_path.clone(),
             if !t.reload_hook.is_empty() {

@@ -290,6 +290,16 @@ impl Origin {
 }
 
 /// `9f3a12…e1c2`.
+/// A target's kind as the tables show it: with the remote host its files
+/// are on (`nginx on deploy@edge1:22`).
+pub fn kind_on(kind: &str, host: &str) -> String {
+    if host.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind} on {host}")
+    }
+}
+
 pub fn short(hex: &str) -> String {
     if hex.len() <= 12 {
         hex.to_owned()

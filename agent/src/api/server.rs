@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use super::auth::{self, Access, Policy};
 use super::convert;
 use crate::app::App;
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::deploy::Request as DeployRequest;
 use crate::deploy::rollback::RollbackRequest;
 use crate::deployed::Seen;
@@ -303,6 +303,7 @@ impl Agent for Service {
             });
             let verification = verification(served.as_ref(), &disk.sha256).to_owned();
             out.push(pb::TargetStatus {
+                host: remote_host(t),
                 name: t.name.clone(),
                 kind: t.kind.as_str().to_owned(),
                 cert_path: t.cert_path.display().to_string(),
@@ -363,6 +364,7 @@ impl Agent for Service {
             .targets
             .iter()
             .map(|t| pb::TargetInfo {
+                host: remote_host(t),
                 name: t.name.clone(),
                 kind: t.kind.as_str().to_owned(),
                 layout: t.layout.as_str().to_owned(),
@@ -495,6 +497,14 @@ impl DiskCert {
 /// How long shutdown waits for running deploys before giving up on them.
 /// Each deploy is bounded by its command timeouts; this is a backstop.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `user@host:port` of a remote target; empty for this host.
+fn remote_host(t: &Target) -> String {
+    t.ssh
+        .as_ref()
+        .map(crate::atomic::remote::shown)
+        .unwrap_or_default()
+}
 
 #[cfg(test)]
 mod tests {

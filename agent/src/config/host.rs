@@ -7,7 +7,7 @@
 use nix::unistd::{self, Gid, Uid};
 
 /// `PATH` given to commands when the agent itself has none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The `PATH` commands run with: the agent's own, else [`DEFAULT_PATH`].
 pub fn search_path() -> String {

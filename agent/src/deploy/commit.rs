@@ -5,11 +5,13 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use crate::atomic::{self, FsError};
+use crate::atomic::{self, Fs, FsError};
 use crate::failpoint;
 
 /// Files renamed into place, with what to put back.
 pub(super) struct Committed {
+    /// Where the files are (this host, or a remote target's).
+    pub(super) fs: Fs,
     /// (live path, backup of the previous file or None when there was none)
     pub(super) files: Vec<(PathBuf, Option<PathBuf>)>,
     pub(super) backup_dirs: Vec<PathBuf>,
@@ -68,10 +70,11 @@ pub(super) fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> BTree
 pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsError> {
     let mut first_err = None;
     let mut warnings = Vec::new();
+    let fs = &committed.fs;
     for (live, backup) in committed.files.iter().rev() {
         let r = match backup {
-            Some(b) => atomic::restore(b, live, id),
-            None => atomic::remove(live).map(|()| None),
+            Some(b) => fs.restore(b, live, id),
+            None => fs.remove(live).map(|()| None),
         };
         match r {
             Ok(Some(w)) => warnings.push(w),
@@ -83,7 +86,7 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsErr
         failpoint::hit("during-rollback");
     }
     for d in &dirs_of(committed.files.iter().map(|(l, _)| l)) {
-        if let Err(e) = atomic::fsync_dir(d) {
+        if let Err(e) = fs.fsync_dir(d) {
             first_err.get_or_insert(e);
         }
     }
@@ -97,7 +100,7 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsErr
         return Err(e);
     }
     for d in &committed.backup_dirs {
-        let _ = atomic::remove_tree(d);
+        let _ = fs.remove_tree(d);
     }
     for w in &warnings {
         tracing::warn!("{w}");
@@ -106,14 +109,19 @@ pub(super) fn undo(committed: &Committed, id: &str) -> Result<Vec<String>, FsErr
 }
 
 /// Keeps the newest `keep` backup generations of `target` in each directory.
-pub(super) fn prune(dirs: &BTreeSet<PathBuf>, target: &str, keep: usize) -> Result<(), FsError> {
+pub(super) fn prune(
+    fs: &Fs,
+    dirs: &BTreeSet<PathBuf>,
+    target: &str,
+    keep: usize,
+) -> Result<(), FsError> {
     for dir in dirs {
-        atomic::remove_empty_backups(dir, target)?;
-        atomic::remove_live_backups(dir, target)?;
-        let ids = atomic::list_backups(dir, target)?;
+        fs.remove_empty_backups(dir, target)?;
+        fs.remove_live_backups(dir, target)?;
+        let ids = fs.list_backups(dir, target)?;
         let excess = ids.len().saturating_sub(keep);
         for id in &ids[..excess] {
-            atomic::remove_tree(&atomic::backup_dir(dir, target, id))?;
+            fs.remove_tree(&atomic::backup_dir(dir, target, id))?;
         }
     }
     Ok(())

@@ -173,6 +173,7 @@ pub(super) fn commit(
     let previous = atomic::read_link(&data)?;
     let gen_id = id_of(generation).unwrap_or_else(|| id.to_owned());
     let mut committed = Committed {
+        fs: atomic::LOCAL,
         files: Vec::new(),
         backup_dirs: Vec::new(),
         switch: None,
@@ -238,6 +239,7 @@ pub(super) fn switch_to(dir: &Path, to: &str, id: &str) -> Result<Committed> {
     atomic::switch_link(&data, &link_target(to), id)?;
     atomic::fsync_dir(dir)?;
     Ok(Committed {
+        fs: atomic::LOCAL,
         files: Vec::new(),
         backup_dirs: Vec::new(),
         switch: Some(Switch {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::commit::{Committed, dirs_of, undo};
 use super::plan::Plan;
-use crate::atomic::{self, FsError};
+use crate::atomic::{self, Fs, FsError};
 use crate::failpoint;
 
 /// A changed file written to its temp name, ready to be renamed into place.
@@ -19,10 +19,10 @@ pub(super) struct Staged {
 
 /// Writes a temp file for every changed file. On error, removes the temps
 /// written so far: nothing is left behind.
-pub(super) fn stage_files(plan: &Plan, id: &str) -> Result<Vec<Staged>, FsError> {
+pub(super) fn stage_files(fs: &Fs, plan: &Plan, id: &str) -> Result<Vec<Staged>, FsError> {
     let mut staged: Vec<Staged> = Vec::new();
     for f in plan.files.iter().filter(|f| f.changed) {
-        match atomic::write_temp(&f.path, id, &f.bytes, f.mode, f.uid, f.gid) {
+        match fs.write_temp(&f.path, id, &f.bytes, f.mode, f.uid, f.gid) {
             Ok(tmp) => staged.push(Staged {
                 tmp,
                 live: f.path.clone(),
@@ -30,7 +30,7 @@ pub(super) fn stage_files(plan: &Plan, id: &str) -> Result<Vec<Staged>, FsError>
             }),
             Err(e) => {
                 for s in &staged {
-                    let _ = atomic::remove(&s.tmp);
+                    let _ = fs.remove(&s.tmp);
                 }
                 return Err(e);
             }
@@ -49,25 +49,28 @@ pub(super) enum CommitError {
 /// Keeps the current files as backups, renames the temps into place and
 /// fsyncs the directories. On failure, undoes what was done.
 pub(super) fn commit(
+    fs: Fs,
     staged: Vec<Staged>,
     target: &str,
     id: &str,
 ) -> Result<Committed, CommitError> {
     let mut committed = Committed {
+        fs,
         files: Vec::new(),
         backup_dirs: Vec::new(),
         switch: None,
     };
+    let fs = committed.fs.clone();
     let remove_temps = |from: usize| {
         for s in &staged[from..] {
-            let _ = atomic::remove(&s.tmp);
+            let _ = fs.remove(&s.tmp);
         }
     };
     // Before any rename: drop every temp and backup this commit made.
     let abandon = |backup_dirs: &[PathBuf], e: FsError| {
         remove_temps(0);
         for d in backup_dirs {
-            let _ = atomic::remove_tree(d);
+            let _ = fs.remove_tree(d);
         }
         CommitError::Restored(e)
     };
@@ -83,21 +86,22 @@ pub(super) fn commit(
             committed.backup_dirs.push(bdir.clone());
         }
         let backup = bdir.join(s.live.file_name().unwrap_or_default());
-        let kept =
-            atomic::make_private_dir(&bdir).and_then(|()| atomic::keep_backup(&s.live, &backup));
+        let kept = fs
+            .make_private_dir(&bdir)
+            .and_then(|()| fs.keep_backup(&s.live, &backup));
         if let Err(e) = kept {
             return Err(abandon(&committed.backup_dirs, e));
         }
         backups.push(Some(backup));
     }
     for d in &committed.backup_dirs {
-        if let Err(e) = atomic::fsync_dir(d) {
+        if let Err(e) = fs.fsync_dir(d) {
             return Err(abandon(&committed.backup_dirs, e));
         }
     }
     failpoint::hit("after-backup");
     for (i, (s, backup)) in staged.iter().zip(backups).enumerate() {
-        if let Err(e) = atomic::rename(&s.tmp, &s.live) {
+        if let Err(e) = fs.rename(&s.tmp, &s.live) {
             remove_temps(i);
             return Err(match undo(&committed, id) {
                 Ok(_) => CommitError::Restored(e),
@@ -110,7 +114,7 @@ pub(super) fn commit(
         }
     }
     for d in &dirs_of(staged.iter().map(|s| &s.live)) {
-        if let Err(e) = atomic::fsync_dir(d) {
+        if let Err(e) = fs.fsync_dir(d) {
             return Err(match undo(&committed, id) {
                 Ok(_) => CommitError::Restored(e),
                 Err(r) => CommitError::NotRestored(e, r),

@@ -15,7 +15,7 @@ use super::engine::{Engine, LastDeploy};
 use super::error::DeployError;
 use super::generations;
 use super::plan::Plan;
-use crate::atomic::{self, FsError};
+use crate::atomic::{self, Fs, FsError};
 use crate::bundle::{self, Bundle};
 use crate::config::{Layout, Target};
 use crate::failpoint;
@@ -61,6 +61,9 @@ pub(super) struct Run<'e> {
     pub(super) committed_acted_on: bool,
     /// Stop after the validate command (`--no-reload`).
     pub(super) no_reload: bool,
+    /// Where the target's files are: one SFTP channel for the whole run
+    /// of a remote target.
+    pub(super) fs: Fs,
 }
 
 impl<'e> Run<'e> {
@@ -89,6 +92,7 @@ impl<'e> Run<'e> {
             recovered: false,
             committed_acted_on: true,
             no_reload: false,
+            fs: atomic::LOCAL,
         }
     }
 
@@ -117,6 +121,7 @@ impl<'e> Run<'e> {
             prev_sha256,
             inputs,
             no_reload: self.no_reload,
+            host: &self.fs.host(),
         };
         tokio::task::block_in_place(|| self.engine.journal.begin(&begin))?;
         self.op = op;
@@ -227,7 +232,7 @@ impl<'e> Run<'e> {
     /// then finds up to date.
     pub(super) async fn look_at_disk(&mut self, target: &Target) {
         let (deployed, t) = (self.engine.deployed.clone(), target.clone());
-        self.disk_sha256 = match tokio::task::spawn_blocking(move || deployed.leaf(&t)).await {
+        self.disk_sha256 = match tokio::task::spawn_blocking(move || deployed.refresh(&t)).await {
             Ok(seen) => match &*seen {
                 crate::deployed::Seen::Leaf { sha256, .. } => sha256.clone(),
                 _ => String::new(),
@@ -328,6 +333,7 @@ impl<'e> Run<'e> {
                         prev_sha256: "",
                         inputs: &[],
                         no_reload: self.no_reload,
+                        host: &self.fs.host(),
                     },
                     &finish,
                 )
@@ -400,9 +406,9 @@ pub(super) fn input_fingerprints(bundle: &Bundle) -> Vec<(String, String)> {
 /// The hex SHA-256 of the leaf on `target`'s disk now, read off the async
 /// threads: `Some("")` when there is no certificate file, `None` when what
 /// is there cannot be read.
-pub(super) async fn leaf_sha256(target: &Target) -> Option<String> {
-    let t = target.clone();
-    tokio::task::spawn_blocking(move || crate::disk::leaf(&t))
+pub(super) async fn leaf_sha256(fs: &Fs, target: &Target) -> Option<String> {
+    let (fs, t) = (fs.clone(), target.clone());
+    tokio::task::spawn_blocking(move || crate::disk::leaf_on(&fs, &t))
         .await
         .ok()?
         .ok()

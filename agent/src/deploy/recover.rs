@@ -36,7 +36,7 @@ use super::error::DeployError;
 use super::generations::Switch;
 use super::progress::{Run, leaf_sha256};
 use super::rollback::restored_view;
-use crate::atomic::{self, FsError};
+use crate::atomic::{self, Fs, FsError};
 use crate::config::{Config, Target};
 use crate::journal::{JournalError, Record};
 use crate::model::event::{Outcome, Report, Stage};
@@ -87,28 +87,7 @@ impl Engine {
         let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
             return;
         };
-        let (name, keep) = (t.name.clone(), t.backup_retention as usize);
-        let swept = blocking(move || {
-            let mut removed = Vec::new();
-            for d in &dirs {
-                removed.extend(atomic::remove_temps(d)?);
-                // Sets a killed run did not finish filling.
-                removed.extend(atomic::remove_partials(&d.join(atomic::AGENT_DIR))?);
-                removed.extend(atomic::remove_partials(
-                    &d.join(atomic::AGENT_DIR).join("backup").join(&name),
-                )?);
-            }
-            super::commit::prune(&dirs.iter().cloned().collect(), &name, keep)?;
-            Ok::<_, FsError>(removed)
-        })
-        .await;
-        match swept {
-            Ok(removed) if !removed.is_empty() => {
-                warn!(target = %t.name, files = ?removed, "removed temp files left by an earlier run");
-            }
-            Ok(_) => {}
-            Err(e) => warn!(target = %t.name, "cannot sweep the target's directory: {e}"),
-        }
+        sweep_dirs_of(&atomic::LOCAL, t, dirs).await;
     }
 
     /// Whether a run that ended `rollback_failed` may be retried: it is
@@ -126,7 +105,7 @@ impl Engine {
         if !newest {
             return false;
         }
-        leaf_sha256(&target)
+        leaf_sha256(&Fs::of(&target), &target)
             .await
             .is_some_and(|sha| sha == rec.disk_sha256)
     }
@@ -162,6 +141,7 @@ impl Engine {
         run.leaf = Some((rec.cert_sha256.clone(), 0, String::new()));
         run.no_reload = rec.no_reload;
         let target = config.target(&rec.target).cloned();
+        run.fs = target.as_ref().map_or(atomic::LOCAL, Fs::of);
         async move {
             warn!(
                 op = %rec.op,
@@ -209,7 +189,9 @@ impl Run<'_> {
                 later.outcome.as_deref().unwrap_or("open")
             )));
         }
-        if let Some(sha) = leaf_sha256(target).await.filter(|s| !s.is_empty())
+        if let Some(sha) = leaf_sha256(&self.fs, target)
+            .await
+            .filter(|s| !s.is_empty())
             && sha != rec.cert_sha256
             && sha != rec.prev_sha256
         {
@@ -244,26 +226,43 @@ impl Run<'_> {
                 rec.stage
             ),
         };
+        let here = self.fs.host();
+        if here != rec.host {
+            let place = |h: &str| {
+                if h.is_empty() {
+                    "this host".to_owned()
+                } else {
+                    h.to_owned()
+                }
+            };
+            return Err(DeployError::Internal(format!(
+                "{interrupted}; its files are on {} and the target is now {}: recovery left                  them alone; check them there and deploy again",
+                place(&rec.host),
+                if target.is_some() {
+                    place(&here)
+                } else {
+                    "no longer configured".to_owned()
+                }
+            )));
+        }
         if let (Some(t), None) = (target, &rec.outcome) {
             self.still_ours(rec, t, &interrupted).await?;
         }
 
         // Temp files are never published: whatever is left goes.
         let files = rec.files.clone();
-        let id = rec.id.clone();
-        let committed = blocking(move || sweep(&files, &id)).await.map_err(|e| {
-            DeployError::RollbackFailed(format!(
-                "{interrupted}; recovery could not inspect the files: {e}"
-            ))
-        })?;
+        let (fs, id) = (self.fs.clone(), rec.id.clone());
+        let swept = blocking(move || sweep(fs, &files, &id))
+            .await
+            .map_err(|e| {
+                DeployError::RollbackFailed(format!(
+                    "{interrupted}; recovery could not inspect the files: {e}"
+                ))
+            })?;
+        let (committed, backed_up) = swept;
         // Where the previous certificate set is now: the backups, or with
         // the generations layout the generation `..data` pointed at.
-        let mut pairs: Vec<(PathBuf, PathBuf)> = rec
-            .files
-            .iter()
-            .filter(|f| f.generation.is_none() && f.existed && f.backup.exists())
-            .map(|f| (f.live.clone(), f.backup.clone()))
-            .collect();
+        let mut pairs = backed_up;
         if let (Some(data), Some(t)) = (
             rec.files
                 .iter()
@@ -300,8 +299,8 @@ impl Run<'_> {
 
         let committed_stage = Stage::parse(&rec.stage).is_some_and(|s| COMMITTED.contains(&s));
         let previous = {
-            let t = target.clone();
-            blocking(move || restored_view(&t, &pairs))
+            let (fs, t) = (self.fs.clone(), target.clone());
+            blocking(move || restored_view(&fs, &t, &pairs))
                 .await
                 .ok()
                 .flatten()
@@ -310,9 +309,9 @@ impl Run<'_> {
 
         if Op::parse(&rec.op) == Some(Op::Deploy) && committed_stage {
             // The whole new set is in place: finish what was started.
-            let t = target.clone();
+            let (fs, t) = (self.fs.clone(), target.clone());
             let now = blocking(move || {
-                crate::disk::read(&t).map_err(|e| FsError {
+                crate::disk::read_on(&fs, &t).map_err(|e| FsError {
                     op: "cannot read",
                     path: PathBuf::new(),
                     source: std::io::Error::other(e),
@@ -384,12 +383,39 @@ impl Run<'_> {
 /// Removes the run's temp files and returns what there is to put back: a
 /// file with a backup is restored from it; a file that did not exist before
 /// the run is removed; a file whose backup is already gone was restored.
+/// Removes from `dirs` (a locked target's directories, through `fs`) the
+/// temp files and half-filled backup sets earlier runs left, and backups
+/// beyond retention; says what it removed.
+pub(super) async fn sweep_dirs_of(fs: &Fs, t: &Target, dirs: Vec<PathBuf>) {
+    let (fs, name, keep) = (fs.clone(), t.name.clone(), t.backup_retention as usize);
+    let swept = blocking(move || {
+        let mut removed = Vec::new();
+        for d in &dirs {
+            removed.extend(fs.remove_temps(d)?);
+            // Sets a killed run did not finish filling.
+            removed.extend(fs.remove_partials(&d.join(atomic::AGENT_DIR))?);
+            removed
+                .extend(fs.remove_partials(&d.join(atomic::AGENT_DIR).join("backup").join(&name))?);
+        }
+        super::commit::prune(&fs, &dirs.iter().cloned().collect(), &name, keep)?;
+        Ok::<_, FsError>(removed)
+    })
+    .await;
+    match swept {
+        Ok(removed) if !removed.is_empty() => {
+            warn!(target = %t.name, files = ?removed, "removed temp files left by an earlier run");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(target = %t.name, "cannot sweep the target's directory: {e}"),
+    }
+}
+
 /// Targets swept at once at start.
 const SWEEP_CONCURRENCY: usize = 8;
 
 /// The directories a target's sweep looks at: those of its files and of a
 /// file its reload hook writes (its temp may be left there too).
-fn sweep_dirs(t: &Target) -> Vec<PathBuf> {
+pub(super) fn sweep_dirs(t: &Target) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = t.paths().map(PathBuf::from).collect();
     files.extend(
         t.reload_hook
@@ -402,8 +428,17 @@ fn sweep_dirs(t: &Target) -> Vec<PathBuf> {
 
 /// The targets with their sweep directories, in groups that share no
 /// directory with each other.
+/// Remote targets are swept when they are next deployed to, not here: an
+/// unreachable host must not hold up the start.
 fn sweep_groups(config: &Config) -> Vec<Vec<(&Target, Vec<PathBuf>)>> {
-    disjoint(config.targets.iter().map(|t| (t, sweep_dirs(t))).collect())
+    disjoint(
+        config
+            .targets
+            .iter()
+            .filter(|t| !t.is_remote())
+            .map(|t| (t, sweep_dirs(t)))
+            .collect(),
+    )
 }
 
 /// `items` in groups such that no two groups share a directory: items
@@ -446,17 +481,26 @@ fn disjoint<T>(items: Vec<(T, Vec<PathBuf>)>) -> Vec<Vec<(T, Vec<PathBuf>)>> {
     groups
 }
 
-fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, FsError> {
+/// Also returns the (live, backup) pairs of the files whose backup is
+/// still there.
+#[allow(clippy::type_complexity)]
+fn sweep(
+    fs: Fs,
+    files: &[crate::journal::FileRecord],
+    id: &str,
+) -> Result<(Committed, Vec<(PathBuf, PathBuf)>), FsError> {
     let mut dirs = BTreeSet::new();
     for f in files {
-        atomic::remove(&f.tmp)?;
-        atomic::remove(&atomic::temp_path(&f.live, &format!("{id}-restore")))?;
+        fs.remove(&f.tmp)?;
+        fs.remove(&atomic::temp_path(&f.live, &format!("{id}-restore")))?;
         dirs.insert(atomic::parent(&f.live).to_owned());
     }
     for d in &dirs {
-        atomic::fsync_dir(d)?;
+        fs.fsync_dir(d)?;
     }
+    let mut pairs = Vec::new();
     let mut committed = Committed {
+        fs: fs.clone(),
         files: Vec::new(),
         backup_dirs: Vec::new(),
         switch: None,
@@ -472,7 +516,8 @@ fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, Fs
             continue;
         }
         if f.existed {
-            if f.backup.exists() {
+            if fs.exists(&f.backup)? {
+                pairs.push((f.live.clone(), f.backup.clone()));
                 committed
                     .files
                     .push((f.live.clone(), Some(f.backup.clone())));
@@ -485,7 +530,7 @@ fn sweep(files: &[crate::journal::FileRecord], id: &str) -> Result<Committed, Fs
             committed.files.push((f.live.clone(), None));
         }
     }
-    Ok(committed)
+    Ok((committed, pairs))
 }
 
 #[cfg(test)]

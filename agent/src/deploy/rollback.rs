@@ -23,7 +23,7 @@ use super::engine::Engine;
 use super::error::DeployError;
 use super::generations;
 use super::progress::{Run, leaf_sha256};
-use crate::atomic::{self, FsError};
+use crate::atomic::{self, Fs, FsError};
 use crate::bundle;
 
 use crate::config::{Layout, Target};
@@ -56,6 +56,7 @@ impl Engine {
         let mut run = Run::new(self, id, &req.target.name, sink);
         run.origin.clone_from(&req.origin);
         run.op = Op::Rollback;
+        run.fs = Fs::of(&req.target);
         async move {
             info!(origin = %req.origin, "rollback requested");
             let (outcome, error, cleanup) = match run.execute_rollback(&req).await {
@@ -71,7 +72,8 @@ impl Engine {
                 let target = &req.target;
                 let (name, keep) = (target.name.clone(), target.backup_retention as usize);
                 let what = cleanup.describe();
-                if let Err(e) = blocking(move || cleanup.run(&name, keep)).await {
+                let fs = run.fs.clone();
+                if let Err(e) = blocking(move || cleanup.run(&fs, &name, keep)).await {
                     warn!("could not clean up {what}: {e}");
                 }
             }
@@ -105,8 +107,8 @@ impl Run<'_> {
         let target = &req.target;
 
         let set = {
-            let t = target.clone();
-            blocking(move || newest_set(&t)).await
+            let (fs, t) = (self.fs.clone(), target.clone());
+            blocking(move || newest_set(&fs, &t)).await
         }
         .map_err(|e| DeployError::Internal(format!("cannot read the backups: {e}")))?
         .ok_or_else(|| {
@@ -130,9 +132,9 @@ impl Run<'_> {
 
         // What will be on disk afterwards: the set's files over the current ones.
         let restored = {
-            let t = target.clone();
+            let (fs, t) = (self.fs.clone(), target.clone());
             let files = set.files.clone();
-            blocking(move || restored_view(&t, &files)).await
+            blocking(move || restored_view(&fs, &t, &files)).await
         }
         .map_err(|e| DeployError::Internal(e.to_string()))?;
         if let Some(r) = &restored {
@@ -159,12 +161,24 @@ impl Run<'_> {
 
         // The journal records the swap: recovery puts back the files from
         // before the rollback (kept as this run's backup) when it is cut short.
+        let existed = {
+            let (fs, lives) = (self.fs.clone(), set.files.clone());
+            blocking(move || {
+                lives
+                    .iter()
+                    .map(|(live, _)| fs.exists(live))
+                    .collect::<Result<Vec<bool>, FsError>>()
+            })
+            .await
+        }
+        .map_err(|e| DeployError::Internal(format!("rollback failed, nothing changed: {e}")))?;
         let records: Vec<FileRecord> = set
             .files
             .iter()
-            .map(|(live, _)| FileRecord {
+            .zip(existed)
+            .map(|((live, _), existed)| FileRecord {
                 live: live.clone(),
-                existed: std::fs::symlink_metadata(live).is_ok(),
+                existed,
                 backup: atomic::backup_dir(atomic::parent(live), &target.name, &self.id)
                     .join(live.file_name().unwrap_or_default()),
                 tmp: atomic::temp_path(live, &format!("{}-restore", self.id)),
@@ -179,8 +193,8 @@ impl Run<'_> {
         let committed = {
             let files = set.files.clone();
             let name = target.name.clone();
-            let id = self.id.clone();
-            blocking(move || swap_in(&files, &name, &id)).await
+            let (fs, id) = (self.fs.clone(), self.id.clone());
+            blocking(move || swap_in(fs, &files, &name, &id)).await
         }
         .map_err(|e| DeployError::Internal(format!("rollback failed, nothing changed: {e}")))?;
         let (committed, tightened) = committed;
@@ -250,7 +264,7 @@ impl Run<'_> {
             })
             .collect();
         let t = target.clone();
-        if let Ok(Some(r)) = blocking(move || restored_view(&t, &pairs)).await {
+        if let Ok(Some(r)) = blocking(move || restored_view(&atomic::LOCAL, &t, &pairs)).await {
             self.leaf = Some((
                 r.leaf.sha256_hex(),
                 r.leaf.not_after,
@@ -291,7 +305,7 @@ impl Run<'_> {
 
     /// The leaf on disk now (hex SHA-256), empty when none or unreadable.
     async fn leaf_on_disk(&self, target: &Target) -> String {
-        leaf_sha256(target).await.unwrap_or_default()
+        leaf_sha256(&self.fs, target).await.unwrap_or_default()
     }
 
     async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Cleanup, DeployError> {
@@ -397,13 +411,13 @@ impl Cleanup {
         }
     }
 
-    fn run(self, target: &str, keep: usize) -> Result<(), FsError> {
+    fn run(self, fs: &Fs, target: &str, keep: usize) -> Result<(), FsError> {
         match self {
             Cleanup::BackupSet { dirs, id } => {
                 for d in &dirs {
-                    atomic::remove_tree(&atomic::backup_dir(d, target, &id))?;
+                    fs.remove_tree(&atomic::backup_dir(d, target, &id))?;
                 }
-                super::commit::prune(&dirs.iter().cloned().collect(), target, keep)
+                super::commit::prune(fs, &dirs.iter().cloned().collect(), target, keep)
             }
             Cleanup::Generations { dir } => generations::prune(&dir, keep),
         }
@@ -411,12 +425,12 @@ impl Cleanup {
 }
 
 /// The newest backup set of `target` across its directories.
-fn newest_set(target: &Target) -> Result<Option<BackupSet>, FsError> {
+fn newest_set(fs: &Fs, target: &Target) -> Result<Option<BackupSet>, FsError> {
     let lives: Vec<PathBuf> = target.paths().map(PathBuf::from).collect();
     let dirs: Vec<PathBuf> = dirs_of(lives.iter()).into_iter().collect();
     let mut newest: Option<String> = None;
     for d in &dirs {
-        if let Some(id) = atomic::list_backups(d, &target.name)?.pop()
+        if let Some(id) = fs.list_backups(d, &target.name)?.pop()
             && newest.as_ref().is_none_or(|n| &id > n)
         {
             newest = Some(id);
@@ -425,17 +439,14 @@ fn newest_set(target: &Target) -> Result<Option<BackupSet>, FsError> {
     let Some(id) = newest else {
         return Ok(None);
     };
-    let files: Vec<(PathBuf, PathBuf)> = lives
-        .iter()
-        .filter_map(|live| {
-            let backup = atomic::backup_dir(atomic::parent(live), &target.name, &id)
-                .join(live.file_name().unwrap_or_default());
-            std::fs::symlink_metadata(&backup)
-                .ok()
-                .filter(std::fs::Metadata::is_file)
-                .map(|_| (live.clone(), backup))
-        })
-        .collect();
+    let mut files: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for live in &lives {
+        let backup = atomic::backup_dir(atomic::parent(live), &target.name, &id)
+            .join(live.file_name().unwrap_or_default());
+        if fs.is_file(&backup)? {
+            files.push((live.clone(), backup));
+        }
+    }
     if files.is_empty() {
         return Ok(None);
     }
@@ -444,6 +455,7 @@ fn newest_set(target: &Target) -> Result<Option<BackupSet>, FsError> {
 
 /// The certificate set the target will hold after `files` are restored.
 pub(super) fn restored_view(
+    fs: &Fs,
     target: &Target,
     files: &[(PathBuf, PathBuf)],
 ) -> Result<Option<OnDisk>, FsError> {
@@ -456,7 +468,7 @@ pub(super) fn restored_view(
     let mut view = target.clone();
     view.cert_path = source(&target.cert_path);
     view.chain_path = target.chain_path.as_ref().map(source);
-    crate::disk::read(&view).map_err(|e| FsError {
+    crate::disk::read_on(fs, &view).map_err(|e| FsError {
         op: "cannot read the backup",
         path: view.cert_path.clone(),
         source: std::io::Error::other(e),
@@ -466,19 +478,21 @@ pub(super) fn restored_view(
 /// Keeps the current files as backup set `id`, then puts each backup of
 /// `files` in place. On failure, puts the current files back.
 fn swap_in(
+    fs: Fs,
     files: &[(PathBuf, PathBuf)],
     target: &str,
     id: &str,
 ) -> Result<(Committed, Vec<String>), FsError> {
     let mut warnings = Vec::new();
     let mut committed = Committed {
+        fs: fs.clone(),
         files: Vec::new(),
         backup_dirs: Vec::new(),
         switch: None,
     };
     let mut kept = Vec::with_capacity(files.len());
     for (live, _) in files {
-        if std::fs::symlink_metadata(live).is_err() {
+        if !fs.exists(live)? {
             kept.push(None);
             continue;
         }
@@ -487,20 +501,22 @@ fn swap_in(
             committed.backup_dirs.push(bdir.clone());
         }
         let backup = bdir.join(live.file_name().unwrap_or_default());
-        let r = atomic::make_private_dir(&bdir).and_then(|()| atomic::keep_backup(live, &backup));
+        let r = fs
+            .make_private_dir(&bdir)
+            .and_then(|()| fs.keep_backup(live, &backup));
         if let Err(e) = r {
             for d in &committed.backup_dirs {
-                let _ = atomic::remove_tree(d);
+                let _ = fs.remove_tree(d);
             }
             return Err(e);
         }
         kept.push(Some(backup));
     }
     for d in &committed.backup_dirs {
-        atomic::fsync_dir(d)?;
+        fs.fsync_dir(d)?;
     }
     for ((live, from), kept) in files.iter().zip(kept) {
-        let restored = atomic::restore(from, live, id);
+        let restored = fs.restore(from, live, id);
         if let Ok(Some(w)) = &restored {
             warn!("{w}");
             warnings.push(w.clone());
@@ -514,7 +530,7 @@ fn swap_in(
         committed.files.push((live.clone(), kept));
     }
     for d in &dirs_of(files.iter().map(|(l, _)| l)) {
-        if let Err(e) = atomic::fsync_dir(d) {
+        if let Err(e) = fs.fsync_dir(d) {
             if let Err(r) = super::commit::undo(&committed, id) {
                 warn!("putting back the files from before the rollback failed: {r}");
             }

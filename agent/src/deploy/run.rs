@@ -63,6 +63,7 @@ impl Engine {
         let span = tracing::info_span!("deploy", target = %req.target.name, deploy_id = %id);
         let mut run = Run::new(self, id, &req.target.name, sink);
         run.origin.clone_from(&req.origin);
+        run.fs = atomic::Fs::of(&req.target);
         async move {
             info!(origin = %req.origin, dry_run = req.dry_run, "deploy requested");
             let (outcome, error) = match run.execute(&req).await {
@@ -107,6 +108,12 @@ impl Run<'_> {
         // 3. Lock. What is on disk may have changed while we waited: the
         // same outputs are resolved again against it (pure, no encoding).
         let _guard = self.lock(target, req.no_wait).await?;
+        if target.is_remote() {
+            // Not swept at start (an unreachable host must not hold it
+            // up): what a killed run left there goes now, under the lock.
+            super::recover::sweep_dirs_of(&self.fs, target, super::recover::sweep_dirs(target))
+                .await;
+        }
         let plan = Arc::new(self.plan(target, &outputs).await?);
         drop(outputs);
         let verify = target
@@ -270,6 +277,7 @@ impl Run<'_> {
         let paths: Vec<PathBuf> = files.iter().map(|o| o.path.clone()).collect();
         let linked = target.layout == Layout::Generations;
         let keystore = outputs.keystore.clone();
+        let fs = self.fs.clone();
         let existing = blocking(move || {
             let mut existing = paths
                 .iter()
@@ -277,7 +285,7 @@ impl Run<'_> {
                     if linked {
                         generations::observe(p)
                     } else {
-                        atomic::observe(p)
+                        fs.observe(p)
                     }
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -348,8 +356,8 @@ impl Run<'_> {
     /// The certificate set on disk before this deploy; `None` when there is
     /// none or it cannot be read (then a rollback cannot verify it).
     async fn previous(&mut self, target: &Target) -> Option<OnDisk> {
-        let t = target.clone();
-        match tokio::task::spawn_blocking(move || crate::disk::read(&t)).await {
+        let (fs, t) = (self.fs.clone(), target.clone());
+        match tokio::task::spawn_blocking(move || crate::disk::read_on(&fs, &t)).await {
             Ok(Ok(previous)) => previous,
             Ok(Err(e)) => {
                 let w = format!(
@@ -376,8 +384,8 @@ impl Run<'_> {
         }
         // 5. Stage.
         let temps = {
-            let (plan, id) = (plan.clone(), self.id.clone());
-            blocking(move || in_place::stage_files(&plan, &id)).await
+            let (fs, plan, id) = (self.fs.clone(), plan.clone(), self.id.clone());
+            blocking(move || in_place::stage_files(&fs, &plan, &id)).await
         }
         .map_err(|source| DeployError::Fs {
             context: "staging failed, nothing changed",
@@ -389,8 +397,8 @@ impl Run<'_> {
         );
         // 6. Commit.
         let committed = {
-            let (id, name) = (self.id.clone(), target.name.clone());
-            blocking(move || in_place::commit(temps, &name, &id)).await
+            let (fs, id, name) = (self.fs.clone(), self.id.clone(), target.name.clone());
+            blocking(move || in_place::commit(fs, temps, &name, &id)).await
         }
         .map_err(|e| match e {
             in_place::CommitError::Restored(source) => DeployError::Fs {
@@ -538,8 +546,9 @@ impl Run<'_> {
         dirs.extend(gens.clone());
         let name = target.name.clone();
         let keep = target.backup_retention as usize;
+        let fs = committed.fs.clone();
         let pruned = blocking(move || {
-            prune(&dirs, &name, keep)?;
+            prune(&fs, &dirs, &name, keep)?;
             match &gens {
                 Some(dir) => generations::prune(dir, keep),
                 None => Ok(()),
@@ -584,7 +593,25 @@ impl Run<'_> {
             env,
         };
         let started = Instant::now();
-        let out = command::run(&spec).await;
+        let out = match &self.fs {
+            atomic::Fs::Local => command::run(&spec).await,
+            // The connection may have to be made again: off the async
+            // threads, like every other step on that host.
+            atomic::Fs::Remote(r) => match blocking({
+                let r = r.clone();
+                move || r.session()
+            })
+            .await
+            {
+                Ok(session) => command::run_remote(session, &spec).await,
+                Err(source) => Err(command::CommandError::Spawn {
+                    purpose: purpose.to_owned(),
+                    program: command::display_argv(argv),
+                    hint: " (over SSH)",
+                    source,
+                }),
+            },
+        };
         self.engine
             .metrics
             .command_finished(purpose, started.elapsed());
