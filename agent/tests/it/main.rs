@@ -42,6 +42,7 @@ mod nginx;
 mod nspawn;
 mod package;
 mod print_dropin;
+mod remote_ssh;
 mod remote_transport;
 mod socket_activation;
 mod status_check;

@@ -82,6 +82,9 @@ pub struct NginxBuilder {
     vhosts: Vec<Vhost>,
     workers: u32,
     listen: Listen,
+    /// Run master and workers as this account (`setpriv`), for a server
+    /// an unprivileged SSH account reloads.
+    run_as: Option<String>,
 }
 
 /// Where nginx listens: `127.0.0.1`, `[::1]`, or both (on the same port).
@@ -106,6 +109,13 @@ impl NginxBuilder {
     /// `worker_processes` (default 1).
     pub fn workers(mut self, n: u32) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// Runs nginx as `user` (its own groups only, through `setpriv`)
+    /// instead of the test's user; the prefix must be that user's.
+    pub fn run_as(mut self, user: &str) -> Self {
+        self.run_as = Some(user.to_owned());
         self
     }
 
@@ -182,6 +192,7 @@ impl Nginx {
             vhosts: Vec::new(),
             workers: 1,
             listen: Listen::V4,
+            run_as: None,
         }
     }
 
@@ -318,11 +329,40 @@ fn start_once(
     let _ = std::fs::remove_file(prefix.join("logs/error.log"));
     std::fs::write(
         prefix.join("conf/nginx.conf"),
-        render_conf(prefix, port, vhosts, builder.workers, listen),
+        render_conf(
+            prefix,
+            port,
+            vhosts,
+            builder.workers,
+            listen,
+            builder.run_as.is_none(),
+        ),
     )
     .expect("write nginx.conf");
     let stderr = std::fs::File::create(prefix.join("logs/stderr.log")).expect("create stderr.log");
-    let mut cmd = Command::new(bin);
+    let mut cmd = match &builder.run_as {
+        None => Command::new(bin),
+        Some(user) => {
+            // Its pid file, logs and temp paths are under the prefix.
+            let chowned = Command::new("chown")
+                .arg("-R")
+                .arg(user)
+                .arg(prefix)
+                .status();
+            assert!(
+                chowned.is_ok_and(|s| s.success()),
+                "chown -R {user} {}",
+                prefix.display()
+            );
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={user}"))
+                .arg(format!("--regid={user}"))
+                .arg("--init-groups")
+                .arg("--")
+                .arg(bin);
+            c
+        }
+    };
     cmd.arg("-p")
         .arg(prefix)
         .arg("-c")
@@ -367,11 +407,18 @@ fn start_once(
     }
 }
 
-fn render_conf(prefix: &Path, port: u16, vhosts: &[Vhost], workers: u32, listen: Listen) -> String {
+fn render_conf(
+    prefix: &Path,
+    port: u16,
+    vhosts: &[Vhost],
+    workers: u32,
+    listen: Listen,
+    as_test_user: bool,
+) -> String {
     let p = |rel: &str| quote(&prefix.join(rel));
     let www_data = matches!(nix::unistd::User::from_name("www-data"), Ok(Some(_)))
         && matches!(nix::unistd::Group::from_name("www-data"), Ok(Some(_)));
-    let user = if nix::unistd::geteuid().is_root() && www_data {
+    let user = if as_test_user && nix::unistd::geteuid().is_root() && www_data {
         "# as Debian's nginx.conf; the master (root) reads the keys, see support/nginx.rs\n\
          user www-data www-data;\n"
     } else {
