@@ -2,9 +2,9 @@
 //! the end-to-end test of the package.
 //!
 //! - [`rootfs`]: a `debootstrap --variant=minbase` tree of Debian
-//!   [`SUITE`] with systemd, dbus, nginx, apache2, haproxy, openssl and
-//!   procps (what the package and the test need: the container has no
-//!   network, so nothing can be fetched later). Built once under `/var/cache/certctl-test/`
+//!   [`SUITE`] with systemd, dbus, nginx, apache2, haproxy, openssl,
+//!   procps, and openssh-server, python3 and python3-apt for Ansible (what
+//!   the package and the tests need: nothing is fetched inside later). Built once under `/var/cache/certctl-test/`
 //!   (`CERTCTL_TEST_ROOTFS_CACHE` overrides the directory) and reused while
 //!   [`RECIPE`] is unchanged. It is built beside the cache and renamed into
 //!   place, so an interrupted build is never taken for a cache.
@@ -12,7 +12,10 @@
 //! - [`Machine::boot`]: copies the cached tree into a temp dir and boots it
 //!   with `systemd-nspawn -b --register=no --keep-unit --private-network`
 //!   (no host systemd or machined is needed; the container's loopback is
-//!   its own, so its nginx can use port 443), with the unified cgroup
+//!   its own, so its nginx can use port 443). [`Machine::boot_with`] takes
+//!   [`BootOptions`]: another machine name, and the host's network instead
+//!   of a private one (several containers side by side, each server on its
+//!   own loopback port, reached from the test directly). With the unified cgroup
 //!   hierarchy of a Debian 12 host where the host offers it. nspawn is a child of the test
 //!   in a [`ChildGuard`]: dropping the machine powers it off from inside,
 //!   then stops nspawn by PID (`SIGTERM`, which nspawn turns into a
@@ -35,12 +38,15 @@ use super::process::{BoundedOutput, ChildGuard, read_lossy, run_bounded, tail};
 /// The Debian release booted.
 pub const SUITE: &str = "bookworm";
 /// Packages added to the minimal base. Changing this list rebuilds the cache.
-pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps,apache2,haproxy";
+/// openssh-server, python3 and python3-apt: the fleet test manages the
+/// containers with Ansible over SSH (its apt module needs python3-apt).
+pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps,apache2,haproxy,\
+                            openssh-server,python3,python3-apt";
 /// What a cached tree was built from; a cache with another recipe is rebuilt.
-pub const RECIPE: &str = "certctl-test rootfs v2: debootstrap --variant=minbase";
+pub const RECIPE: &str = "certctl-test rootfs v3: debootstrap --variant=minbase";
 /// The cache's directory name: a new recipe gets a new one, so trees of
 /// both recipes can be cached side by side (branches being tested at once).
-const CACHE_NAME: &str = "rootfs-bookworm-v2";
+const CACHE_NAME: &str = "rootfs-bookworm-v3";
 /// How long the container may take to finish booting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default mirror for debootstrap.
@@ -128,6 +134,26 @@ pub fn rootfs() -> (PathBuf, Option<Duration>) {
 
 // === impl Machine ===
 
+/// How [`Machine::boot_with`] boots a container.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// `--machine=`: the container's name (and hostname).
+    pub name: String,
+    /// `--private-network` (the default): the container has its own
+    /// loopback only. Off, it shares the host's network: every server in it
+    /// must then listen on a port of its own on 127.0.0.1.
+    pub private_network: bool,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            name: "certctl-test".to_owned(),
+            private_network: true,
+        }
+    }
+}
+
 /// A booted container; powered off and removed when dropped.
 pub struct Machine {
     nspawn: ChildGuard,
@@ -142,6 +168,15 @@ impl Machine {
     /// (the container's `/`) before the boot. Returns the machine and how
     /// long copying and booting took.
     pub fn boot(template: &Path, prepare: impl FnOnce(&Path)) -> (Machine, Duration, Duration) {
+        Self::boot_with(template, &BootOptions::default(), prepare)
+    }
+
+    /// [`Self::boot`] with other [`BootOptions`].
+    pub fn boot_with(
+        template: &Path,
+        options: &BootOptions,
+        prepare: impl FnOnce(&Path),
+    ) -> (Machine, Duration, Duration) {
         let started = Instant::now();
         // Beside the cache: same filesystem, so the copy is quick.
         let root = tempfile::Builder::new()
@@ -174,14 +209,16 @@ impl Machine {
                 "--boot",
                 "--register=no",
                 "--keep-unit",
-                "--private-network",
                 "--console=pipe",
                 "--quiet",
-                "--machine=certctl-test",
             ])
+            .arg(format!("--machine={}", options.name))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup log"))
             .stderr(file);
+        if options.private_network {
+            cmd.arg("--private-network");
+        }
         // Debian 12 hosts use the unified cgroup hierarchy; on a hybrid host
         // (cgroup2 mounted beside the v1 controllers) boot the container
         // unified too, as production would be.
