@@ -441,9 +441,9 @@ def main():
 
     if rc != 0 or not done:
         if done:
-            msg = "deploy %s: %s: %s" % (target, result["outcome"], result["error"])
+            msg = "deploy %s: %s (exit %d): %s" % (target, result["outcome"], rc, result["error"])
         elif result["error"]:
-            msg = "deploy %s: %s" % (target, result["error"])
+            msg = "deploy %s: exit %d: %s" % (target, rc, result["error"])
         else:
             msg = "deploy %s: certctl exited %d: %s" % (target, rc, (err or out).strip())
         module.fail_json(msg=msg, **result)
