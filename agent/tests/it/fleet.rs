@@ -757,6 +757,15 @@ fn ansible_installs_the_agent_and_rolls_certificates_across_a_fleet() {
         assert_eq!(r["changed"], true, "{}: {r}", h.name);
         assert_eq!(r["outcome"], "dry_run", "{}: {r}", h.name);
         let diff = r["diff"].to_string();
+        if h.name == "host1" {
+            say(&format!(
+                "fleet: check mode diff on host1:\n--- {}\n{}+++ {}\n{}",
+                r["diff"]["before_header"].as_str().unwrap_or_default(),
+                r["diff"]["before"].as_str().unwrap_or_default(),
+                r["diff"]["after_header"].as_str().unwrap_or_default(),
+                r["diff"]["after"].as_str().unwrap_or_default()
+            ));
+        }
         assert!(
             diff.contains(&want) && diff.contains(&new),
             "{}: diff {diff}",
