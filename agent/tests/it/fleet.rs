@@ -5,9 +5,10 @@
 //! The hosts share the test's network: each one's sshd and nginx listen on
 //! ports of their own on 127.0.0.1, so the test probes every nginx itself.
 //! The collection is built with `ansible-galaxy collection build` and
-//! installed into the temp dir; `ansible-doc` reads every module's
-//! documentation. SSH uses a key made for the test and host keys pinned in
-//! a known_hosts file of the temp dir. Then, in order:
+//! installed into the temp dir; `ansible-doc` reads the documentation of
+//! every module, the role and the filter. SSH uses a key made for the
+//! test and host keys pinned in a known_hosts file of the temp dir. Then,
+//! in order:
 //!
 //! 1. the role `certctl.agent.agent` installs the package, writes the
 //!    configuration, installs the drop-in `print-dropin` prints and adds a
@@ -15,9 +16,9 @@
 //! 2. the module `certctl.agent.deploy` deploys a certificate from the
 //!    controller to nginx on each, verified by the agent and by the test's
 //!    own handshake; no key material in Ansible's output, no temp files
-//!    left on the hosts;
+//!    left on the hosts; `certctl.agent.status` reports the deployed
+//!    certificate as facts;
 //! 3. the same deploy again is `ok`, not `changed` (outcome `unchanged`);
-//!    `certctl.agent.status` reports the deployed certificate as facts;
 //! 4. `--check --diff` with a new certificate says what would change
 //!    (fingerprints) and changes nothing on disk or on the wire;
 //! 5. the playbook `certctl.agent.rolling_renewal` in batches of two, then
@@ -540,6 +541,21 @@ fn ansible_installs_the_agent_and_rolls_certificates_across_a_fleet() {
             "ansible-doc {module}: {}",
             docs[module]
         );
+    }
+    // The role's argument spec and the filter's documentation parse too.
+    for (kind, name) in [
+        ("role", "certctl.agent.agent"),
+        ("filter", "certctl.agent.to_toml"),
+    ] {
+        let doc = run_ok(
+            Command::new("ansible-doc")
+                .args(["--json", "-t", kind, name])
+                .env("ANSIBLE_HOME", c.path("ansible-home"))
+                .env("ANSIBLE_COLLECTIONS_PATH", c.path("collections")),
+            "ansible-doc",
+        );
+        let doc: Value = serde_json::from_str(&doc).unwrap();
+        assert!(doc[name].is_object(), "ansible-doc -t {kind} {name}: {doc}");
     }
 
     let first = pki::issue_cert(&[SNI]);
