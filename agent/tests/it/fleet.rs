@@ -567,7 +567,14 @@ fn ansible_installs_the_agent_and_rolls_certificates_across_a_fleet() {
 
     // Three hosts, booted side by side.
     let boot_started = Instant::now();
-    let ports: Vec<(u16, u16)> = (0..HOSTS).map(|_| (free_port(), free_port())).collect();
+    // Six ports free a moment ago, and distinct: each released port could
+    // come back from the next bind.
+    let mut picked = std::collections::BTreeSet::new();
+    while picked.len() < 2 * HOSTS {
+        picked.insert(free_port());
+    }
+    let picked: Vec<u16> = picked.into_iter().collect();
+    let ports: Vec<(u16, u16)> = picked.chunks(2).map(|p| (p[0], p[1])).collect();
     let hosts: Vec<(Host, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = ports
             .iter()
