@@ -701,6 +701,45 @@ fn ansible_installs_the_agent_and_rolls_certificates_across_a_fleet() {
         again.took.as_secs_f64(),
         again.slowest(5)
     ));
+    // The role in check mode with a changed setting: reported with its
+    // diff, nothing written, nothing restarted.
+    let config = |h: &Host| std::fs::read(h.machine.root().join("etc/certctl/agent.toml")).unwrap();
+    let pid = |h: &Host| {
+        h.machine
+            .ok("systemctl show -p MainPID --value certctl-agent.service")
+            .trim()
+            .to_owned()
+    };
+    let before: Vec<(Vec<u8>, String)> = hosts.iter().map(|h| (config(h), pid(h))).collect();
+    let check = c.play(
+        "site.yml",
+        &[
+            "-e",
+            &deb_var,
+            "-e",
+            r#"{"certctl_agent_settings": {"read_groups": [], "settle": "3s"}}"#,
+            "--check",
+            "--diff",
+        ],
+    );
+    assert_eq!(check.code, 0, "the role in check mode:\n{}", check.dump());
+    let written = check.results("Write the agent's configuration");
+    for (h, (config_before, pid_before)) in hosts.iter().zip(&before) {
+        let r = &written[&h.name];
+        assert_eq!(r["changed"], true, "{}: {r}", h.name);
+        assert!(
+            r["diff"].to_string().contains("settle = \\\"3s\\\""),
+            "{}: the diff shows the new setting: {}",
+            h.name,
+            r["diff"]
+        );
+        assert_eq!(&config(h), config_before, "{}: check mode wrote", h.name);
+        assert_eq!(&pid(h), pid_before, "{}: check mode restarted", h.name);
+    }
+    say(&format!(
+        "fleet: the role in check mode (one setting changed) took {:.1}s",
+        check.took.as_secs_f64()
+    ));
 
     // 2. Deploy from the controller.
     let vars = leaf_vars("second");

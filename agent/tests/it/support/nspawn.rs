@@ -272,9 +272,13 @@ impl Machine {
         };
         if state != "running" {
             let failed = machine.sh("systemctl --failed --no-legend --plain");
+            let journal = machine.sh(
+                "for u in $(systemctl --failed --no-legend --plain | cut -d' ' -f1); do \
+                 journalctl --no-pager -b -n 20 -u \"$u\"; done 2>&1",
+            );
             panic!(
-                "the container booted to state {state:?}, not \"running\"; failed units:\n{}",
-                failed.stdout
+                "the container booted to state {state:?}, not \"running\"; failed units:\n{}\n{}",
+                failed.stdout, journal.stdout
             );
         }
         (machine, copied, started.elapsed())
