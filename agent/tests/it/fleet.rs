@@ -169,14 +169,10 @@ fn prepare(
     std::fs::write(root.join("etc/nginx/tls/web.key"), &first.key_pem).unwrap();
     // Apache and HAProxy are in the tree for the package test; here they
     // would take port 80 of the shared network three times over.
-    // systemd-remount-fs has nothing to remount in a copied tree with an
-    // empty fstab, and failed one boot of three started at once (the
-    // container then boots "degraded"): it is left out too.
     for unit in [
         "apache2.service",
         "apache2-htcacheclean.service",
         "haproxy.service",
-        "systemd-remount-fs.service",
     ] {
         let _ = std::os::unix::fs::symlink("/dev/null", root.join("etc/systemd/system").join(unit));
     }

@@ -19,7 +19,9 @@
 //!   hierarchy of a Debian 12 host where the host offers it. nspawn is a child of the test
 //!   in a [`ChildGuard`]: dropping the machine powers it off from inside,
 //!   then stops nspawn by PID (`SIGTERM`, which nspawn turns into a
-//!   shutdown request, then `SIGKILL`), also when the test panics.
+//!   shutdown request, then `SIGKILL`), also when the test panics. Each
+//!   nspawn starts in a cgroup of its own (removed after it), so containers
+//!   booted side by side do not share one.
 //! - [`Machine::sh`]: runs a shell command inside, through `nsenter` into
 //!   every namespace of the container's PID 1, with a clean environment and
 //!   a deadline. This is the command channel: no machine registration, no
@@ -161,6 +163,8 @@ pub struct Machine {
     /// The container's root on the host (a temp copy of the cache).
     root: tempfile::TempDir,
     log: PathBuf,
+    /// The cgroup nspawn was started in, removed after it exits.
+    cgroup: Option<PathBuf>,
 }
 
 impl Machine {
@@ -202,7 +206,26 @@ impl Machine {
                 root.path().file_name().unwrap().to_string_lossy()
             ));
         let file = std::fs::File::create(&log).expect("create the nspawn log");
-        let mut cmd = Command::new("systemd-nspawn");
+        // With --keep-unit nspawn splits the cgroup it runs in into
+        // `payload` (the container) and `supervisor`: two containers started
+        // from one cgroup would share one `payload`, and their systemds
+        // trip over each other's units (status=219/CGROUP). Each starts
+        // from a cgroup of its own, made by the shell that execs nspawn.
+        let cgroup = own_cgroup(&options.name);
+        let mut cmd = match &cgroup {
+            Some(dir) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args([
+                    "-c",
+                    "mkdir \"$0\" && echo $$ > \"$0/cgroup.procs\" \
+                     || echo \"support: systemd-nspawn stays in the test's cgroup\" >&2; \
+                     exec systemd-nspawn \"$@\"",
+                ])
+                .arg(dir);
+                sh
+            }
+            None => Command::new("systemd-nspawn"),
+        };
         cmd.arg("--directory")
             .arg(root.path())
             .args([
@@ -254,6 +277,7 @@ impl Machine {
             leader,
             root,
             log,
+            cgroup,
         };
         // Nothing (no shell yet) or "offline" until the container's systemd
         // answers on its socket.
@@ -375,6 +399,9 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.power_off();
+        if let Some(dir) = &self.cgroup {
+            remove_cgroup(dir);
+        }
         if thread::panicking() {
             let _ = writeln!(
                 std::io::stderr(),
@@ -385,6 +412,37 @@ impl Drop for Machine {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// A new cgroup directory for one container, beside the test's own in the
+/// unified hierarchy (`/sys/fs/cgroup/unified` on a hybrid host); `None`
+/// on a host without one.
+fn own_cgroup(name: &str) -> Option<PathBuf> {
+    let base = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        PathBuf::from("/sys/fs/cgroup/unified")
+    } else if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+        PathBuf::from("/sys/fs/cgroup")
+    } else {
+        return None;
+    };
+    let own = read_lossy(Path::new("/proc/self/cgroup"))
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+    let parent = base.join(own.trim_start_matches('/'));
+    Some(parent.join(super::unique_token(&format!("certctl-test-{name}-"))))
+}
+
+/// Removes a cgroup directory and the ones systemd-nspawn and the container
+/// left under it, deepest first (only empty cgroups can be removed).
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// The host PID of the container's init: the child of `nspawn` that is PID 1
