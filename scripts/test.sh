@@ -44,6 +44,8 @@ command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=
 # The SSH transport's tests run a real sshd with the external sftp-server,
 # and the agent's side is the OpenSSH client (agent/tests/it/remote_transport.rs).
 [ -x /usr/sbin/sshd ] && [ -x /usr/lib/openssh/sftp-server ] || need+=(openssh-server)
+# The fleet test drives containers with Ansible over SSH (agent/tests/it/fleet.rs).
+command -v ansible-playbook >/dev/null 2>&1 || need+=(ansible-core)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then

@@ -26,6 +26,7 @@ mod crash;
 mod deploy_file;
 mod drop;
 mod envoy_kind;
+mod fleet;
 mod generations;
 mod haproxy_kind;
 mod harness;

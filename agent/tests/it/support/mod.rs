@@ -32,7 +32,10 @@
 //!   its own host key, a client key and an unprivileged account, for the
 //!   SSH transport.
 //! - [`nspawn`]: a Debian root booted with `systemd-nspawn` (cached
-//!   `debootstrap`), and a command channel into it (`nsenter`).
+//!   `debootstrap`), and a command channel into it (`nsenter`); several
+//!   side by side on the host's network with [`nspawn::BootOptions`].
+//! - `ansible_json.py`: the `ansible-playbook` stdout callback whose one
+//!   JSON document the fleet test reads (plays, tasks, results, stats).
 //!
 //! Every wait is bounded; a failure panics with the log of the process involved.
 //! Set `CERTCTL_TEST_KEEP_TMP=1` to keep the temp dirs for inspection.

@@ -2,9 +2,9 @@
 //! the end-to-end test of the package.
 //!
 //! - [`rootfs`]: a `debootstrap --variant=minbase` tree of Debian
-//!   [`SUITE`] with systemd, dbus, nginx, apache2, haproxy, openssl and
-//!   procps (what the package and the test need: the container has no
-//!   network, so nothing can be fetched later). Built once under `/var/cache/certctl-test/`
+//!   [`SUITE`] with systemd, dbus, nginx, apache2, haproxy, openssl,
+//!   procps, and openssh-server, python3 and python3-apt for Ansible (what
+//!   the package and the tests need: nothing is fetched inside later). Built once under `/var/cache/certctl-test/`
 //!   (`CERTCTL_TEST_ROOTFS_CACHE` overrides the directory) and reused while
 //!   [`RECIPE`] is unchanged. It is built beside the cache and renamed into
 //!   place, so an interrupted build is never taken for a cache.
@@ -12,11 +12,16 @@
 //! - [`Machine::boot`]: copies the cached tree into a temp dir and boots it
 //!   with `systemd-nspawn -b --register=no --keep-unit --private-network`
 //!   (no host systemd or machined is needed; the container's loopback is
-//!   its own, so its nginx can use port 443), with the unified cgroup
+//!   its own, so its nginx can use port 443). [`Machine::boot_with`] takes
+//!   [`BootOptions`]: another machine name, and the host's network instead
+//!   of a private one (several containers side by side, each server on its
+//!   own loopback port, reached from the test directly). With the unified cgroup
 //!   hierarchy of a Debian 12 host where the host offers it. nspawn is a child of the test
 //!   in a [`ChildGuard`]: dropping the machine powers it off from inside,
 //!   then stops nspawn by PID (`SIGTERM`, which nspawn turns into a
-//!   shutdown request, then `SIGKILL`), also when the test panics.
+//!   shutdown request, then `SIGKILL`), also when the test panics. Each
+//!   nspawn starts in a cgroup of its own (removed after it), so containers
+//!   booted side by side do not share one.
 //! - [`Machine::sh`]: runs a shell command inside, through `nsenter` into
 //!   every namespace of the container's PID 1, with a clean environment and
 //!   a deadline. This is the command channel: no machine registration, no
@@ -35,12 +40,15 @@ use super::process::{BoundedOutput, ChildGuard, read_lossy, run_bounded, tail};
 /// The Debian release booted.
 pub const SUITE: &str = "bookworm";
 /// Packages added to the minimal base. Changing this list rebuilds the cache.
-pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps,apache2,haproxy";
+/// openssh-server, python3 and python3-apt: the fleet test manages the
+/// containers with Ansible over SSH (its apt module needs python3-apt).
+pub const PACKAGES: &str = "systemd,systemd-sysv,dbus,nginx,openssl,procps,apache2,haproxy,\
+                            openssh-server,python3,python3-apt";
 /// What a cached tree was built from; a cache with another recipe is rebuilt.
-pub const RECIPE: &str = "certctl-test rootfs v2: debootstrap --variant=minbase";
+pub const RECIPE: &str = "certctl-test rootfs v3: debootstrap --variant=minbase";
 /// The cache's directory name: a new recipe gets a new one, so trees of
 /// both recipes can be cached side by side (branches being tested at once).
-const CACHE_NAME: &str = "rootfs-bookworm-v2";
+const CACHE_NAME: &str = "rootfs-bookworm-v3";
 /// How long the container may take to finish booting.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default mirror for debootstrap.
@@ -128,6 +136,26 @@ pub fn rootfs() -> (PathBuf, Option<Duration>) {
 
 // === impl Machine ===
 
+/// How [`Machine::boot_with`] boots a container.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// `--machine=`: the container's name (and hostname).
+    pub name: String,
+    /// `--private-network` (the default): the container has its own
+    /// loopback only. Off, it shares the host's network: every server in it
+    /// must then listen on a port of its own on 127.0.0.1.
+    pub private_network: bool,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            name: "certctl-test".to_owned(),
+            private_network: true,
+        }
+    }
+}
+
 /// A booted container; powered off and removed when dropped.
 pub struct Machine {
     nspawn: ChildGuard,
@@ -135,6 +163,8 @@ pub struct Machine {
     /// The container's root on the host (a temp copy of the cache).
     root: tempfile::TempDir,
     log: PathBuf,
+    /// The cgroup nspawn was started in, removed after it exits.
+    cgroup: Option<PathBuf>,
 }
 
 impl Machine {
@@ -142,6 +172,15 @@ impl Machine {
     /// (the container's `/`) before the boot. Returns the machine and how
     /// long copying and booting took.
     pub fn boot(template: &Path, prepare: impl FnOnce(&Path)) -> (Machine, Duration, Duration) {
+        Self::boot_with(template, &BootOptions::default(), prepare)
+    }
+
+    /// [`Self::boot`] with other [`BootOptions`].
+    pub fn boot_with(
+        template: &Path,
+        options: &BootOptions,
+        prepare: impl FnOnce(&Path),
+    ) -> (Machine, Duration, Duration) {
         let started = Instant::now();
         // Beside the cache: same filesystem, so the copy is quick.
         let root = tempfile::Builder::new()
@@ -167,21 +206,42 @@ impl Machine {
                 root.path().file_name().unwrap().to_string_lossy()
             ));
         let file = std::fs::File::create(&log).expect("create the nspawn log");
-        let mut cmd = Command::new("systemd-nspawn");
+        // With --keep-unit nspawn splits the cgroup it runs in into
+        // `payload` (the container) and `supervisor`: two containers started
+        // from one cgroup would share one `payload`, and their systemds
+        // trip over each other's units (status=219/CGROUP). Each starts
+        // from a cgroup of its own, made by the shell that execs nspawn.
+        let cgroup = own_cgroup(&options.name);
+        let mut cmd = match &cgroup {
+            Some(dir) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args([
+                    "-c",
+                    "mkdir \"$0\" && echo $$ > \"$0/cgroup.procs\" \
+                     || echo \"support: systemd-nspawn stays in the test's cgroup\" >&2; \
+                     exec systemd-nspawn \"$@\"",
+                ])
+                .arg(dir);
+                sh
+            }
+            None => Command::new("systemd-nspawn"),
+        };
         cmd.arg("--directory")
             .arg(root.path())
             .args([
                 "--boot",
                 "--register=no",
                 "--keep-unit",
-                "--private-network",
                 "--console=pipe",
                 "--quiet",
-                "--machine=certctl-test",
             ])
+            .arg(format!("--machine={}", options.name))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup log"))
             .stderr(file);
+        if options.private_network {
+            cmd.arg("--private-network");
+        }
         // Debian 12 hosts use the unified cgroup hierarchy; on a hybrid host
         // (cgroup2 mounted beside the v1 controllers) boot the container
         // unified too, as production would be.
@@ -217,6 +277,7 @@ impl Machine {
             leader,
             root,
             log,
+            cgroup,
         };
         // Nothing (no shell yet) or "offline" until the container's systemd
         // answers on its socket.
@@ -235,9 +296,13 @@ impl Machine {
         };
         if state != "running" {
             let failed = machine.sh("systemctl --failed --no-legend --plain");
+            let journal = machine.sh(
+                "for u in $(systemctl --failed --no-legend --plain | cut -d' ' -f1); do \
+                 journalctl --no-pager -b -n 20 -u \"$u\"; done 2>&1",
+            );
             panic!(
-                "the container booted to state {state:?}, not \"running\"; failed units:\n{}",
-                failed.stdout
+                "the container booted to state {state:?}, not \"running\"; failed units:\n{}\n{}",
+                failed.stdout, journal.stdout
             );
         }
         (machine, copied, started.elapsed())
@@ -334,6 +399,9 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.power_off();
+        if let Some(dir) = &self.cgroup {
+            remove_cgroup(dir);
+        }
         if thread::panicking() {
             let _ = writeln!(
                 std::io::stderr(),
@@ -344,6 +412,37 @@ impl Drop for Machine {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// A new cgroup directory for one container, beside the test's own in the
+/// unified hierarchy (`/sys/fs/cgroup/unified` on a hybrid host); `None`
+/// on a host without one.
+fn own_cgroup(name: &str) -> Option<PathBuf> {
+    let base = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        PathBuf::from("/sys/fs/cgroup/unified")
+    } else if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+        PathBuf::from("/sys/fs/cgroup")
+    } else {
+        return None;
+    };
+    let own = read_lossy(Path::new("/proc/self/cgroup"))
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+    let parent = base.join(own.trim_start_matches('/'));
+    Some(parent.join(super::unique_token(&format!("certctl-test-{name}-"))))
+}
+
+/// Removes a cgroup directory and the ones systemd-nspawn and the container
+/// left under it, deepest first (only empty cgroups can be removed).
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// The host PID of the container's init: the child of `nspawn` that is PID 1
