@@ -217,6 +217,26 @@ pub async fn run(
         "ready"
     );
     notifier.ready(&status_line(&shared, &board));
+    // Leftovers of earlier runs (temp files a failing disk kept, half-filled
+    // sets, backups beyond retention) are swept while the agent serves: at
+    // thousands of targets that is most of a start. Each group of targets
+    // sharing a directory is locked while it is swept, so no deploy runs
+    // there meanwhile.
+    {
+        let (shared, config) = (shared.clone(), config.clone());
+        // Held like a deploy's: a stop waits for the group being swept.
+        let token = shared.deploy_guard();
+        tokio::spawn(async move {
+            let _token = token;
+            let started = std::time::Instant::now();
+            let swept = shared.engine.sweep_leftovers(&config).await;
+            info!(
+                targets = swept,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "start-up sweep done"
+            );
+        });
+    }
 
     // Connections still open once deploys are drained (a watcher that
     // stopped reading holds graceful shutdown forever) are cut after

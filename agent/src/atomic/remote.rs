@@ -487,10 +487,24 @@ impl RemoteFs {
 
     /// [`super::Fs::remove_temps`].
     pub fn remove_temps(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        self.remove_temps_where(dir, |_| true)
+    }
+
+    /// [`Self::remove_temps`] of the temp files whose name `chosen`
+    /// accepts: a remote target's own, when other targets may be
+    /// deploying in the same directory.
+    pub fn remove_temps_where(
+        &self,
+        dir: &Path,
+        chosen: impl Fn(&str) -> bool,
+    ) -> Result<Vec<PathBuf>> {
         let entries = self.list(dir)?;
         let mut removed = Vec::new();
         for (name, attrs) in entries {
-            if name.starts_with(TEMP_PREFIX) && (attrs.is_file() || attrs.is_symlink()) {
+            if name.starts_with(TEMP_PREFIX)
+                && chosen(&name)
+                && (attrs.is_file() || attrs.is_symlink())
+            {
                 let path = dir.join(&name);
                 self.remove(&path)?;
                 removed.push(path);

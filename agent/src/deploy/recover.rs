@@ -61,33 +61,61 @@ impl Engine {
         for rec in open {
             reports.extend(self.recover_one(rec, config).await);
         }
-        self.sweep_leftovers(config).await;
         Ok(reports)
     }
 
     /// Removes temp files a run could not remove itself (its disk was
-    /// failing) and backups beyond retention, in every target directory.
-    /// Each target is locked while its directories are swept. Targets that
-    /// share a directory are swept one after the other (their sweeps would
-    /// race for the same entries); the others [`SWEEP_CONCURRENCY`] at a
-    /// time, so a host with thousands of targets is ready sooner.
-    async fn sweep_leftovers(&self, config: &Config) {
+    /// failing), half-filled sets and backups beyond retention, in every
+    /// local target's directories; returns how many targets it swept.
+    ///
+    /// Runs while the agent serves (the daemon starts it right after
+    /// `READY=1`), so it takes the lock of every target of a group of
+    /// targets that share a directory before touching that directory: a
+    /// deploy to one of them cannot have a temp file there meanwhile, and
+    /// a deploy that asks for the lock waits until its group is swept.
+    /// Groups share no directory, so [`SWEEP_CONCURRENCY`] of them are
+    /// swept at a time. Stops between groups when the agent stops.
+    pub async fn sweep_leftovers(&self, config: &Config) -> usize {
         use futures_util::stream::{self, StreamExt};
         let groups = sweep_groups(config);
+        let swept = std::sync::atomic::AtomicUsize::new(0);
+        let stop = self.shutdown_token();
         stream::iter(groups)
-            .for_each_concurrent(SWEEP_CONCURRENCY, |group| async move {
-                for (t, dirs) in group {
-                    self.sweep_target(t, dirs).await;
+            .for_each_concurrent(SWEEP_CONCURRENCY, |group| {
+                let (swept, stop) = (&swept, &stop);
+                async move {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    let n = group.len();
+                    if self.sweep_group(group).await {
+                        swept.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
             })
             .await;
+        swept.into_inner()
     }
 
-    async fn sweep_target(&self, t: &Target, dirs: Vec<PathBuf>) {
-        let Ok((_guard, _)) = self.lock_target(&t.name, false).await else {
-            return;
-        };
-        sweep_dirs_of(&atomic::LOCAL, t, dirs).await;
+    /// Sweeps a group of targets sharing directories, every one of them
+    /// locked first (in the group's order; a deploy holds one lock only,
+    /// and no two sweeps take the same group, so this cannot deadlock).
+    async fn sweep_group(&self, group: Vec<(&Target, Vec<PathBuf>)>) -> bool {
+        let mut guards = Vec::with_capacity(group.len());
+        for (t, _) in &group {
+            match self.lock_target(&t.name, false).await {
+                Ok((guard, _)) => guards.push(guard),
+                Err(e) => {
+                    warn!(target = %t.name, "cannot sweep the target's directory: {e}");
+                    return false;
+                }
+            }
+        }
+        for (t, dirs) in group {
+            sweep_dirs_of(&atomic::LOCAL, t, dirs).await;
+        }
+        drop(guards);
+        true
     }
 
     /// Whether a run that ended `rollback_failed` may be retried: it is
@@ -386,12 +414,24 @@ impl Run<'_> {
 /// Removes from `dirs` (a locked target's directories, through `fs`) the
 /// temp files and half-filled backup sets earlier runs left, and backups
 /// beyond retention; says what it removed.
+///
+/// A remote target is swept by its own deploy, holding its lock only:
+/// there only the temp files of its own files (named after them) go, so
+/// a deploy to another target in the same remote directory keeps its own.
 pub(super) async fn sweep_dirs_of(fs: &Fs, t: &Target, dirs: Vec<PathBuf>) {
     let (fs, name, keep) = (fs.clone(), t.name.clone(), t.backup_retention as usize);
+    let own: Vec<String> = t
+        .paths()
+        .filter_map(|p| p.file_name())
+        .map(|n| format!("-{}", n.to_string_lossy()))
+        .collect();
     let swept = blocking(move || {
         let mut removed = Vec::new();
         for d in &dirs {
-            removed.extend(fs.remove_temps(d)?);
+            removed.extend(match &fs {
+                Fs::Local => fs.remove_temps(d)?,
+                Fs::Remote(r) => r.remove_temps_where(d, |n| own.iter().any(|o| n.ends_with(o)))?,
+            });
             // Sets a killed run did not finish filling.
             removed.extend(fs.remove_partials(&d.join(atomic::AGENT_DIR))?);
             removed

@@ -415,9 +415,14 @@ impl TestEnv {
         path
     }
 
-    /// Writes the config, starts `certctl-agent --config agent.toml` (RUST_LOG=debug) and waits until its socket accepts.
+    /// Writes the config, starts `certctl-agent --config agent.toml`
+    /// (RUST_LOG=debug) and waits until its socket accepts and it has
+    /// swept what earlier runs left over ([`AgentProc::wait_swept`]).
     pub fn spawn_agent(&self) -> AgentProc {
-        AgentProc::spawn(self.agent_command(), &self.socket(), &self.agent_log_path())
+        let mut agent =
+            AgentProc::spawn(self.agent_command(), &self.socket(), &self.agent_log_path());
+        agent.wait_swept();
+        agent
     }
 
     /// Writes the config and returns `certctl-agent --config agent.toml`
@@ -444,7 +449,9 @@ impl TestEnv {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        AgentProc::spawn(cmd, &self.socket(), &self.agent_log_path())
+        let mut agent = AgentProc::spawn(cmd, &self.socket(), &self.agent_log_path());
+        agent.wait_swept();
+        agent
     }
 
     /// Runs `certctl --socket <sock> ARGS` (bounded) and captures its output.
@@ -567,6 +574,24 @@ impl AgentProc {
                 );
             }
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the agent logs `start-up sweep done`: it sweeps the
+    /// leftovers of earlier runs while it serves, and tests check what is
+    /// on disk right after a start. Returns early if the agent exited (the
+    /// test sees that itself).
+    pub fn wait_swept(&mut self) {
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        while !self.log().contains("start-up sweep done") {
+            if self.child.try_wait().is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not finish its start-up sweep within {AGENT_START_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
