@@ -91,9 +91,20 @@ pub async fn burst(
         }
     }
     if std::fs::read_dir(rejected_dir).is_ok_and(|mut d| d.next().is_some()) {
+        // The run's directory goes with the error: the reasons are said here.
+        let mut reasons: Vec<String> = std::fs::read_dir(rejected_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".reason"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        let total = reasons.len();
+        reasons.truncate(3);
         bail!(
-            "some drops were rejected: see {} and their .reason files",
-            rejected_dir.display()
+            "{total} drop(s) were rejected (in {}); the first reasons:\n{}",
+            rejected_dir.display(),
+            reasons.join("\n")
         );
     }
     Ok(Burst {
