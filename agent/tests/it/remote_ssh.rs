@@ -109,6 +109,23 @@ impl Remote {
         ])
     }
 
+    /// Replaces the target's validate command with `validate` (a TOML
+    /// array) and, when given, its `command_timeout`.
+    fn set_validate(&mut self, validate: &str, timeout: Option<&str>) {
+        let body = target_body(&self.env.config_text());
+        let mut body = body.replace(
+            &format!("validate = {}", toml_array(&self.nginx.validate_argv())),
+            &format!("validate = {validate}"),
+        );
+        if let Some(t) = timeout {
+            body = body.replace(
+                "command_timeout = \"30s\"",
+                &format!("command_timeout = {}", toml_str(t)),
+            );
+        }
+        self.env.replace_target(TARGET, &body);
+    }
+
     fn file_target(&self) -> FileTarget<'_> {
         FileTarget {
             name: TARGET,
@@ -288,14 +305,9 @@ fn a_failing_remote_validate_command_puts_the_previous_files_back() {
     let Some(mut r) = Remote::start(&a, Sshd::known_hosts) else {
         return;
     };
-    let body = target_body(&r.env.config_text());
-    let validate = toml_array(&r.nginx.validate_argv());
-    r.env.replace_target(
-        TARGET,
-        &body.replace(
-            &format!("validate = {validate}"),
-            "validate = [\"sh\", \"-c\", \"echo 'emerg: broken on the remote side' >&2; exit 1\"]",
-        ),
+    r.set_validate(
+        "[\"sh\", \"-c\", \"echo 'emerg: broken on the remote side' >&2; exit 1\"]",
+        None,
     );
     let _agent = r.env.spawn_agent();
     let before = std::fs::read(r.dir.join("cert.pem")).unwrap();
@@ -320,17 +332,7 @@ fn a_hung_remote_command_is_stopped_on_the_remote_host_at_its_timeout() {
     let Some(mut r) = Remote::start(&a, Sshd::known_hosts) else {
         return;
     };
-    let body = target_body(&r.env.config_text());
-    let validate = toml_array(&r.nginx.validate_argv());
-    r.env.replace_target(
-        TARGET,
-        &body
-            .replace(
-                &format!("validate = {validate}"),
-                "validate = [\"sleep\", \"300\"]",
-            )
-            .replace("command_timeout = \"30s\"", "command_timeout = \"1s\""),
-    );
+    r.set_validate("[\"sleep\", \"300\"]", Some("1s"));
     let _agent = r.env.spawn_agent();
     let b = pki::issue_cert(&[SNI]);
     let out = r.deploy(&b, "b");
