@@ -27,6 +27,7 @@ use super::base::{
     AGENT_DIR, Existing, FsError, Result, TEMP_PREFIX, backup_dir, is_private_key, parent,
     partial_of, temp_path,
 };
+use crate::config::keystore::CREDENTIALS_DIRECTORY;
 use crate::config::{SshConfig, SshIdentity};
 use crate::failpoint;
 use crate::remote::{Attrs, Endpoint, Pool, Sftp};
@@ -55,7 +56,7 @@ fn pool() -> &'static Pool {
 pub fn endpoint(ssh: &SshConfig) -> io::Result<Endpoint> {
     let identity_file = match &ssh.identity {
         SshIdentity::File(p) => p.clone(),
-        SshIdentity::Credential(name) => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        SshIdentity::Credential(name) => match std::env::var_os(CREDENTIALS_DIRECTORY) {
             Some(dir) => Path::new(&dir).join(name),
             None => {
                 return Err(io::Error::other(format!(
