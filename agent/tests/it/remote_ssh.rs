@@ -443,6 +443,61 @@ fn a_temp_file_left_on_the_remote_host_is_swept_by_the_next_deploy() {
 }
 
 #[test]
+fn a_remote_deploys_sweep_leaves_another_targets_temp_files_alone() {
+    // Two remote targets in one remote directory: each deploy holds only
+    // its own target's lock, so its sweep must not take the other's temp
+    // files (which, during that target's deploy, are its files in flight).
+    let a = pki::issue_cert(&[SNI]);
+    let Some(mut r) = Remote::start(&a, Sshd::known_hosts) else {
+        return;
+    };
+    let body = target_body(&r.env.config_text());
+    let ssh = body
+        .split_once("[target.ssh]")
+        .and_then(|(_, rest)| rest.split_once("[target.verify]"))
+        .map(|(ssh, _)| ssh.trim().to_owned())
+        .expect("the [target.ssh] table");
+    r.env.target(
+        "other",
+        &format!(
+            "kind = \"file\"\ncert_path = {}\nkey_path = {}\n[target.ssh]\n{ssh}\n",
+            toml_path(&r.dir.join("other.crt")),
+            toml_path(&r.dir.join("other.key")),
+        ),
+    );
+    let mine = r.dir.join(".certctl-tmp-20261201T000000Z-dead-cert.pem");
+    let theirs = r.dir.join(".certctl-tmp-20261201T000000Z-busy-other.crt");
+    for p in [&mine, &theirs] {
+        std::fs::write(p, "partial").unwrap();
+        chown(p, r.sshd.uid(), r.sshd.gid());
+    }
+    let _agent = r.env.spawn_agent();
+    let b = pki::issue_cert(&[SNI]);
+    r.deploy(&b, "b").assert_code(0);
+    assert!(!mine.exists(), "the deploy to {TARGET} sweeps its own");
+    assert!(theirs.exists(), "and leaves the other target's");
+    let c = pki::issue_cert(&["other.test"]);
+    let f = r.env.inputs(&c, "c");
+    r.env
+        .ctl(&[
+            "deploy",
+            "other",
+            "--cert",
+            arg(&f.fullchain),
+            "--key",
+            arg(&f.key),
+        ])
+        .assert_code(0);
+    assert!(!theirs.exists(), "the other target's deploy sweeps its own");
+    assert_eq!(
+        std::fs::read_to_string(r.dir.join("other.crt")).unwrap(),
+        c.fullchain_pem()
+    );
+    let v = invariants::files(&r.file_target(), &[&b]);
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+#[test]
 fn a_reader_on_the_remote_host_never_sees_a_torn_file() {
     let a = pki::issue_cert(&[SNI]);
     let b = pki::issue_cert(&[SNI]);
