@@ -693,6 +693,39 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_journal_gets_the_host_column_and_keeps_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("journal.sqlite")).unwrap();
+            // Version 2's table: no host column.
+            let v2 = SCHEMA.replace(
+                "DEFAULT 0, -- deployed with --no-reload (since version 2)\n    host          TEXT NOT NULL DEFAULT ''    -- a remote target's user@host:port; '' for this host (since version 3)",
+                "DEFAULT 0 -- deployed with --no-reload (since version 2)",
+            );
+            assert!(!v2.contains("host"));
+            c.execute_batch(&v2).unwrap();
+            c.execute(
+                "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
+                                      cert_sha256, prev_sha256, inputs, no_reload)
+                 VALUES ('d1', 'web', 'deploy', 'cli', 1, 'committed', '[]', 'aa', 'bb', '[]', 1)",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let open = j.unfinished().unwrap();
+        assert_eq!(open.len(), 1);
+        // The run was on this host, and keeps what version 2 recorded.
+        assert!(open[0].no_reload);
+        assert_eq!(open[0].host, "");
+        drop(j);
+        // Opened again at version 3: nothing more to migrate.
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.unfinished().unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_version_1_journal_is_migrated_and_keeps_its_runs() {
         let dir = tempfile::tempdir().unwrap();
         {
