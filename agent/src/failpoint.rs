@@ -9,9 +9,15 @@
 //! it passes `<name>`; `<name>@<n>` the n-th time. Names: `after-temp-write`,
 //! `after-temp-fsync`, `after-backup`, `between-renames`, `after-commit`,
 //! `during-reload`, `during-verify-wait`, `during-rollback`,
-//! `before-finish`. With `CERTCTL_FAILPOINT_DROP_UNSYNCED=1` the abort first
+//! `before-finish`; a rollback also passes `before-cleanup` (after its
+//! outcome is journaled, before the restored set and old backups are
+//! removed). With `CERTCTL_FAILPOINT_DROP_UNSYNCED=1` the abort first
 //! truncates every file written since its last `fsync` (what a power cut
 //! does to unsynced data).
+//!
+//! Pause points: `CERTCTL_FAILPOINT_PAUSE=<name>:<ms>` makes every pass of
+//! `<name>` sleep `<ms>` milliseconds (on the thread that passes it), so a
+//! test can act while a run is held at that point.
 //!
 //! Filesystem seam: `CERTCTL_FAULT_FS=<n>:<errno>[:persist]` makes the n-th
 //! filesystem operation of `atomic` (1-based, counted over the whole
@@ -151,7 +157,27 @@ mod imp {
         UNSYNCED.get_or_init(|| Mutex::new(HashSet::new()))
     }
 
+    fn pause() -> Option<&'static (String, std::time::Duration)> {
+        static PAUSE: OnceLock<Option<(String, std::time::Duration)>> = OnceLock::new();
+        PAUSE
+            .get_or_init(|| {
+                let spec = std::env::var("CERTCTL_FAILPOINT_PAUSE").ok()?;
+                let (name, ms) = spec.split_once(':')?;
+                Some((
+                    name.to_owned(),
+                    std::time::Duration::from_millis(ms.parse().ok()?),
+                ))
+            })
+            .as_ref()
+    }
+
     pub fn hit(name: &str) {
+        if let Some((n, d)) = pause()
+            && n == name
+        {
+            tracing::warn!(failpoint = name, "failpoint: pausing for {d:?}");
+            std::thread::sleep(*d);
+        }
         let Some(c) = crash() else { return };
         if c.name != name || c.seen.fetch_add(1, Ordering::SeqCst) + 1 != c.nth {
             return;

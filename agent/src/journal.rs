@@ -293,11 +293,13 @@ impl Journal {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = (|| {
             if conn.sync != sync {
-                let level = match sync {
-                    Sync::Now => "FULL",
-                    Sync::WithNext => "NORMAL",
+                // Statements are prepared once per connection and cached:
+                // a deploy writes four rows and parses no SQL.
+                let pragma = match sync {
+                    Sync::Now => "PRAGMA synchronous = FULL",
+                    Sync::WithNext => "PRAGMA synchronous = NORMAL",
                 };
-                conn.db.pragma_update(None, "synchronous", level)?;
+                conn.db.prepare_cached(pragma)?.execute([])?;
                 conn.sync = sync;
             }
             f(&mut conn.db)
@@ -315,10 +317,12 @@ impl Journal {
         let now = ms(SystemTime::now());
         self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
                                       cert_sha256, prev_sha256, inputs, no_reload, host)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9, ?10, ?11)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'locked', ?6, ?7, ?8, ?9, ?10, ?11)"
+            )?
+            .execute(
                 params![
                     b.id,
                     b.target,
@@ -333,8 +337,10 @@ impl Journal {
                     b.host
                 ],
             )?;
-            tx.execute(
-                "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'locked', '')",
+            tx.prepare_cached(
+                "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'locked', '')"
+            )?
+            .execute(
                 params![b.id, now],
             )?;
             tx.commit()
@@ -352,14 +358,12 @@ impl Journal {
         let now = ms(SystemTime::now());
         self.write(sync, |c| {
             let tx = c.transaction()?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, ?3, ?4)",
-                params![id, now, stage, message],
-            )?;
-            tx.execute(
-                "UPDATE deploys SET stage = ?2 WHERE id = ?1",
-                params![id, stage],
-            )?;
+            )?
+            .execute(params![id, now, stage, message])?;
+            tx.prepare_cached("UPDATE deploys SET stage = ?2 WHERE id = ?1")?
+                .execute(params![id, stage])?;
             tx.commit()
         })
     }
@@ -369,26 +373,26 @@ impl Journal {
         let now = ms(f.finished);
         self.write(Sync::Now, |c| {
             let tx = c.transaction()?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO stages (deploy_id, at_ms, stage, message) VALUES (?1, ?2, 'done', ?3)",
-                params![id, now, f.outcome],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![id, now, f.outcome])?;
+            tx.prepare_cached(
                 "UPDATE deploys SET stage = 'done', finished_ms = ?2, outcome = ?3, error = ?4,
                         verification = ?5, disk_sha256 = ?6, served_sha256 = ?7,
                         recovered = ?8
                  WHERE id = ?1",
-                params![
-                    id,
-                    now,
-                    f.outcome,
-                    f.error,
-                    f.verification,
-                    f.disk_sha256,
-                    f.served_sha256,
-                    f.recovered
-                ],
-            )?;
+            )?
+            .execute(params![
+                id,
+                now,
+                f.outcome,
+                f.error,
+                f.verification,
+                f.disk_sha256,
+                f.served_sha256,
+                f.recovered
+            ])?;
             tx.commit()
         })
     }
@@ -397,11 +401,9 @@ impl Journal {
     /// unchanged: it is never handed to recovery again.
     pub fn settle(&self, id: &str) -> Result<(), JournalError> {
         self.write(Sync::Now, |c| {
-            c.execute(
-                "UPDATE deploys SET recovered = 1 WHERE id = ?1",
-                params![id],
-            )
-            .map(|_| ())
+            c.prepare_cached("UPDATE deploys SET recovered = 1 WHERE id = ?1")?
+                .execute(params![id])
+                .map(|_| ())
         })
     }
 
@@ -412,28 +414,28 @@ impl Journal {
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
         let now = ms(f.finished);
         self.write(Sync::Now, |c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
                                       cert_sha256, prev_sha256, inputs, finished_ms, outcome,
                                       error, verification, disk_sha256, served_sha256)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'done', ?6, ?7, ?8, ?9, ?5, ?10, ?11, ?12, ?13, ?14)",
-                params![
-                    b.id,
-                    b.target,
-                    b.op,
-                    b.origin,
-                    now,
-                    files,
-                    b.cert_sha256,
-                    b.prev_sha256,
-                    inputs,
-                    f.outcome,
-                    f.error,
-                    f.verification,
-                    f.disk_sha256,
-                    f.served_sha256
-                ],
-            )
+            )?
+            .execute(params![
+                b.id,
+                b.target,
+                b.op,
+                b.origin,
+                now,
+                files,
+                b.cert_sha256,
+                b.prev_sha256,
+                inputs,
+                f.outcome,
+                f.error,
+                f.verification,
+                f.disk_sha256,
+                f.served_sha256
+            ])
             .map(|_| ())
         })
     }

@@ -241,7 +241,17 @@ impl<'e> Run<'e> {
         };
     }
 
+    /// Stage 10: closes the run and tells the caller ([`Self::close`],
+    /// then the `Done` event).
     pub(super) fn finish(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
+        let report = self.close(outcome, error, dry_run);
+        self.done(&report);
+        report
+    }
+
+    /// The run's report, logged, its outcome in the journal (durable) and
+    /// in memory; the caller is not told yet ([`Self::done`]).
+    pub(super) fn close(&mut self, outcome: Outcome, error: String, dry_run: bool) -> Report {
         let (cert_sha256, not_after, subject) = self.leaf.clone().unwrap_or_default();
         let report = Report {
             deploy_id: self.id.clone(),
@@ -295,8 +305,21 @@ impl<'e> Run<'e> {
                 }),
             );
         }
-        self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
         report
+    }
+
+    /// The `Done` event: the one the caller waits for, with `report`.
+    pub(super) fn done(&self, report: &Report) {
+        let message = if report.error.is_empty() {
+            format!(
+                "{} in {}",
+                report.outcome.as_str(),
+                fmt_duration(report.duration)
+            )
+        } else {
+            format!("{}: {}", report.outcome.as_str(), report.error)
+        };
+        self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
     }
 
     /// Closes the run's journal row (or writes a closed one for a run that

@@ -29,6 +29,7 @@ use crate::bundle;
 use crate::config::{Layout, Target};
 use crate::disk::OnDisk;
 use crate::journal::FileRecord;
+use crate::lock::TargetGuard;
 use crate::model::event::{Event, Outcome, Report, Stage, Verification, new_deploy_id};
 use crate::model::fmt::short_hex;
 use crate::model::stage::Op;
@@ -59,24 +60,34 @@ impl Engine {
         run.fs = Fs::of(&req.target);
         async move {
             info!(origin = %req.origin, "rollback requested");
-            let (outcome, error, cleanup) = match run.execute_rollback(&req).await {
+            // The lock is held until the cleanup is done: a deploy that
+            // followed could otherwise have its new backup set pruned.
+            let mut guard = None;
+            let (outcome, error, cleanup) = match run.execute_rollback(&req, &mut guard).await {
                 Ok(cleanup) => (Outcome::Restored, String::new(), Some(cleanup)),
                 Err(e) => (e.outcome(), e.to_string(), None),
             };
             run.look_at_disk(&req.target).await;
-            let report = run.finish(outcome, error, false);
+            let report = run.close(outcome, error, false);
             // Only once the outcome is in the journal: until then recovery
             // may still have to undo the rollback, and the restored set's
-            // backup is what it would need after that.
+            // backup is what it would need after that. The caller is told
+            // after it, so what it then finds on disk is the end state.
             if let Some(cleanup) = cleanup {
                 let target = &req.target;
                 let (name, keep) = (target.name.clone(), target.backup_retention as usize);
                 let what = cleanup.describe();
                 let fs = run.fs.clone();
-                if let Err(e) = blocking(move || cleanup.run(&fs, &name, keep)).await {
+                let cleaned = blocking(move || {
+                    crate::failpoint::hit("before-cleanup");
+                    cleanup.run(&fs, &name, keep)
+                });
+                if let Err(e) = cleaned.await {
                     warn!("could not clean up {what}: {e}");
                 }
             }
+            drop(guard);
+            run.done(&report);
             self.metrics()
                 .rollback_finished(&req.target.name, report.outcome);
             report
@@ -308,9 +319,15 @@ impl Run<'_> {
         leaf_sha256(&self.fs, target).await.unwrap_or_default()
     }
 
-    async fn execute_rollback(&mut self, req: &RollbackRequest) -> Result<Cleanup, DeployError> {
+    /// The rollback up to its cleanup; the target's lock is left in
+    /// `guard` for the caller to hold through it.
+    async fn execute_rollback(
+        &mut self,
+        req: &RollbackRequest,
+        guard: &mut Option<TargetGuard>,
+    ) -> Result<Cleanup, DeployError> {
         let target = &req.target;
-        let _guard = self.lock(target, req.no_wait).await?;
+        *guard = Some(self.lock(target, req.no_wait).await?);
         let (committed, restored, cleanup) = if target.layout == Layout::Generations {
             self.prepare_generations(req).await?
         } else {

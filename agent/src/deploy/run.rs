@@ -46,7 +46,7 @@ use crate::model::stage::Op;
 use crate::verify::served::{self as verify, Checks, Expect};
 
 /// The bytes a deploy writes, computed once: the plan is resolved from
-/// them before the lock and again under it.
+/// them under the lock (and also before it when the lock is held).
 struct Outputs {
     files: Vec<plan::Output>,
     /// A keystore target's settings and password, for reading the
@@ -66,14 +66,20 @@ impl Engine {
         run.fs = atomic::Fs::of(&req.target);
         async move {
             info!(origin = %req.origin, dry_run = req.dry_run, "deploy requested");
-            let (outcome, error) = match run.execute(&req).await {
+            // The lock is held until the outcome is in the journal: the
+            // next run on the target starts after this one has ended there,
+            // and the disk looked at below is this run's end state.
+            let mut guard = None;
+            let (outcome, error) = match run.execute(&req, &mut guard).await {
                 Ok(outcome) => (outcome, String::new()),
                 Err(e) => (e.outcome(), e.to_string()),
             };
             if !req.dry_run {
                 run.look_at_disk(&req.target).await;
             }
-            let report = run.finish(outcome, error, req.dry_run);
+            let report = run.close(outcome, error, req.dry_run);
+            drop(guard);
+            run.done(&report);
             self.metrics
                 .deploy_finished(&req.target.name, report.outcome);
             report
@@ -84,7 +90,13 @@ impl Engine {
 }
 
 impl Run<'_> {
-    async fn execute(&mut self, req: &Request) -> Result<Outcome, DeployError> {
+    /// The deploy up to its outcome; the target's lock, once taken, is
+    /// left in `guard` for the caller to hold through the journal's outcome.
+    async fn execute(
+        &mut self,
+        req: &Request,
+        guard: &mut Option<TargetGuard>,
+    ) -> Result<Outcome, DeployError> {
         let target = &req.target;
         self.no_reload = req.no_reload;
 
@@ -96,25 +108,36 @@ impl Run<'_> {
             bundle.leaf.subject.clone(),
         ));
 
-        // 2. Plan: the outputs are encoded once (a keystore too); what is on
-        // disk is observed now and again under the lock.
+        // 2. Plan: the outputs are encoded once (a keystore too).
         let outputs = self.outputs(target, &bundle).await?;
-        let plan = self.plan(target, &outputs).await?;
-        self.planned(&plan);
         if req.dry_run {
+            let plan = self.plan(target, &outputs).await?;
+            self.planned(&plan);
             return Ok(Outcome::DryRun);
         }
 
-        // 3. Lock. What is on disk may have changed while we waited: the
-        // same outputs are resolved again against it (pure, no encoding).
-        let _guard = self.lock(target, req.no_wait).await?;
-        if target.is_remote() {
-            // Not swept at start (an unreachable host must not hold it
-            // up): what a killed run left there goes now, under the lock.
-            super::recover::sweep_dirs_of(&self.fs, target, super::recover::sweep_dirs(target))
-                .await;
-        }
-        let plan = Arc::new(self.plan(target, &outputs).await?);
+        // 3. Lock, and plan once. A free lock is taken first and what is on
+        // disk observed once, under it. A held one is waited for after the
+        // plan is shown, and the same outputs are resolved again under it
+        // (what is on disk may have changed meanwhile; pure, no encoding).
+        let plan = match self.try_lock(target).await? {
+            Some(held) => {
+                *guard = Some(held);
+                self.sweep_remote(target).await;
+                let plan = self.plan(target, &outputs).await?;
+                self.planned(&plan);
+                self.locked(Duration::ZERO);
+                plan
+            }
+            None => {
+                let plan = self.plan(target, &outputs).await?;
+                self.planned(&plan);
+                *guard = Some(self.lock(target, req.no_wait).await?);
+                self.sweep_remote(target).await;
+                self.plan(target, &outputs).await?
+            }
+        };
+        let plan = Arc::new(plan);
         drop(outputs);
         let verify = target
             .verify
@@ -126,19 +149,35 @@ impl Run<'_> {
                 Some(v) => self.verify_unchanged(target, v, &bundle).await,
             };
         }
-        // What a rollback must find served again.
-        let previous = self.previous(target).await;
+        // What a rollback must find served again: the whole set, read only
+        // when a rollback would verify it (and on a remote host, where what
+        // the agent holds may be 30 s old).
+        let previous = if verify.is_some() || target.is_remote() {
+            self.previous(target).await
+        } else {
+            None
+        };
 
-        // 4. Journal: what this deploy will touch, before it touches it.
-        let files = {
+        // 4. Journal: what this deploy will touch, before it touches it,
+        // and the leaf it replaces (recovery tells it from a later change):
+        // without a full read above, what the agent holds of it, which says
+        // what a read would (one `stat`, `deployed`).
+        let (files, held) = {
             let (plan, t, id) = (plan.clone(), target.clone(), self.id.clone());
-            blocking(move || journal_files(&plan, &t, &id)).await?
+            let deployed =
+                (verify.is_none() && !target.is_remote()).then(|| self.engine.deployed().clone());
+            blocking(move || {
+                let files = journal_files(&plan, &t, &id)?;
+                Ok::<_, FsError>((files, deployed.map(|d| d.leaf(&t))))
+            })
+            .await?
         };
         let inputs = input_fingerprints(&bundle);
-        let prev_sha = previous
-            .as_ref()
-            .map(|p| p.leaf.sha256_hex())
-            .unwrap_or_default();
+        let prev_sha = match (&previous, held.as_deref()) {
+            (Some(p), _) => p.leaf.sha256_hex(),
+            (None, Some(crate::deployed::Seen::Leaf { sha256, .. })) => sha256.clone(),
+            (None, _) => String::new(),
+        };
         self.begin_journal(&req.origin, Op::Deploy, &files, &prev_sha, &inputs)
             .await?;
         self.committed_acted_on = !target.validate.is_empty()
@@ -325,6 +364,29 @@ impl Run<'_> {
         );
     }
 
+    /// Stage 3 when the lock is free: the target's lock, or `None` when
+    /// it is held (here or by another process). Reports nothing.
+    async fn try_lock(&mut self, target: &Target) -> Result<Option<TargetGuard>, DeployError> {
+        match self.engine.lock_target(&target.name, true).await {
+            Ok((guard, cancel)) => {
+                self.cancel = cancel;
+                Ok(Some(guard))
+            }
+            Err(crate::lock::LockError::Busy { .. }) => Ok(None),
+            Err(e) => Err(DeployError::from_lock(e)),
+        }
+    }
+
+    /// A remote target's leftovers: not swept at start (an unreachable
+    /// host must not hold it up), so what a killed run left there goes
+    /// now, under the lock.
+    async fn sweep_remote(&self, target: &Target) {
+        if target.is_remote() {
+            super::recover::sweep_dirs_of(&self.fs, target, super::recover::sweep_dirs(target))
+                .await;
+        }
+    }
+
     /// Stage 3: takes the target's lock and reports how long that took.
     pub(super) async fn lock(
         &mut self,
@@ -338,7 +400,12 @@ impl Run<'_> {
             .await
             .map_err(DeployError::from_lock)?;
         self.cancel = cancel;
-        let waited = waited.elapsed();
+        self.locked(waited.elapsed());
+        Ok(guard)
+    }
+
+    /// Stage 3's event: the lock is held, after waiting `waited`.
+    fn locked(&self, waited: Duration) {
         self.stage(
             Stage::Locked,
             if waited > Duration::from_millis(50) {
@@ -350,7 +417,6 @@ impl Run<'_> {
                 "target lock acquired".to_owned()
             },
         );
-        Ok(guard)
     }
 
     /// The certificate set on disk before this deploy; `None` when there is

@@ -323,3 +323,55 @@ fn recovery_leaves_alone_files_that_were_replaced_after_the_crash() {
         "{out}"
     );
 }
+
+/// The backup sets of target `name` in `dir`, by the leaf each holds.
+fn backup_leaves(dir: &Path, name: &str) -> Vec<String> {
+    let root = dir.join(".certctl/backup").join(name);
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    sets.sort();
+    sets.iter()
+        .map(|s| std::fs::read_to_string(s.join("cert.pem")).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn a_rollback_is_done_only_after_its_cleanup_and_holds_the_lock_through_it() {
+    let mut env = TestEnv::new();
+    let dir = env.file_target("app", "backup_retention = 1\n");
+    // Every rollback waits 1.5 s after its outcome is journaled, before it
+    // removes the set it restored and prunes to retention.
+    let agent = env.spawn_agent_env(&[("CERTCTL_FAILPOINT_PAUSE", "before-cleanup:1500")]);
+    let sets: Vec<Leaf> = (0..3).map(|_| pki::issue_cert(&["app.test"])).collect();
+    for (i, leaf) in sets.iter().enumerate() {
+        deploy(&env, "app", leaf, &format!("v{i}"), &[]).assert_code(0);
+    }
+    assert_eq!(backup_leaves(&dir, "app"), [sets[1].fullchain_pem()]);
+
+    std::thread::scope(|s| {
+        let rollback = s.spawn(|| env.ctl(&["--json", "rollback", "app"]));
+        agent.wait_for_log("failpoint: pausing", Duration::from_secs(20));
+        // Held at its cleanup, the rollback still holds the target: a deploy
+        // that will not wait is refused, and nothing it would write (a
+        // backup set the cleanup could prune) exists.
+        let out = deploy(&env, "app", &sets[0], "late", &["--no-wait"]);
+        out.assert_code(8);
+        assert_eq!(done(&out.json_lines())["outcome"], "busy", "{out}");
+        assert!(
+            !rollback.is_finished(),
+            "the rollback ended before its cleanup"
+        );
+
+        let out = rollback.join().unwrap();
+        out.assert_code(0);
+        assert_eq!(done(&out.json_lines())["outcome"], "restored", "{out}");
+        // Told done, the caller finds the end state: the restored set's
+        // backup gone, the replaced set kept, retention (1) applied.
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cert.pem")).unwrap(),
+            sets[1].fullchain_pem()
+        );
+        assert_eq!(backup_leaves(&dir, "app"), [sets[2].fullchain_pem()]);
+    });
+}
