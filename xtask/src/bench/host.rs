@@ -74,7 +74,7 @@ pub async fn figures(bin: &Path, root: &Path, plan: &Plan, pki: &[Pki; 2]) -> Re
             "==> 7: Status of {n} targets, {clients} × {} calls",
             plan.host_calls
         );
-        let (mut row, _) = scale::status_latency(&agent, n, clients, plan.host_calls).await?;
+        let (mut row, _, _) = scale::status_latency(&agent, n, clients, plan.host_calls).await?;
         row.id = "7";
         rows.push(row.baseline(format!(
             "RSS after {}",

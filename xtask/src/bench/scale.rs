@@ -191,13 +191,14 @@ pub fn rate(n: usize, bursts: &[Burst]) -> Option<f64> {
 }
 
 /// Status (every target) from `clients` connections at once, `calls`
-/// each, back to back: the row and the samples.
+/// each, back to back: the row, the samples and one answer as it came
+/// over the wire (encoded again: the same bytes).
 pub async fn status_latency(
     agent: &Agent,
     n: usize,
     clients: usize,
     calls: usize,
-) -> Result<(Row, Samples)> {
+) -> Result<(Row, Samples, Vec<u8>)> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(agent.client().await?);
@@ -209,6 +210,7 @@ pub async fn status_latency(
         tasks.spawn(async move {
             start.wait().await;
             let mut took = Vec::with_capacity(calls);
+            let mut last = None;
             for _ in 0..calls {
                 let t = Instant::now();
                 let r = c.status(pb::StatusRequest::default()).await?;
@@ -216,14 +218,20 @@ pub async fn status_latency(
                 if r.get_ref().targets.len() != n {
                     bail!("status listed {} targets", r.get_ref().targets.len());
                 }
+                last = Some(r.into_inner());
             }
-            Ok::<_, anyhow::Error>(took)
+            Ok::<_, anyhow::Error>((took, last))
         });
     }
     let mut all = Samples::default();
+    let mut answer = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        for d in r?? {
+        let (took, last) = r??;
+        for d in took {
             all.push(d);
+        }
+        if let Some(last) = last {
+            answer = prost::Message::encode_to_vec(&last);
         }
     }
     let row = Row::new(
@@ -235,7 +243,36 @@ pub async fn status_latency(
     )
     .n(all.len())
     .measured(med_p99(&all));
-    Ok((row, all))
+    Ok((row, all, answer))
+}
+
+/// The client's own share of a Status call: decoding `answer` (as the
+/// harness's clients do), timed alone. `clients` calls at once on `cores`
+/// cores cannot all end sooner than `clients` decodes spread over them,
+/// whatever the agent does.
+pub fn status_decode_floor(answer: &[u8], n: usize, clients: usize, cores: usize) -> Row {
+    let mut one = Samples::default();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let decoded = <pb::StatusResponse as prost::Message>::decode(answer);
+        one.push(t.elapsed());
+        std::hint::black_box(decoded.ok());
+    }
+    let bound = one.median() * clients as f64 / cores.max(1) as f64;
+    Row::new(
+        "4",
+        format!(
+            "Status answer of {n} targets ({:.0} KiB): decoding it in the client alone; \
+             {clients} of those on {cores} cores",
+            answer.len() as f64 / 1024.0
+        ),
+    )
+    .n(one.len())
+    .measured(format!("{} / {}", secs(one.median()), secs(one.p99())))
+    .baseline(format!(
+        "{clients} decodes at once end after {}",
+        secs(bound)
+    ))
 }
 
 /// Figure 5: RSS and CPU of the agent (`pid`) left alone for `window`.
