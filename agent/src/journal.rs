@@ -407,13 +407,15 @@ impl Journal {
         })
     }
 
-    /// Records a run that ended before it took the lock (rejected input,
-    /// busy): one closed row, so history shows every request.
+    /// Records a run that touched no file (rejected input, busy,
+    /// unchanged): one closed row, so history shows every request. Nothing
+    /// acts on it after a crash, so it is informational ([`Sync::WithNext`]:
+    /// kept when the agent is killed, on disk with the next durable write).
     pub fn closed(&self, b: &Begin<'_>, f: &Finish<'_>) -> Result<(), JournalError> {
         let files = serde_json::to_string(b.files).unwrap_or_default();
         let inputs = serde_json::to_string(b.inputs).unwrap_or_default();
         let now = ms(f.finished);
-        self.write(Sync::Now, |c| {
+        self.write(Sync::WithNext, |c| {
             c.prepare_cached(
                 "INSERT INTO deploys (id, target, op, origin, started_ms, stage, files,
                                       cert_sha256, prev_sha256, inputs, finished_ms, outcome,

@@ -179,6 +179,14 @@ impl Fs {
         }
     }
 
+    /// See [`retire_tree`]; a remote tree is removed at once (`None`).
+    pub fn retire_tree(&self, dir: &Path) -> Result<Option<PathBuf>> {
+        match self {
+            Fs::Local => retire_tree(dir),
+            Fs::Remote(r) => r.remove_tree(dir).map(|()| None),
+        }
+    }
+
     /// See [`remove_partials`].
     pub fn remove_partials(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         match self {
@@ -662,29 +670,43 @@ pub fn remove_temps(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Removes a directory tree the agent owns (a backup generation).
 pub fn remove_tree(dir: &Path) -> Result<()> {
-    // A backup set or a generation goes in one step: renamed to its
-    // partial name first, so a kill during the removal never leaves half
-    // a set under its real name (a partial one is swept at the next
-    // start).
+    match retire_tree(dir)? {
+        Some(doomed) => remove_retired(&doomed),
+        None => Ok(()),
+    }
+}
+
+/// The first half of [`remove_tree`]: the tree is gone from its name in
+/// one step, renamed to its partial name, so a kill during the removal
+/// never leaves half a set under its real name (a partial one is swept at
+/// the next start). Returns what [`remove_retired`] must remove (`None`:
+/// there was nothing). A name starting with `.` is already partial.
+pub fn retire_tree(dir: &Path) -> Result<Option<PathBuf>> {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let doomed = if name.starts_with('.') {
-        dir.to_owned()
-    } else {
-        let partial = partial_of(dir);
-        // A partial left by an earlier kill is in the way of the rename.
-        if fs::symlink_metadata(&partial).is_ok() {
-            fs::remove_dir_all(&partial).map_err(FsError::new("cannot remove", &partial))?;
-        }
-        match fs::rename(dir, &partial) {
-            Ok(()) => partial,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(FsError::new("cannot remove", dir)(e)),
-        }
-    };
-    match fs::remove_dir_all(&doomed) {
+    if name.starts_with('.') {
+        return Ok(Some(dir.to_owned()));
+    }
+    let partial = partial_of(dir);
+    // A partial left by an earlier kill is in the way of the rename.
+    if fs::symlink_metadata(&partial).is_ok() {
+        fs::remove_dir_all(&partial).map_err(FsError::new("cannot remove", &partial))?;
+    }
+    match fs::rename(dir, &partial) {
+        Ok(()) => Ok(Some(partial)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FsError::new("cannot remove", dir)(e)),
+    }
+}
+
+/// The second half of [`remove_tree`]: removes a tree [`retire_tree`]
+/// renamed away. Nothing else uses that name meanwhile, so it needs no
+/// lock; where freeing blocks is slow (unlinks on a `discard` mount) a
+/// deploy leaves it until after it has answered.
+pub fn remove_retired(doomed: &Path) -> Result<()> {
+    match fs::remove_dir_all(doomed) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FsError::new("cannot remove", dir)(e)),
+        Err(e) => Err(FsError::new("cannot remove", doomed)(e)),
     }
 }
 
@@ -767,7 +789,10 @@ pub fn remove_empty_backups(dir: &Path, target: &str) -> Result<()> {
     };
     for e in entries.filter_map(|e| e.ok()) {
         let path = e.path();
+        // A partial name is a set being removed (or left by a kill: swept
+        // at start), not an empty backup.
         if e.file_type().is_ok_and(|t| t.is_dir())
+            && !e.file_name().to_string_lossy().starts_with('.')
             && fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none())
         {
             remove_tree(&path)?;

@@ -115,16 +115,33 @@ pub(super) fn prune(
     target: &str,
     keep: usize,
 ) -> Result<(), FsError> {
+    for doomed in retire_excess(fs, dirs, target, keep)? {
+        atomic::remove_retired(&doomed)?;
+    }
+    Ok(())
+}
+
+/// [`prune`] up to the removal itself: every backup set beyond `keep` is
+/// gone from the listings (renamed to its partial name, one `rename`
+/// each), and the returned trees are left for [`atomic::remove_retired`],
+/// which needs no lock.
+pub(super) fn retire_excess(
+    fs: &Fs,
+    dirs: &BTreeSet<PathBuf>,
+    target: &str,
+    keep: usize,
+) -> Result<Vec<PathBuf>, FsError> {
+    let mut doomed = Vec::new();
     for dir in dirs {
         fs.remove_empty_backups(dir, target)?;
         fs.remove_live_backups(dir, target)?;
         let ids = fs.list_backups(dir, target)?;
         let excess = ids.len().saturating_sub(keep);
         for id in &ids[..excess] {
-            fs.remove_tree(&atomic::backup_dir(dir, target, id))?;
+            doomed.extend(fs.retire_tree(&atomic::backup_dir(dir, target, id))?);
         }
     }
-    Ok(())
+    Ok(doomed)
 }
 
 /// A `..data` switch made by a run, with what undoing it means.

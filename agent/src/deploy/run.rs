@@ -22,7 +22,7 @@ use tracing::{Instrument, info, warn};
 use zeroize::Zeroizing;
 
 use super::commit::{Committed, blocking, dirs_of};
-use super::commit::{prune, undo};
+use super::commit::{retire_excess, undo};
 use super::engine::{Engine, Input, Request};
 use super::error::{DeployError, ReloadFailed};
 use super::generations;
@@ -614,17 +614,32 @@ impl Run<'_> {
         let keep = target.backup_retention as usize;
         let fs = committed.fs.clone();
         let pruned = blocking(move || {
-            prune(&fs, &dirs, &name, keep)?;
-            match &gens {
-                Some(dir) => generations::prune(dir, keep),
-                None => Ok(()),
+            let doomed = retire_excess(&fs, &dirs, &name, keep)?;
+            if let Some(dir) = &gens {
+                generations::prune(dir, keep)?;
             }
+            Ok::<_, FsError>(doomed)
         })
         .await;
-        if let Err(e) = pruned {
-            let w = format!("could not prune old backups: {e}");
-            warn!("{w}");
-            self.warnings.push(w);
+        match pruned {
+            // Retention holds now (the excess sets are gone from their
+            // names); freeing their blocks (slow on a `discard` mount)
+            // goes on after the caller is told, without the lock.
+            Ok(doomed) if !doomed.is_empty() => {
+                tokio::task::spawn_blocking(move || {
+                    for d in doomed {
+                        if let Err(e) = atomic::remove_retired(&d) {
+                            warn!("could not remove an old backup set: {e}");
+                        }
+                    }
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let w = format!("could not prune old backups: {e}");
+                warn!("{w}");
+                self.warnings.push(w);
+            }
         }
         drop(committed);
         Ok(Outcome::Deployed)

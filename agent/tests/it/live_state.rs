@@ -324,11 +324,16 @@ fn recovery_leaves_alone_files_that_were_replaced_after_the_crash() {
     );
 }
 
-/// The backup sets of target `name` in `dir`, by the leaf each holds.
+/// The backup sets of target `name` in `dir`, by the leaf each holds (a
+/// `.<id>.partial` one is being removed: not a set).
 fn backup_leaves(dir: &Path, name: &str) -> Vec<String> {
     let root = dir.join(".certctl/backup").join(name);
     let mut sets: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                .collect()
+        })
         .unwrap_or_default();
     sets.sort();
     sets.iter()

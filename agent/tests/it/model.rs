@@ -924,8 +924,34 @@ impl Rig {
             content: self.content_at(&d.join("cert.pem"), &d.join("key.pem")),
             key_mode: mode(&d.join("key.pem")),
         };
-        let backups: Vec<Entry> = entries_in(&t.dir.join(".certctl/backup").join(&t.name), "")
+        // A set beyond retention is renamed to `.<id>.partial` under the
+        // lock and removed right after the run has answered: gone within
+        // moments, never left behind (a kill's is swept at the next start).
+        let backup_root = t.dir.join(".certctl/backup").join(&t.name);
+        let partials = || -> Vec<String> {
+            std::fs::read_dir(&backup_root)
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let waited = Instant::now();
+        while !partials().is_empty() && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = partials();
+        if !left.is_empty() {
+            problems.push((
+                "partial backup sets",
+                format!("{}: still in {}: {left:?}", t.name, backup_root.display()),
+            ));
+        }
+        let backups: Vec<Entry> = entries_in(&backup_root, "")
             .iter()
+            .filter(|(id, _)| !id.starts_with('.'))
             .map(|(_, d)| entry(d))
             .collect();
         let mut gens = Vec::new();

@@ -104,7 +104,32 @@ pub fn files(t: &FileTarget<'_>, sets: &[&Leaf]) -> Vec<String> {
         }
     }
     let backups = t.dir.join(".certctl/backup").join(t.name);
-    let kept = std::fs::read_dir(&backups).map_or(0, Iterator::count);
+    // A set beyond retention is renamed to `.<id>.partial` before the run
+    // answers and removed right after it: gone within moments (one left by
+    // a kill is swept at the next start), and never a set.
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&backups).map_or(Vec::new(), |d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+    };
+    let waited = std::time::Instant::now();
+    while names().iter().any(|n| n.starts_with('.'))
+        && waited.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (partial, sets): (Vec<String>, Vec<String>) =
+        names().into_iter().partition(|n| n.starts_with('.'));
+    if !partial.is_empty() {
+        v.push(format!(
+            "{}: partial backup sets left in {}: {partial:?}",
+            t.name,
+            backups.display()
+        ));
+    }
+    let kept = sets.len();
     if kept > t.retention {
         v.push(format!(
             "{}: {kept} backup sets kept, retention is {}",
