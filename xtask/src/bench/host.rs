@@ -129,7 +129,7 @@ pub async fn figures(bin: &Path, root: &Path, plan: &Plan, pki: &[Pki; 2]) -> Re
 
 /// Waits until the agent's log, after byte `from`, says its start-up
 /// sweep is done; `None` when it does not within `limit`.
-fn sweep_done(log: &Path, from: u64, limit: Duration) -> Option<()> {
+pub fn sweep_done(log: &Path, from: u64, limit: Duration) -> Option<()> {
     let deadline = Instant::now() + limit;
     loop {
         let text = std::fs::read(log).unwrap_or_default();

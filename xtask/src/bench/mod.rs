@@ -652,7 +652,11 @@ async fn scale_run(
             "==> 5{mark}: idle for {} s after a restart",
             plan.idle.as_secs()
         );
+        let from = std::fs::metadata(many.log()).map_or(0, |m| m.len());
         let agent = Agent::start(bin, &many, &plan.wrap)?;
+        // Idle once started: the leftover sweep runs right after READY.
+        // (An agent without that log line is measured from the deadline.)
+        let _ = host::sweep_done(&many.log(), from, Duration::from_secs(30));
         rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start", 15.0).await?);
     }
     for r in &mut rows {

@@ -297,6 +297,10 @@ pub async fn idle(
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = ticks as f64 / hz / elapsed * 100.0;
     let last = agent::vm_kib(pid, "VmRSS")?;
+    // What of it is the agent's own memory, and what mapped files (the
+    // binary's and the libraries' pages: clean, shared with the page cache).
+    let anon = agent::vm_kib(pid, "RssAnon")?;
+    let file = agent::vm_kib(pid, "RssFile")?;
     let max_mib = rss.max() / 1024.0;
     Ok(vec![
         Row::new(
@@ -304,7 +308,13 @@ pub async fn idle(
             format!("idle RSS (VmRSS), {n} targets, watcher on, {when}"),
         )
         .n(format!("{:.0} s", elapsed))
-        .measured(format!("{} (max {})", mib(last), mib(rss.max())))
+        .measured(format!(
+            "{} (max {}; anonymous {}, files {})",
+            mib(last),
+            mib(rss.max()),
+            mib(anon),
+            mib(file)
+        ))
         .goal(format!("< {goal_mib:.0} MiB"), max_mib < goal_mib),
         Row::new("5", format!("idle CPU (utime+stime), {when}"))
             .n(format!("{:.0} s", elapsed))
