@@ -11,7 +11,8 @@
 //! `during-reload`, `during-verify-wait`, `during-rollback`,
 //! `before-finish`; a rollback also passes `before-cleanup` (after its
 //! outcome is journaled, before the restored set and old backups are
-//! removed). With `CERTCTL_FAILPOINT_DROP_UNSYNCED=1` the abort first
+//! removed), and the sweep after start `during-sweep` (a group of targets
+//! locked, its directories not yet swept). With `CERTCTL_FAILPOINT_DROP_UNSYNCED=1` the abort first
 //! truncates every file written since its last `fsync` (what a power cut
 //! does to unsynced data).
 //!

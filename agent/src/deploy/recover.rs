@@ -111,6 +111,7 @@ impl Engine {
                 }
             }
         }
+        tokio::task::block_in_place(|| crate::failpoint::hit("during-sweep"));
         for (t, dirs) in group {
             sweep_dirs_of(&atomic::LOCAL, t, dirs).await;
         }

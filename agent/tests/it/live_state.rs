@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::support::assert::{arg, done};
 use crate::support::pki::{self, Leaf};
-use crate::support::{TestEnv, toml_str};
+use crate::support::{AgentProc, TestEnv, toml_str};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
@@ -379,4 +379,53 @@ fn a_rollback_is_done_only_after_its_cleanup_and_holds_the_lock_through_it() {
         );
         assert_eq!(backup_leaves(&dir, "app"), [sets[2].fullchain_pem()]);
     });
+}
+
+#[test]
+fn a_deploy_during_the_start_up_sweep_waits_for_its_directory_and_keeps_its_files() {
+    let mut env = TestEnv::new();
+    let dir = env.file_target("app", "");
+    // What a killed run left beside the target, for the sweep after start.
+    let stray = dir.join(".certctl-tmp-20200101T000000.000Z-dead-cert.pem");
+    std::fs::write(&stray, "left by a killed run").unwrap();
+    // The sweep holds the target's directory for 1.5 s before it touches it.
+    let mut cmd = env.agent_command();
+    cmd.env("CERTCTL_FAILPOINT_PAUSE", "during-sweep:1500");
+    let agent = AgentProc::spawn(cmd, &env.socket(), &env.agent_log_path());
+    agent.wait_for_log("failpoint: pausing", Duration::from_secs(20));
+
+    // The agent serves while it sweeps.
+    env.ctl(&["status", "app"]).assert_code(0);
+    assert!(
+        !agent.log().contains("start-up sweep done"),
+        "{}",
+        agent.log()
+    );
+    // A deploy to a target whose directory is being swept waits for it,
+    // then writes its own temp files, which no sweep takes.
+    let leaf = pki::issue_cert(&["app.test"]);
+    let out = deploy(&env, "app", &leaf, "new", &[]);
+    out.assert_code(0);
+    let lines = out.json_lines();
+    let locked = lines
+        .iter()
+        .find(|l| l["stage"] == "locked")
+        .unwrap_or_else(|| panic!("no locked event: {out}"));
+    assert!(
+        locked["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("after waiting"),
+        "the deploy did not wait for the sweep: {out}"
+    );
+    assert_eq!(done(&lines)["outcome"], "deployed", "{out}");
+    assert!(!stray.exists(), "the stray temp file was not swept");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cert.pem")).unwrap(),
+        leaf.fullchain_pem()
+    );
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(!name.starts_with(".certctl-tmp-"), "{name} left");
+    }
 }
