@@ -272,11 +272,7 @@ impl<'e> Run<'e> {
                 .unwrap_or_default(),
             served: self.served.take().map(|c| c.0).unwrap_or_default(),
         };
-        let message = if error.is_empty() {
-            format!("{} in {}", outcome.as_str(), fmt_duration(report.duration))
-        } else {
-            format!("{}: {error}", outcome.as_str())
-        };
+        let message = summary(&report);
         self.engine.metrics.run_finished(&self.timer);
         let not_after = if not_after == 0 {
             String::new()
@@ -310,16 +306,12 @@ impl<'e> Run<'e> {
 
     /// The `Done` event: the one the caller waits for, with `report`.
     pub(super) fn done(&self, report: &Report) {
-        let message = if report.error.is_empty() {
-            format!(
-                "{} in {}",
-                report.outcome.as_str(),
-                fmt_duration(report.duration)
-            )
-        } else {
-            format!("{}: {}", report.outcome.as_str(), report.error)
-        };
-        self.emit(Stage::Done, message, Vec::new(), Some(report.clone()));
+        self.emit(
+            Stage::Done,
+            summary(report),
+            Vec::new(),
+            Some(report.clone()),
+        );
     }
 
     /// Closes the run's journal row (or writes a closed one for a run that
@@ -365,6 +357,20 @@ impl<'e> Run<'e> {
         if let Err(e) = written {
             tracing::error!("{e}");
         }
+    }
+}
+
+/// A finished run in one line, for its log line and its `Done` event:
+/// `deployed in 4ms`, or the outcome with its error.
+fn summary(report: &Report) -> String {
+    if report.error.is_empty() {
+        format!(
+            "{} in {}",
+            report.outcome.as_str(),
+            fmt_duration(report.duration)
+        )
+    } else {
+        format!("{}: {}", report.outcome.as_str(), report.error)
     }
 }
 

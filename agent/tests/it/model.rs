@@ -928,21 +928,7 @@ impl Rig {
         // lock and removed right after the run has answered: gone within
         // moments, never left behind (a kill's is swept at the next start).
         let backup_root = t.dir.join(".certctl/backup").join(&t.name);
-        let partials = || -> Vec<String> {
-            std::fs::read_dir(&backup_root)
-                .map(|rd| {
-                    rd.filter_map(Result::ok)
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let waited = Instant::now();
-        while !partials().is_empty() && waited.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let left = partials();
+        let left = invariants::partial_sets_left(&backup_root);
         if !left.is_empty() {
             problems.push((
                 "partial backup sets",

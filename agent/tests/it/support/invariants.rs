@@ -104,24 +104,13 @@ pub fn files(t: &FileTarget<'_>, sets: &[&Leaf]) -> Vec<String> {
         }
     }
     let backups = t.dir.join(".certctl/backup").join(t.name);
-    // A set beyond retention is renamed to `.<id>.partial` before the run
-    // answers and removed right after it: gone within moments (one left by
-    // a kill is swept at the next start), and never a set.
-    let names = || -> Vec<String> {
-        std::fs::read_dir(&backups).map_or(Vec::new(), |d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-    };
-    let waited = std::time::Instant::now();
-    while names().iter().any(|n| n.starts_with('.'))
-        && waited.elapsed() < std::time::Duration::from_secs(5)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let (partial, sets): (Vec<String>, Vec<String>) =
-        names().into_iter().partition(|n| n.starts_with('.'));
+    let partial = partial_sets_left(&backups);
+    let sets: Vec<String> = std::fs::read_dir(&backups).map_or(Vec::new(), |d| {
+        d.filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    });
     if !partial.is_empty() {
         v.push(format!(
             "{}: partial backup sets left in {}: {partial:?}",
@@ -137,6 +126,26 @@ pub fn files(t: &FileTarget<'_>, sets: &[&Leaf]) -> Vec<String> {
         ));
     }
     v
+}
+
+/// The `.<id>.partial` sets still in the backup directory `root` after a
+/// moment. A set beyond retention is renamed so before the run answers and
+/// removed right after it: gone within moments (one left by a kill is
+/// swept at the next start), and never a set. Waits up to 5 s.
+pub fn partial_sets_left(root: &Path) -> Vec<String> {
+    let partials = || -> Vec<String> {
+        std::fs::read_dir(root).map_or(Vec::new(), |d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
+                .collect()
+        })
+    };
+    let waited = std::time::Instant::now();
+    while !partials().is_empty() && waited.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    partials()
 }
 
 /// Invariant 3: every run in the journal has an outcome.
