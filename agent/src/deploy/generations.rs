@@ -277,7 +277,9 @@ mod tests {
         );
         assert_eq!(id_of(Path::new("elsewhere")), None);
         let dir = tempfile::tempdir().unwrap();
-        for id in ["b", "a", "c"] {
+        // Listed in the order they were written, then by name: made in
+        // name order, so a clock tick between two of them changes nothing.
+        for id in ["a", "b", "c"] {
             std::fs::create_dir_all(gen_dir(dir.path(), id)).unwrap();
         }
         std::fs::create_dir_all(dir.path().join(".certctl/backup")).unwrap();
