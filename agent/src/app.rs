@@ -147,7 +147,7 @@ impl App {
 /// Drop state that `certctl status` shows.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    last: Mutex<HashMap<String, LastDrop>>,
+    last: Mutex<HashMap<String, Arc<LastDrop>>>,
     pending: AtomicUsize,
     in_flight: AtomicUsize,
     /// The drop directory and `rejected/` the agent started with.
@@ -159,8 +159,9 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// The latest drop event of `target` since the agent started.
-    pub fn last(&self, target: &str) -> Option<LastDrop> {
+    /// The latest drop event of `target` since the agent started; the
+    /// same `Arc` until the next event.
+    pub fn last(&self, target: &str) -> Option<Arc<LastDrop>> {
         lock(&self.last).get(target).cloned()
     }
 
@@ -209,6 +210,6 @@ impl Ledger {
     }
 
     pub fn set_last(&self, target: &str, last: LastDrop) {
-        lock(&self.last).insert(target.to_owned(), last);
+        lock(&self.last).insert(target.to_owned(), Arc::new(last));
     }
 }

@@ -126,7 +126,7 @@ async fn probe(shared: &App, target: &Target) {
     );
     let before = shared.engine.served(&target.name);
     shared.engine.record_served(&target.name, checks.clone());
-    if !changed_all(before.as_ref(), &checks) {
+    if !changed_all(before.as_deref(), &checks) {
         return;
     }
     let Some(check) = checks.decisive().cloned() else {

@@ -358,6 +358,7 @@ mod tests {
         pb::StatusResponse {
             agent: Some(pb::AgentInfo::default()),
             targets,
+            ..pb::StatusResponse::default()
         }
     }
 

@@ -8,5 +8,8 @@
 pub mod agent {
     pub mod v1 {
         tonic::include_proto!("certctl.agent.v1");
+        pub use crate::status::StatusResponse;
     }
 }
+
+mod status;

@@ -7,6 +7,7 @@ use certctl_proto::agent::v1 as pb;
 use tonic::Status;
 
 use super::auth::AuthError;
+use crate::config::Target;
 use crate::drop::{self, DropOutcome};
 use crate::journal::Record;
 use crate::model::check::{Attempt, ServedCheck};
@@ -207,6 +208,14 @@ pub fn last_drop(l: &drop::LastDrop) -> pb::LastDrop {
         message: l.message.clone(),
         unix_ms: unix_ms(l.at),
     }
+}
+
+/// `user@host:port` of a remote target; empty for this host.
+pub fn remote_host(t: &Target) -> String {
+    t.ssh
+        .as_ref()
+        .map(crate::atomic::remote::shown)
+        .unwrap_or_default()
 }
 
 impl From<AuthError> for Status {

@@ -19,12 +19,11 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::auth::{self, Access, Policy};
-use super::convert;
+use super::{convert, status};
 use crate::app::App;
-use crate::config::{Config, Target};
+use crate::config::Config;
 use crate::deploy::Request as DeployRequest;
 use crate::deploy::rollback::RollbackRequest;
-use crate::deployed::Seen;
 use crate::verify::served::{self as verify, Expect};
 
 /// Largest PEM input accepted in one field of a deploy request.
@@ -64,11 +63,16 @@ impl Authorize for App {
 #[derive(Clone)]
 pub struct Service {
     shared: Arc<App>,
+    /// The parts of Status answers, kept between calls.
+    status: Arc<status::Parts>,
 }
 
 impl Service {
     pub fn new(shared: Arc<App>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            status: Arc::default(),
+        }
     }
 }
 
@@ -282,54 +286,13 @@ impl Agent for Service {
         let drops_pending = self.shared.drops.pending();
         let drops_in_flight = self.shared.drops.in_flight();
         // What is on disk, as the engine holds it: a stat per target, a
-        // read only of what changed since the last look (`deployed`). Off
-        // the async threads' queue, in one go.
+        // read only of what changed since the last look (`deployed`); each
+        // target's entry encoded again only when it changed (`status`).
+        // Off the async threads' queue, in one go.
         let now = convert::unix_ms(SystemTime::now()) / 1000;
-        let disks: Vec<DiskCert> = tokio::task::block_in_place(|| {
-            targets
-                .iter()
-                .map(|t| DiskCert::of(&self.shared.engine.deployed().leaf(t), now))
-                .collect()
+        let encoded_targets = tokio::task::block_in_place(|| {
+            self.status.answer(&self.shared, &config, &targets, now)
         });
-        let mut out = Vec::with_capacity(targets.len());
-        for (t, disk) in targets.into_iter().zip(disks) {
-            let served = self.shared.engine.served(&t.name);
-            let last = self.shared.engine.last(&t.name).map(|l| pb::LastDeploy {
-                deploy_id: l.deploy_id,
-                outcome: convert::outcome(l.outcome) as i32,
-                finished_unix_ms: convert::unix_ms(l.finished),
-                error: l.error,
-                cert_sha256: l.cert_sha256,
-            });
-            let verification = verification(served.as_ref(), &disk.sha256).to_owned();
-            out.push(pb::TargetStatus {
-                host: remote_host(t),
-                name: t.name.clone(),
-                kind: t.kind.as_str().to_owned(),
-                cert_path: t.cert_path.display().to_string(),
-                cert_sha256: disk.sha256,
-                not_after_unix: disk.not_after,
-                subject: disk.subject,
-                disk_state: disk.state,
-                verification,
-                busy: self.shared.engine.is_busy(&t.name),
-                last,
-                served: served
-                    .as_ref()
-                    .and_then(verify::Checks::decisive)
-                    .map(convert::served),
-                served_endpoints: served
-                    .as_ref()
-                    .map(|c| c.0.iter().map(convert::served).collect())
-                    .unwrap_or_default(),
-                last_drop: self
-                    .shared
-                    .drops
-                    .last(&t.name)
-                    .as_ref()
-                    .map(convert::last_drop),
-            });
-        }
         let dirs = self.shared.drops.dirs();
         Ok(Response::new(pb::StatusResponse {
             agent: Some(pb::AgentInfo {
@@ -351,7 +314,8 @@ impl Agent for Service {
                     }
                 }),
             }),
-            targets: out,
+            targets: Vec::new(),
+            encoded_targets,
         }))
     }
 
@@ -364,7 +328,7 @@ impl Agent for Service {
             .targets
             .iter()
             .map(|t| pb::TargetInfo {
-                host: remote_host(t),
+                host: convert::remote_host(t),
                 name: t.name.clone(),
                 kind: t.kind.as_str().to_owned(),
                 layout: t.layout.as_str().to_owned(),
@@ -444,67 +408,9 @@ impl Agent for Service {
     }
 }
 
-/// The verification column of `certctl status`: what the last probe said,
-/// as long as it was about the certificate that is on disk now.
-/// With several endpoints, every one must have been checked against it;
-/// the word is the first failing endpoint's, else `verified`.
-fn verification(served: Option<&verify::Checks>, disk_sha256: &str) -> &'static str {
-    match served {
-        Some(c) if !disk_sha256.is_empty() && c.all_want(disk_sha256) => c
-            .decisive()
-            .map_or("unverified", |d| d.state.verification()),
-        _ => "unverified",
-    }
-}
-
-/// What `certctl status` says about the certificate on disk.
-struct DiskCert {
-    sha256: String,
-    not_after: i64,
-    subject: String,
-    state: String,
-}
-
-impl DiskCert {
-    fn state(state: String) -> Self {
-        Self {
-            sha256: String::new(),
-            not_after: 0,
-            subject: String::new(),
-            state,
-        }
-    }
-
-    /// What status says of `seen` at `now` (seconds since the epoch).
-    fn of(seen: &Seen, now: i64) -> Self {
-        match seen {
-            Seen::Missing => DiskCert::state("missing".to_owned()),
-            Seen::Leaf {
-                sha256,
-                not_after,
-                subject,
-            } => DiskCert {
-                sha256: sha256.clone(),
-                not_after: *not_after,
-                subject: subject.clone(),
-                state: if *not_after <= now { "expired" } else { "ok" }.to_owned(),
-            },
-            Seen::Unreadable(why) => DiskCert::state(why.clone()),
-        }
-    }
-}
-
 /// How long shutdown waits for running deploys before giving up on them.
 /// Each deploy is bounded by its command timeouts; this is a backstop.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// `user@host:port` of a remote target; empty for this host.
-fn remote_host(t: &Target) -> String {
-    t.ssh
-        .as_ref()
-        .map(crate::atomic::remote::shown)
-        .unwrap_or_default()
-}
 
 #[cfg(test)]
 mod tests {

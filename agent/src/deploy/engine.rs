@@ -87,11 +87,12 @@ pub struct Engine {
     pub(super) events: broadcast::Sender<Event>,
     /// Per target, its last finished run (`None`: the journal has none).
     /// A target missing here is looked up in the journal once.
-    pub(super) last: Mutex<HashMap<String, Option<LastDeploy>>>,
+    pub(super) last: Mutex<HashMap<String, Option<Arc<LastDeploy>>>>,
     /// What each target has on disk, as status shows it.
     pub(super) deployed: Arc<Deployed>,
-    /// The last probe of each target's verify endpoint.
-    pub(super) served: Mutex<HashMap<String, Checks>>,
+    /// The last probe of each target's verify endpoint. Shared, so that
+    /// status can tell by identity whether it changed.
+    pub(super) served: Mutex<HashMap<String, Arc<Checks>>>,
     /// Fires at shutdown: verification waits end early.
     pub(super) shutdown: CancellationToken,
     /// Per target, the token of the deploy holding it. A deploy that has to
@@ -152,11 +153,12 @@ impl Engine {
 
     /// Remembers the latest probe of `target` for `certctl status`.
     pub fn record_served(&self, target: &str, check: Checks) {
-        lock(&self.served).insert(target.to_owned(), check);
+        lock(&self.served).insert(target.to_owned(), Arc::new(check));
     }
 
-    /// The latest probe of `target`'s verify endpoint since start.
-    pub fn served(&self, target: &str) -> Option<Checks> {
+    /// The latest probe of `target`'s verify endpoint since start; the
+    /// same `Arc` until the next probe.
+    pub fn served(&self, target: &str) -> Option<Arc<Checks>> {
         lock(&self.served).get(target).cloned()
     }
 
@@ -172,13 +174,14 @@ impl Engine {
 
     /// The last finished (not dry-run) run of `target`: kept in memory,
     /// from the journal the first time a target is asked about (at start
-    /// for every configured target: [`Engine::seed`]).
-    pub fn last(&self, target: &str) -> Option<LastDeploy> {
+    /// for every configured target: [`Engine::seed`]). The same `Arc`
+    /// until the target's next run finishes.
+    pub fn last(&self, target: &str) -> Option<Arc<LastDeploy>> {
         if let Some(last) = lock(&self.last).get(target) {
             return last.clone();
         }
         let last = match self.journal.last(target) {
-            Ok(rec) => rec.and_then(|r| LastDeploy::of(&r)),
+            Ok(rec) => rec.and_then(|r| LastDeploy::of(&r)).map(Arc::new),
             // Not remembered: asked again next time.
             Err(e) => {
                 tracing::warn!(target, "cannot read the last run from the journal: {e}");
@@ -200,7 +203,7 @@ impl Engine {
         for t in targets {
             let rec = found.remove(&t.name);
             last.entry(t.name.clone())
-                .or_insert_with(|| rec.as_ref().and_then(LastDeploy::of));
+                .or_insert_with(|| rec.as_ref().and_then(LastDeploy::of).map(Arc::new));
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! `rollback` and `recover`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
@@ -292,13 +293,13 @@ impl<'e> Run<'e> {
             self.journal_finish(outcome, &error, &report, finished);
             lock(&self.engine.last).insert(
                 self.target.clone(),
-                Some(LastDeploy {
+                Some(Arc::new(LastDeploy {
                     deploy_id: self.id.clone(),
                     outcome,
                     finished,
                     error,
                     cert_sha256,
-                }),
+                })),
             );
         }
         report

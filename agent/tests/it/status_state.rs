@@ -218,3 +218,161 @@ fn status_after_deploys_rollbacks_and_recovery_is_what_the_disk_and_journal_say(
     assert_eq!(again["cert_sha256"], t["cert_sha256"]);
     assert_eq!(again["last"], t["last"]);
 }
+
+/// Both targets' entries of one status call, by name.
+fn entries(env: &TestEnv) -> (serde_json::Value, serde_json::Value) {
+    let out = env.ctl(&["--json", "status"]);
+    out.assert_code(0);
+    let doc = out.json();
+    let find = |name: &str| {
+        doc["targets"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no {name} in {doc}"))
+    };
+    (find("app"), find("site"))
+}
+
+/// Status keeps each target's entry encoded between calls and encodes it
+/// again only when something it shows changed (`api::status`). Each
+/// source of an entry is changed in turn, right after a call made the
+/// entry, and the next call must show the change, while the other
+/// target's entry stays as it was.
+#[test]
+fn each_part_of_a_status_entry_follows_its_source_from_one_call_to_the_next() {
+    use crate::support::drop::{rename_in, wait_idle};
+    use crate::support::endpoints::Endpoint;
+    use nix::sys::signal::Signal;
+    use std::time::Duration;
+
+    let mut env = TestEnv::new();
+    env.agent_option("settle", "\"100ms\"");
+    // `app`'s validate command takes 3 s while the gate file exists.
+    let gate = env.path().join("slow");
+    let app = env.file_target(
+        "app",
+        &format!(
+            "validate = [\"sh\", \"-c\", {}]\n",
+            toml_str(format!("test ! -e '{}' || sleep 3", gate.display()))
+        ),
+    );
+    let served = pki::issue_cert(&["site.test"]);
+    let server = Endpoint::tls(&served);
+    env.file_target(
+        "site",
+        &format!(
+            "[target.verify]\nendpoint = {}\nattempts = 1\ntimeout = \"1s\"\n",
+            toml_str(server.endpoint())
+        ),
+    );
+    let agent = env.spawn_agent();
+
+    // Made once with nothing deployed.
+    let (a0, s0) = entries(&env);
+    assert_eq!(a0["disk_state"], "missing", "{a0}");
+    assert_eq!(s0["disk_state"], "missing", "{s0}");
+
+    // The last run and the disk: a deploy that is verified.
+    deploy(&env, "site", &served, "site").assert_code(0);
+    let (a1, s1) = entries(&env);
+    assert_eq!(a1, a0, "app changed with site's deploy");
+    assert_eq!(s1["cert_sha256"], served.sha256_hex.as_str(), "{s1}");
+    assert_eq!(s1["verification"], "verified", "{s1}");
+    assert!(s1["last"]["deploy_id"].is_string(), "{s1}");
+    assert_eq!(s1, entries(&env).1, "asked again with nothing changed");
+
+    // The last probe alone: the endpoint goes away, `certctl verify` says
+    // so, and nothing else changes.
+    drop(server);
+    let v = env.ctl(&["--json", "verify", "site"]);
+    assert_ne!(v.code, 0, "{v}");
+    let (a2, s2) = entries(&env);
+    assert_eq!(a2, a0);
+    assert_eq!(s2["verification"], "unreachable", "{s2}");
+    assert_eq!(s2["last"], s1["last"], "{s2}");
+    assert_eq!(s2["cert_sha256"], s1["cert_sha256"], "{s2}");
+
+    // Busy while a run holds the target, and its last run when it ends.
+    std::fs::write(&gate, "").unwrap();
+    let leaf = pki::issue_cert(&["app.test"]);
+    let out = std::thread::scope(|s| {
+        let run = s.spawn(|| deploy(&env, "app", &leaf, "slow"));
+        crate::support::wait_until(Duration::from_secs(20), "app busy in status", || {
+            entries(&env).0["busy"] == true
+        });
+        let (a, s3) = entries(&env);
+        assert!(
+            a["last"].is_null(),
+            "a last run before the first ended: {a}"
+        );
+        assert_eq!(s3, s2, "site changed with app's run");
+        run.join().unwrap()
+    });
+    out.assert_code(0);
+    std::fs::remove_file(&gate).unwrap();
+    let lines = out.json_lines();
+    assert_eq!(
+        crate::support::assert::done(&lines)["outcome"],
+        "deployed",
+        "{out}"
+    );
+    let id = lines.last().unwrap()["deploy_id"].clone();
+    assert!(id.is_string(), "{out}");
+    let (a3, _) = entries(&env);
+    assert_eq!(a3["busy"], false, "{a3}");
+    assert_eq!(a3["last"]["deploy_id"], id, "{a3}");
+    assert_eq!(a3["cert_sha256"], leaf.sha256_hex.as_str(), "{a3}");
+
+    // The last drop event: a bundle dropped for app.
+    let dropped = pki::issue_cert(&["app.test"]);
+    rename_in(&env, "app.pem", dropped.bundle_pem());
+    wait_idle(&env, &agent);
+    let (a4, s4) = entries(&env);
+    assert_eq!(s4, s2);
+    assert_eq!(a4["last_drop"]["outcome"], "removed", "{a4}");
+    assert_eq!(a4["cert_sha256"], dropped.sha256_hex.as_str(), "{a4}");
+
+    // Expiry alone: a certificate that expires a few seconds from now,
+    // written behind the agent's back; the file does not change again.
+    let now = time::OffsetDateTime::now_utc();
+    let brief = pki::Ca::root("brief")
+        .leaf(&["app.test"])
+        .validity(
+            now - time::Duration::hours(1),
+            now + time::Duration::seconds(3),
+        )
+        .issue();
+    std::fs::write(app.join("cert.pem"), brief.fullchain_pem()).unwrap();
+    let (a5, _) = entries(&env);
+    assert_eq!(a5["cert_sha256"], brief.sha256_hex.as_str(), "{a5}");
+    assert_eq!(a5["disk_state"], "ok", "{a5}");
+    std::thread::sleep(Duration::from_millis(4500));
+    let (a6, s6) = entries(&env);
+    assert_eq!(a6["disk_state"], "expired", "{a6}");
+    assert_eq!(a6["cert_sha256"], a5["cert_sha256"], "{a6}");
+    assert_eq!(s6, s2);
+
+    // A configuration reload: app's files are elsewhere now.
+    let moved = env.path().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    env.replace_target(
+        "app",
+        &format!(
+            "kind = \"file\"\ncert_path = {}\nkey_path = {}\n",
+            toml_str(moved.join("cert.pem").display().to_string()),
+            toml_str(moved.join("key.pem").display().to_string())
+        ),
+    );
+    env.write_config();
+    agent.signal(Signal::SIGHUP);
+    agent.wait_for_log("configuration reloaded", Duration::from_secs(10));
+    let (a7, s7) = entries(&env);
+    assert_eq!(
+        a7["cert_path"],
+        moved.join("cert.pem").display().to_string(),
+        "{a7}"
+    );
+    assert_eq!(a7["disk_state"], "missing", "{a7}");
+    assert_eq!(a7["last"], a6["last"], "{a7}");
+    assert_eq!(s7, s2);
+}
