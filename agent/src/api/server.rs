@@ -271,14 +271,14 @@ impl Agent for Service {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let (config, _) = self.shared.authorize(&request, Access::Read)?;
         let want = request.into_inner().target;
-        let targets: Vec<_> = if want.is_empty() {
-            config.targets.iter().collect()
+        let one = if want.is_empty() {
+            None
         } else {
-            vec![
+            Some(
                 config
                     .target(&want)
                     .ok_or_else(|| unknown_target(&config, &want))?,
-            ]
+            )
         };
         // The drop counters first: a job records its final outcome before
         // it stops counting as in flight, so when these say nothing is in
@@ -287,12 +287,16 @@ impl Agent for Service {
         let drops_in_flight = self.shared.drops.in_flight();
         // What is on disk, as the engine holds it: a stat per target, a
         // read only of what changed since the last look (`deployed`); each
-        // target's entry encoded again only when it changed (`status`).
-        // Off the async threads' queue, in one go.
-        let now = convert::unix_ms(SystemTime::now()) / 1000;
-        let encoded_targets = tokio::task::block_in_place(|| {
-            self.status.answer(&self.shared, &config, &targets, now)
-        });
+        // target's entry encoded again only when it changed, and one look
+        // at every target shared by the calls that arrive while one runs
+        // (`status`).
+        let encoded_targets = match one {
+            Some(t) => {
+                let now = convert::unix_ms(SystemTime::now()) / 1000;
+                tokio::task::block_in_place(|| self.status.answer(&self.shared, &config, &[t], now))
+            }
+            None => self.status.every(&self.shared, &config).await,
+        };
         let dirs = self.shared.drops.dirs();
         Ok(Response::new(pb::StatusResponse {
             agent: Some(pb::AgentInfo {

@@ -16,10 +16,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use certctl_proto::agent::v1 as pb;
 use prost::Message;
+use tokio::sync::watch;
 
 use super::convert;
 use crate::app::App;
@@ -30,10 +32,63 @@ use crate::model::check::Checks;
 use crate::model::drop::LastDrop;
 use crate::sync::lock;
 
-/// The parts of the last answers, per target of one configuration.
-#[derive(Debug, Default)]
+/// The parts of the last answers, per target of one configuration, and
+/// the look at every target that concurrent calls share.
+#[derive(Debug)]
 pub struct Parts {
     cache: Mutex<Cache>,
+    passes: Mutex<Passes>,
+    /// The number of the last pass that ended.
+    ended: watch::Sender<u64>,
+}
+
+impl Default for Parts {
+    fn default() -> Self {
+        Parts {
+            cache: Mutex::default(),
+            passes: Mutex::default(),
+            ended: watch::Sender::new(0),
+        }
+    }
+}
+
+/// Looks at every target ("passes"), numbered from 1. A call that asks
+/// for every target takes the answer of a pass that began after the call
+/// arrived: the one it starts itself, or the next one when a pass is
+/// running already. 50 calls at once cost two passes, not 50, and none
+/// is answered from a look older than the call.
+#[derive(Debug, Default)]
+struct Passes {
+    /// The number of the last pass begun.
+    begun: u64,
+    running: bool,
+    latest: Option<Answer>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    pass: u64,
+    config: Arc<Config>,
+    targets: Arc<[Bytes]>,
+}
+
+/// Ends a pass (also when it panicked): waiters then start the next.
+struct Running<'a> {
+    parts: &'a Parts,
+    pass: u64,
+    answer: Option<Answer>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut passes = lock(&self.parts.passes);
+        passes.running = false;
+        if let Some(answer) = self.answer.take() {
+            passes.latest = Some(answer);
+        }
+        drop(passes);
+        self.parts.ended.send_replace(self.pass);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +183,51 @@ impl Inputs {
 }
 
 impl Parts {
+    /// The encoded entries of every target of `config`, from a look that
+    /// began after this call (see [`Passes`]). A pass blocks its caller's
+    /// thread (`block_in_place`); the others wait without a thread.
+    pub async fn every(&self, app: &App, config: &Arc<Config>) -> Vec<Bytes> {
+        let mut ended = self.ended.subscribe();
+        let need = lock(&self.passes).begun + 1;
+        loop {
+            let pass = {
+                let mut passes = lock(&self.passes);
+                match &passes.latest {
+                    Some(a) if a.pass >= need && Arc::ptr_eq(&a.config, config) => {
+                        return a.targets.to_vec();
+                    }
+                    _ if passes.running => None,
+                    _ => {
+                        passes.running = true;
+                        passes.begun += 1;
+                        Some(passes.begun)
+                    }
+                }
+            };
+            let Some(pass) = pass else {
+                // A pass that began before this call: wait for its end,
+                // then take or start the next one.
+                let _ = ended.changed().await;
+                continue;
+            };
+            let mut running = Running {
+                parts: self,
+                pass,
+                answer: None,
+            };
+            let targets: Vec<&Target> = config.targets.iter().collect();
+            let now = convert::unix_ms(SystemTime::now()) / 1000;
+            let bytes: Arc<[Bytes]> =
+                tokio::task::block_in_place(|| self.answer(app, config, &targets, now)).into();
+            running.answer = Some(Answer {
+                pass,
+                config: config.clone(),
+                targets: bytes.clone(),
+            });
+            return bytes.to_vec();
+        }
+    }
+
     /// The encoded entries of `targets` (of `config`), in their order, as
     /// `app` holds them now; `now` in seconds since the epoch. Blocking:
     /// one `stat` per target, and a read of each certificate that changed.
@@ -217,5 +317,120 @@ impl<'a> DiskCert<'a> {
             },
             Seen::Unreadable(why) => DiskCert::state(why),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::Engine;
+    use crate::journal::Journal;
+    use std::path::Path;
+
+    const TARGETS: usize = 3;
+
+    fn app(dir: &Path) -> (Arc<App>, Arc<Config>) {
+        let mut text = format!(
+            "[agent]\nsocket = \"{0}/agent.sock\"\nstate_dir = \"{0}/state\"\n\
+             drop_dir = \"{0}/drop\"\ndeploy_groups = []\nread_groups = []\n",
+            dir.display()
+        );
+        for i in 0..TARGETS {
+            std::fs::create_dir_all(dir.join(format!("t{i}"))).unwrap();
+            text.push_str(&format!(
+                "[[target]]\nname = \"t{i}\"\nkind = \"file\"\n\
+                 cert_path = \"{0}/t{i}/cert.pem\"\nkey_path = \"{0}/t{i}/key.pem\"\n",
+                dir.display()
+            ));
+        }
+        let config = Arc::new(crate::config::parse(&text, &dir.join("agent.toml")).unwrap());
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let journal = Arc::new(Journal::open(&state).unwrap());
+        let engine = Engine::new(state.join("locks"), journal);
+        let (_, down) = tokio::sync::watch::channel(false);
+        let app = App::new(config.clone(), engine, dir.join("agent.sock"), down);
+        (Arc::new(app), config)
+    }
+
+    fn cert_pem() -> String {
+        rcgen::generate_simple_self_signed(vec!["a.test".to_owned()])
+            .unwrap()
+            .cert
+            .pem()
+    }
+
+    /// `t0`'s fingerprint in an answer.
+    fn first_sha(answer: &[Bytes]) -> String {
+        pb::TargetStatus::decode(answer[0].clone())
+            .unwrap()
+            .cert_sha256
+    }
+
+    /// The fingerprint a full read of `pem` gives.
+    fn sha_of(pem: &str) -> String {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        <sha2::Sha256 as sha2::Digest>::digest(&der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// While other calls keep a pass running all the time, a call made
+    /// after a file changed never gets an answer from a look that began
+    /// before the change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_shared_look_is_never_older_than_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, config) = app(dir.path());
+        let parts = Arc::new(Parts::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut hammer = Vec::new();
+        for _ in 0..6 {
+            let (app, config, parts, stop) =
+                (app.clone(), config.clone(), parts.clone(), stop.clone());
+            hammer.push(tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(parts.every(&app, &config).await.len(), TARGETS);
+                    calls += 1;
+                    tokio::task::yield_now().await;
+                }
+                calls
+            }));
+        }
+        let cert = dir.path().join("t0/cert.pem");
+        let tmp = dir.path().join("t0/next.tmp");
+        for round in 0..200 {
+            let pem = cert_pem();
+            std::fs::write(&tmp, &pem).unwrap();
+            std::fs::rename(&tmp, &cert).unwrap();
+            let answer = parts.every(&app, &config).await;
+            assert_eq!(first_sha(&answer), sha_of(&pem), "round {round}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut calls = 200;
+        for h in hammer {
+            calls += h.await.unwrap();
+        }
+        // The looks were shared: fewer passes than calls.
+        let passes = lock(&parts.passes).begun;
+        assert!(passes < calls, "{passes} passes for {calls} calls");
+    }
+
+    /// A configuration reload between a pass and a call: the call looks
+    /// again with its own configuration.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_is_of_the_callers_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, config) = app(dir.path());
+        let parts = Parts::default();
+        assert_eq!(parts.every(&app, &config).await.len(), TARGETS);
+        let mut fewer = (*config).clone();
+        fewer.targets.truncate(1);
+        let fewer = Arc::new(fewer);
+        assert_eq!(parts.every(&app, &fewer).await.len(), 1);
+        assert_eq!(parts.every(&app, &config).await.len(), TARGETS);
     }
 }
