@@ -9,7 +9,8 @@
 //! it passes `<name>`; `<name>@<n>` the n-th time. Names: `after-temp-write`,
 //! `after-temp-fsync`, `after-backup`, `between-renames`, `after-commit`,
 //! `during-reload`, `during-verify-wait`, `during-rollback`,
-//! `before-finish`; a rollback also passes `before-cleanup` (after its
+//! `after-retire` (the backup sets beyond retention renamed to
+//! `.<id>.partial`, their files not yet removed), `before-finish`; a rollback also passes `before-cleanup` (after its
 //! outcome is journaled, before the restored set and old backups are
 //! removed), and the sweep after start `during-sweep` (a group of targets
 //! locked, its directories not yet swept). With `CERTCTL_FAILPOINT_DROP_UNSYNCED=1` the abort first
@@ -41,6 +42,7 @@ pub const POINTS: &[&str] = &[
     "during-reload",
     "during-verify-wait",
     "during-rollback",
+    "after-retire",
     "before-finish",
 ];
 

@@ -618,6 +618,7 @@ impl Run<'_> {
             if let Some(dir) = &gens {
                 generations::prune(dir, keep)?;
             }
+            crate::failpoint::hit("after-retire");
             Ok::<_, FsError>(doomed)
         })
         .await;

@@ -72,7 +72,7 @@ fn every_crash_point_recovers_to_a_whole_target() {
                     "old"
                 }
                 // Committed: recovery completes the deploy.
-                "after-commit" | "during-reload" | "before-finish" => "new",
+                "after-commit" | "during-reload" | "after-retire" | "before-finish" => "new",
                 // Verification cannot succeed (the endpoint serves the old
                 // leaf), and a rollback was running: the previous set.
                 "during-verify-wait" | "during-rollback" => "old",
@@ -125,6 +125,14 @@ fn every_crash_point_recovers_to_a_whole_target() {
         );
 
         let mut agent = env.spawn_agent();
+        if point == "after-retire" {
+            // Two sets before the old one: the new deploy then keeps
+            // backups of three, one beyond retention (2), to retire.
+            for i in 0..2 {
+                let earlier = pki::issue_cert(&["site.test"]);
+                deploy(&env, "site", &earlier, &format!("earlier{i}")).assert_code(0);
+            }
+        }
         deploy(&env, "site", &old, "old").assert_code(if point == "during-rollback" {
             // The first reload of all fails: nothing was there before.
             5
@@ -148,6 +156,20 @@ fn every_crash_point_recovers_to_a_whole_target() {
             log.contains("failpoint: aborting") && log.contains(point),
             "{point_name}: the agent died elsewhere:\n{log}"
         );
+
+        let backups = dir.join(".certctl/backup/site");
+        if point == "after-retire" && layout == "in-place" {
+            // Killed with the retired set renamed away and still whole.
+            let partial = std::fs::read_dir(&backups)
+                .unwrap()
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with(".partial"));
+            assert!(
+                partial,
+                "{point_name}: no retired set in {}",
+                backups.display()
+            );
+        }
 
         let _agent = env.spawn_agent();
         let t = FileTarget {
