@@ -253,14 +253,14 @@ impl Parts {
         targets
             .iter()
             .zip(inputs)
-            .map(|(t, now)| match cache.parts.get(&t.name) {
-                Some(part) if part.made_of.same_as(&now) => part.bytes.clone(),
+            .map(|(t, inputs)| match cache.parts.get(&t.name) {
+                Some(part) if part.made_of.same_as(&inputs) => part.bytes.clone(),
                 _ => {
-                    let bytes = Bytes::from(now.message(t).encode_to_vec());
+                    let bytes = Bytes::from(inputs.message(t).encode_to_vec());
                     cache.parts.insert(
                         t.name.clone(),
                         Part {
-                            made_of: now,
+                            made_of: inputs,
                             bytes: bytes.clone(),
                         },
                     );
