@@ -74,6 +74,11 @@ impl Locks {
             .mutexes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Looked up by `&str` first: status asks for every target on each
+        // look, and a known target costs no allocation.
+        if let Some(m) = map.get(target) {
+            return m.clone();
+        }
         map.entry(target.to_owned()).or_default().clone()
     }
 
