@@ -162,6 +162,16 @@ mod tests {
     }
 
     #[test]
+    fn a_target_of_the_wrong_wire_type_or_length_is_an_error() {
+        // Field 2 as a varint: not a message.
+        let err = StatusResponse::decode(&[2 << 3, 1][..]).unwrap_err();
+        assert!(err.to_string().contains("StatusResponse.targets"), "{err}");
+        // Field 2 claiming 100 bytes with 2 behind it.
+        let err = StatusResponse::decode(&[(2 << 3) | 2, 100, 0x0a, 0][..]).unwrap_err();
+        assert!(err.to_string().contains("StatusResponse.targets"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_skipped() {
         let mut wire = StatusResponse {
             agent: agent(),

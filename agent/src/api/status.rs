@@ -371,10 +371,7 @@ mod tests {
     fn sha_of(pem: &str) -> String {
         use rustls_pki_types::pem::PemObject;
         let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-        <sha2::Sha256 as sha2::Digest>::digest(&der)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der))
     }
 
     /// While other calls keep a pass running all the time, a call made
