@@ -1,5 +1,6 @@
 //! The deploy journal and history: one SQLite database in
-//! `<state_dir>/journal.sqlite` (WAL, `synchronous = FULL`).
+//! `<state_dir>/journal.sqlite` (WAL, durable commits grouped:
+//! [`group_commit`]).
 //!
 //! Every deploy and rollback is a row in `deploys`, written when the target
 //! lock is taken and before any byte is written beside the target. It names
@@ -11,10 +12,12 @@
 //!
 //! Guarantees: every write is a committed transaction. The rows recovery
 //! depends on (a run's start, the stages it acts on, the outcome) are
-//! durable when the call returns (`synchronous = FULL`, [`Sync::Now`]);
-//! informational stage rows ([`Sync::WithNext`]) are in the WAL when the
-//! call returns, so they survive the agent being killed, and reach the disk
-//! with the next durable write, which fsyncs the WAL they precede in. The
+//! durable when the call returns ([`Sync::Now`]: an fsync of the WAL that
+//! began after the commit, shared by every commit made while the one before
+//! was in flight); informational stage rows ([`Sync::WithNext`]) are in the
+//! WAL when the call returns, so they survive the agent being killed, and
+//! reach the disk with the next durable write, which fsyncs the WAL they
+//! precede in. The
 //! journal never holds key material (fingerprints of certificates and of
 //! public keys only); the schema is versioned with `PRAGMA user_version`.
 //! The file can be read with `sqlite3` while the agent runs (WAL).
@@ -25,6 +28,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
+
+use group_commit::GroupCommit;
+
+mod group_commit;
 
 /// SQLite's page cache, in KiB (`PRAGMA cache_size` takes it negative).
 const CACHE_KIB: i64 = -256;
@@ -90,6 +97,8 @@ pub enum JournalError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("deploy journal {path}: {reason}")]
+    Sync { path: PathBuf, reason: String },
     #[error("deploy journal {path}: a record is unreadable: {detail}")]
     Corrupt { path: PathBuf, detail: String },
 }
@@ -180,29 +189,25 @@ pub struct Record {
 /// How soon a write must be on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
-    /// On disk when the call returns, also across a power cut
-    /// (`synchronous = FULL`: the WAL is fsynced at the commit).
+    /// On disk when the call returns, also across a power cut: an fsync
+    /// of the WAL that began after the commit ([`group_commit`]).
     Now,
     /// In the WAL when the call returns (it survives the agent being
-    /// killed), on disk with the next [`Sync::Now`] write
-    /// (`synchronous = NORMAL`). Only for rows recovery does not act on:
+    /// killed), on disk with the next [`Sync::Now`] write. Only for rows
+    /// recovery does not act on:
     /// losing one to a power cut leaves recovery doing what it does for
     /// the row before it.
     WithNext,
-}
-
-/// The connection and the `synchronous` level it is set to.
-#[derive(Debug)]
-struct Conn {
-    db: Connection,
-    sync: Sync,
 }
 
 /// The journal of one agent.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    conn: Mutex<Conn>,
+    /// The connection (`synchronous = NORMAL`: commits are not fsynced).
+    conn: Mutex<Connection>,
+    /// The fsyncs of the WAL that make [`Sync::Now`] writes durable.
+    wal: GroupCommit,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -225,11 +230,13 @@ impl Journal {
         let conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
-        // WAL: readers never block the writer; FULL: a commit is on disk
-        // when it returns, also across power loss.
+        // WAL: readers never block the writer. NORMAL: a commit is in the
+        // WAL when it returns and SQLite fsyncs around checkpoints; the
+        // fsync after a durable commit is the group commit's, shared by
+        // the commits of concurrent runs.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
@@ -261,12 +268,11 @@ impl Journal {
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
+        let wal = GroupCommit::new(PathBuf::from(format!("{}-wal", path.display())));
         Ok(Journal {
             path,
-            conn: Mutex::new(Conn {
-                db: conn,
-                sync: Sync::Now,
-            }),
+            conn: Mutex::new(conn),
+            wal,
         })
     }
 
@@ -282,39 +288,38 @@ impl Journal {
             .conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut conn.db).map_err(|source| JournalError::Write {
+        f(&mut conn).map_err(|source| JournalError::Write {
             path: self.path.clone(),
             source,
         })
     }
 
-    /// [`Self::with`] for a write that must reach the disk as `sync` says.
+    /// [`Self::with`] for a write that must reach the disk as `sync` says:
+    /// committed under the connection lock, then, for [`Sync::Now`],
+    /// made durable by the group commit without it.
     fn write<T>(
         &self,
         sync: Sync,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = (|| {
-            if conn.sync != sync {
-                // Statements are prepared once per connection and cached:
-                // a deploy writes four rows and parses no SQL.
-                let pragma = match sync {
-                    Sync::Now => "PRAGMA synchronous = FULL",
-                    Sync::WithNext => "PRAGMA synchronous = NORMAL",
-                };
-                conn.db.prepare_cached(pragma)?.execute([])?;
-                conn.sync = sync;
-            }
-            f(&mut conn.db)
-        })();
-        result.map_err(|source| JournalError::Write {
-            path: self.path.clone(),
-            source,
-        })
+        let (value, seq) = {
+            let mut conn = self
+                .conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let value = f(&mut conn).map_err(|source| JournalError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+            (value, self.wal.committed())
+        };
+        if sync == Sync::Now {
+            self.wal.durable(seq).map_err(|reason| JournalError::Sync {
+                path: self.path.clone(),
+                reason,
+            })?;
+        }
+        Ok(value)
     }
 
     /// Records a run that took its lock, before it touches any file.
@@ -807,20 +812,16 @@ mod tests {
     fn informational_rows_wait_for_the_next_durable_write() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let level = |j: &Journal| -> i64 {
-            j.with(|c| c.pragma_query_value(None, "synchronous", |r| r.get(0)))
-                .unwrap()
-        };
         j.begin(&begin("d1", &[file("cert.pem")])).unwrap();
-        assert_eq!(level(&j), 2, "a run's start is durable");
+        assert_eq!(j.wal.syncs(), 1, "a run's start is durable");
         j.stage("d1", "staged", "1 temp file", Sync::WithNext)
             .unwrap();
-        assert_eq!(level(&j), 1, "synchronous = NORMAL: no fsync");
+        assert_eq!(j.wal.syncs(), 1, "an informational row: no fsync");
         // Visible at once (in the WAL), to readers and to recovery.
         assert_eq!(j.unfinished().unwrap()[0].stage, "staged");
         j.finish("d1", &finish("deployed")).unwrap();
         assert_eq!(
-            level(&j),
+            j.wal.syncs(),
             2,
             "the outcome is durable, and the rows before it"
         );
@@ -830,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn wal_and_full_sync_are_in_force() {
+    fn wal_mode_and_commits_left_to_the_group_commit() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let (mode, sync): (String, i64) = j
@@ -842,6 +843,38 @@ mod tests {
             })
             .unwrap();
         assert_eq!(mode, "wal");
-        assert_eq!(sync, 2, "synchronous = FULL");
+        assert_eq!(sync, 1, "synchronous = NORMAL: the group commit fsyncs");
+        assert!(
+            dir.path().join("journal.sqlite-wal").exists(),
+            "the WAL the group commit fsyncs is there from the start"
+        );
+    }
+
+    #[test]
+    fn runs_on_many_threads_share_fsyncs_and_all_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Journal::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        let id = format!("d{t}-{i}");
+                        j.begin(&begin(&id, &[file("cert.pem")])).unwrap();
+                        j.finish(&id, &finish("deployed")).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(j.history(None, 1000).unwrap().len(), 320);
+        assert!(j.unfinished().unwrap().is_empty());
+        // At most one fsync per durable write; fewer when they overlap.
+        assert!(j.wal.syncs() <= 640, "{}", j.wal.syncs());
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.history(None, 1000).unwrap().len(), 320, "reopened");
     }
 }

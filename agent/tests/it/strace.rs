@@ -40,6 +40,13 @@
 //! `<deploy-id>`) had its parent fsynced after the `mkdir`. Otherwise a
 //! crash right after the rename could lose the only copy of the old files.
 //!
+//! The journal (what `journal.rs` promises: a run is on disk before it
+//! touches a file): when a temp file that is later renamed onto a target
+//! gets its name (created, or linked from a backup for a restore), every
+//! write to the journal's WAL before that has been covered by an `fsync` or
+//! `fdatasync` of the WAL that completed before it. That holds whether
+//! SQLite fsyncs at its commit or the group commit does after it.
+//!
 //! Also: target files are never opened for writing, written or linked
 //! over; and a target file removed (undoing a deploy that created it, not
 //! one of the scenarios here) is held to rule 3, with the next report line
@@ -375,6 +382,12 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
     let mut model = Model::default();
     let mut syncs: Vec<Sync> = Vec::new();
     let mut mkdirs: Vec<(PathBuf, usize)> = Vec::new();
+    // The line each path got its name at (created or linked).
+    let mut named: HashMap<PathBuf, usize> = HashMap::new();
+    // Completion lines of the writes to the journal's WAL, and its fsyncs.
+    let mut wal_writes: Vec<usize> = Vec::new();
+    let mut wal_syncs: Vec<Sync> = Vec::new();
+    let is_wal = |p: &Path| file_name(p) == "journal.sqlite-wal";
     // (deploy id, start line) of every report line.
     let mut reports: Vec<(String, usize)> = Vec::new();
     let is_target = |p: &Path| targets.iter().any(|t| t == p);
@@ -408,6 +421,7 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                     );
                 }
                 if create && (exclusive || !model.names.contains_key(&path)) {
+                    named.insert(path.clone(), call.end);
                     model.create(&path, call.end);
                     if let Some(root) = backup_root(&path) {
                         // A backup by copy.
@@ -421,9 +435,19 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                 if is_target(&path) {
                     audit.violation(call.end, format!("target {} written", path.display()));
                 }
+                if is_wal(&path) {
+                    wal_writes.push(call.end);
+                }
                 model.written(&path, call.end);
             }
             FileOp::Sync { path, .. } => {
+                if is_wal(&path) {
+                    wal_syncs.push(Sync {
+                        path: path.clone(),
+                        start: call.start,
+                        end: call.end,
+                    });
+                }
                 if let Some(&i) = model.names.get(&path) {
                     let ino = &mut model.inodes[i];
                     if ino.unsynced.is_some_and(|w| w < call.start) {
@@ -445,7 +469,13 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                     );
                 }
                 if is_target(&to) {
+                    if let Some(&at) = named.get(&from) {
+                        journaled_before(&mut audit, &wal_writes, &wal_syncs, &from, at);
+                    }
                     publication(&mut audit, &model, &syncs, &mkdirs, call, &from, &to);
+                }
+                if let Some(at) = named.remove(&from) {
+                    named.insert(to.clone(), at);
                 }
                 if let Some(i) = model.names.remove(&from) {
                     model.names.insert(to, i);
@@ -457,6 +487,7 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                 }
                 let i = model.inode(&from);
                 model.names.insert(to.clone(), i);
+                named.insert(to.clone(), call.end);
                 if let Some(root) = backup_root(&to) {
                     let live = new_backup(&mut audit, &root, &to, call.end);
                     if live.as_deref() != Some(from.as_path()) {
@@ -545,6 +576,31 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
         audit.violation(line, what);
     }
     audit
+}
+
+/// The journal rule for the temp `temp`, named at line `at`: the WAL's
+/// last write before then was fsynced before then.
+fn journaled_before(audit: &mut Audit, writes: &[usize], syncs: &[Sync], temp: &Path, at: usize) {
+    let Some(&w) = writes.iter().rev().find(|&&w| w < at) else {
+        audit.violation(
+            at,
+            format!(
+                "{} made before the run wrote anything to the journal",
+                temp.display()
+            ),
+        );
+        return;
+    };
+    if !syncs.iter().any(|s| s.start > w && s.end < at) {
+        audit.violation(
+            at,
+            format!(
+                "{} made before the journal's WAL, written at line {}, was fsynced: the run's record must be on disk before it touches a file",
+                temp.display(),
+                w + 1
+            ),
+        );
+    }
 }
 
 /// Records a backup at `path` under `root` (`<dir>/.certctl/backup`);
@@ -673,9 +729,16 @@ mod canned {
         let tmp = |id: &str| format!("/d/.certctl-tmp-{id}-cert.pem");
         let create = |id: &str| {
             format!(
-                r#"1 openat(AT_FDCWD</>, "{0}", O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0600) = 3<{0}>"#,
+                r#"1 openat(AT_FDCWD</>, "{0}", O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0600) = 3<{0}> /* create {id} */"#,
                 tmp(id)
             )
+        };
+        // A journal row, and the WAL's fsync.
+        let wal = |tag: &str| {
+            [
+                format!(r#"1 pwrite64(7</s/journal.sqlite-wal>, "row", 3, 0) = 3 /* wal {tag} */"#),
+                format!(r#"1 fdatasync(7</s/journal.sqlite-wal>) = 0 /* wal sync {tag} */"#),
+            ]
         };
         let report = |id: &str, what: &str| {
             format!(
@@ -683,7 +746,8 @@ mod canned {
             )
         };
         let committed = r#"stage=\"committed\""#;
-        let mut t = vec![
+        let mut t = wal("A").to_vec();
+        t.extend([
             create("A"),
             format!(r#"1 write(3<{}>, "new", 3) = 3 /* write A */"#, tmp("A")),
             format!(r#"1 fsync(3<{}>) = 0 /* fsync tmp A */"#, tmp("A")),
@@ -693,8 +757,10 @@ mod canned {
             ),
             r#"1 fsync(4</d>) = 0 /* fsync dir A */"#.to_owned(),
             report("A", committed),
-            report("A", r#"outcome=\"deployed\""#),
-        ];
+        ]);
+        t.extend(wal("A outcome"));
+        t.push(report("A", r#"outcome=\"deployed\""#));
+        t.extend(wal("B"));
         let mut made = String::from("/d");
         for sub in [".certctl", "backup", "app", "B"] {
             let parent = made.clone();
@@ -713,8 +779,11 @@ mod canned {
             format!(r#"1 rename("{}", "/d/cert.pem") = 0 /* rename B */"#, tmp("B")),
             r#"1 fsync(4</d>) = 0 /* fsync dir B */"#.to_owned(),
             report("B", committed),
+        ]);
+        t.extend(wal("B rollback"));
+        t.extend([
             format!(
-                r#"1 linkat(AT_FDCWD</>, "/d/.certctl/backup/app/B/cert.pem", AT_FDCWD</>, "{}", 0) = 0"#,
+                r#"1 linkat(AT_FDCWD</>, "/d/.certctl/backup/app/B/cert.pem", AT_FDCWD</>, "{}", 0) = 0 /* link restore B */"#,
                 tmp("B-restore")
             ),
             format!(r#"1 rename("{}", "/d/cert.pem") = 0 /* rename restore B */"#, tmp("B-restore")),
@@ -797,7 +866,7 @@ mod canned {
         let a = run(&moved("write B", "fsync tmp B"));
         assert_violation(
             &a,
-            "tmp-B-cert.pem was written at line 20 and not fsynced after that",
+            "tmp-B-cert.pem was written at line 26 and not fsynced after that",
         );
         // Created and renamed, never written nor synced.
         let a = run(&without(&["write A", "fsync tmp A"]));
@@ -865,6 +934,28 @@ mod canned {
         assert_violation(
             &run(&unsynced),
             "/d/cert.pem removed, but /d was not fsynced",
+        );
+    }
+
+    #[test]
+    fn a_file_touched_before_the_run_is_on_disk_in_the_journal_is_caught() {
+        assert_violation(
+            &run(&without(&["wal sync A"])),
+            "/d/.certctl-tmp-A-cert.pem made before the journal's WAL, written at line 1, was fsynced",
+        );
+        // The fsync must complete before the temp is made, not after.
+        assert_violation(
+            &run(&moved("wal sync B", "create B")),
+            "/d/.certctl-tmp-B-cert.pem made before the journal's WAL",
+        );
+        // A restore is held to it too: the rollback row first.
+        assert_violation(
+            &run(&without(&["wal sync B rollback"])),
+            "/d/.certctl-tmp-B-restore-cert.pem made before the journal's WAL",
+        );
+        assert_violation(
+            &run(&without(&["wal A", "wal sync A"])),
+            "made before the run wrote anything to the journal",
         );
     }
 
