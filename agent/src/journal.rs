@@ -302,17 +302,8 @@ impl Journal {
         sync: Sync,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        let (value, seq) = {
-            let mut conn = self
-                .conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let value = f(&mut conn).map_err(|source| JournalError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
-            (value, self.wal.committed())
-        };
+        // Numbered under the connection lock: numbers follow the WAL.
+        let (value, seq) = self.with(|c| Ok((f(c)?, self.wal.committed())))?;
         if sync == Sync::Now {
             self.wal.durable(seq).map_err(|reason| JournalError::Sync {
                 path: self.path.clone(),

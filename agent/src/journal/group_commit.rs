@@ -27,6 +27,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
+use crate::sync::lock;
+
 /// What makes the WAL durable: `fsync(2)` of `path` in the agent, a
 /// stand-in in the tests.
 type SyncFn = Box<dyn Fn(&Path) -> io::Result<()> + Send + Sync>;
@@ -65,6 +67,22 @@ impl std::fmt::Debug for GroupCommit {
     }
 }
 
+/// An fsync in flight; dropped before it `ended` (the fsync panicked), it
+/// ends it and wakes the waiters, one of which fsyncs again.
+struct Syncing<'a> {
+    gc: &'a GroupCommit,
+    ended: bool,
+}
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.gc.lock().syncing = false;
+            self.gc.ended.notify_all();
+        }
+    }
+}
+
 /// fsync of the file at `path`.
 fn fsync_path(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.sync_data()
@@ -86,7 +104,7 @@ impl GroupCommit {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Numbers a commit that has just returned; called under the journal's
@@ -120,9 +138,16 @@ impl GroupCommit {
         let covers = st.committed;
         st.syncing = true;
         drop(st);
+        // Ended however the fsync ends (a panic too), so that no waiter is
+        // left waiting for one that will never finish.
+        let mut syncing = Syncing {
+            gc: self,
+            ended: false,
+        };
         let result = (self.sync)(&self.wal);
         let mut st = self.lock();
         st.syncing = false;
+        syncing.ended = true;
         st.syncs += 1;
         match result {
             Ok(()) => st.durable = st.durable.max(covers),
@@ -250,6 +275,41 @@ mod tests {
         let b = gc.committed();
         assert_eq!(gc.durable(b).unwrap_err(), e);
         assert_eq!(gc.syncs(), 1, "not retried");
+    }
+
+    #[test]
+    fn a_waiter_is_not_stranded_by_an_fsync_that_panicked() {
+        let (calls_tx, calls) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(Some(release_rx));
+        let gc = Arc::new(GroupCommit::with_sync(
+            PathBuf::from("/j-wal"),
+            Box::new(move |_| {
+                let _ = calls_tx.send(());
+                let first = release_rx.lock().unwrap().take();
+                if let Some(r) = first {
+                    let _ = r.recv();
+                    panic!("the first fsync panics");
+                }
+                Ok(())
+            }),
+        ));
+        let first = {
+            let gc = gc.clone();
+            let seq = gc.committed();
+            std::thread::spawn(move || gc.durable(seq))
+        };
+        calls.recv().unwrap();
+        let second = {
+            let gc = gc.clone();
+            let seq = gc.committed();
+            std::thread::spawn(move || gc.durable(seq))
+        };
+        wait_for("a waiter", || gc.lock().waiting == 1);
+        release.send(()).unwrap();
+        assert!(first.join().is_err(), "the first fsync panicked");
+        second.join().unwrap().unwrap();
+        assert_eq!(gc.lock().durable, 2, "the waiter fsynced for both");
     }
 
     #[test]

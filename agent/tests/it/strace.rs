@@ -384,10 +384,8 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
     let mut mkdirs: Vec<(PathBuf, usize)> = Vec::new();
     // The line each path got its name at (created or linked).
     let mut named: HashMap<PathBuf, usize> = HashMap::new();
-    // Completion lines of the writes to the journal's WAL, and its fsyncs.
+    // Completion lines of the writes to the journal's WAL.
     let mut wal_writes: Vec<usize> = Vec::new();
-    let mut wal_syncs: Vec<Sync> = Vec::new();
-    let is_wal = |p: &Path| file_name(p) == "journal.sqlite-wal";
     // (deploy id, start line) of every report line.
     let mut reports: Vec<(String, usize)> = Vec::new();
     let is_target = |p: &Path| targets.iter().any(|t| t == p);
@@ -441,13 +439,6 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                 model.written(&path, call.end);
             }
             FileOp::Sync { path, .. } => {
-                if is_wal(&path) {
-                    wal_syncs.push(Sync {
-                        path: path.clone(),
-                        start: call.start,
-                        end: call.end,
-                    });
-                }
                 if let Some(&i) = model.names.get(&path) {
                     let ino = &mut model.inodes[i];
                     if ino.unsynced.is_some_and(|w| w < call.start) {
@@ -470,7 +461,7 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
                 }
                 if is_target(&to) {
                     if let Some(&at) = named.get(&from) {
-                        journaled_before(&mut audit, &wal_writes, &wal_syncs, &from, at);
+                        journaled_before(&mut audit, &wal_writes, &syncs, &from, at);
                     }
                     publication(&mut audit, &model, &syncs, &mkdirs, call, &from, &to);
                 }
@@ -578,8 +569,13 @@ fn audit(calls: &[Call], targets: &[PathBuf], log: &Path) -> Audit {
     audit
 }
 
+/// The journal's WAL (`<state_dir>/journal.sqlite-wal`).
+fn is_wal(p: &Path) -> bool {
+    file_name(p) == "journal.sqlite-wal"
+}
+
 /// The journal rule for the temp `temp`, named at line `at`: the WAL's
-/// last write before then was fsynced before then.
+/// last write (`writes`) before then was fsynced before then.
 fn journaled_before(audit: &mut Audit, writes: &[usize], syncs: &[Sync], temp: &Path, at: usize) {
     let Some(&w) = writes.iter().rev().find(|&&w| w < at) else {
         audit.violation(
@@ -591,7 +587,10 @@ fn journaled_before(audit: &mut Audit, writes: &[usize], syncs: &[Sync], temp: &
         );
         return;
     };
-    if !syncs.iter().any(|s| s.start > w && s.end < at) {
+    if !syncs
+        .iter()
+        .any(|s| is_wal(&s.path) && s.start > w && s.end < at)
+    {
         audit.violation(
             at,
             format!(
