@@ -17,6 +17,13 @@ const EXIT_CONFIG: u8 = 64;
 /// disk faster; excess work queues instead (docs/performance.md).
 const BLOCKING_THREADS: usize = 32;
 
+/// jemalloc, configured at build time (`.cargo/config.toml`): glibc's
+/// allocator keeps what a burst of deploys freed in per-thread arenas, and
+/// an idle agent stayed at twice the memory it uses (docs/performance.md,
+/// "Memory after a burst").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match certctl_agent::config::load(&cli.config) {
