@@ -491,19 +491,38 @@ async fn many_target_figures(
             s.push(issuer.leaf(&format!("{}.bench.test", scale::name(i)))?);
         }
     }
-    let this = scale_run(&bins.agent, &root.join("scale"), plan, &round_sets, "").await?;
     let Some(bin) = &plan.compare else {
-        return Ok(this.rows);
+        let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
+        for b in 0..=plan.bursts {
+            this.burst(b, plan, &round_sets).await?;
+        }
+        this.bursts_done()?;
+        return Ok(this.finish(plan).await?.rows);
     };
+    // Both agents run at once and take turns: burst b of one, then burst
+    // b of the other, whichever went first going second in the next round.
+    // This machine's `/tmp` gets slower from one burst to the next (freed
+    // inodes the kernel searches past), so one build's bursts all before
+    // the other's would favour the first.
     let bin = std::path::absolute(bin)?;
-    let other = scale_run(
-        &bin,
-        &root.join("scale-compare"),
-        plan,
-        &round_sets,
-        " (--compare-bin)",
-    )
-    .await?;
+    let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
+    let mut other =
+        Scaled::start(&bin, &root.join("scale-compare"), plan, " (--compare-bin)").await?;
+    for b in 0..=plan.bursts {
+        if b % 2 == 0 {
+            this.burst(b, plan, &round_sets).await?;
+            other.burst(b, plan, &round_sets).await?;
+        } else {
+            other.burst(b, plan, &round_sets).await?;
+            this.burst(b, plan, &round_sets).await?;
+        }
+    }
+    // One at a time from here (the other agent is idle meanwhile: no
+    // drops, no calls).
+    this.bursts_done()?;
+    other.bursts_done()?;
+    let this = this.finish(plan).await?;
+    let other = other.finish(plan).await?;
     let mut rows = Vec::new();
     // Each row of this build followed by the compared build's.
     let mut theirs = other.rows.into_iter().peekable();
@@ -565,111 +584,157 @@ struct ScaleRun {
     status_p99: Option<f64>,
 }
 
-/// Figures 4 and 5 for the agent `bin`, in a layout under `dir`; `mark`
-/// follows the name of every row.
-async fn scale_run(
-    bin: &Path,
-    dir: &Path,
-    plan: &Plan,
-    round_sets: &[Vec<pki::Set>; 2],
-    mark: &str,
-) -> Result<ScaleRun> {
-    let mut rows = Vec::new();
-    let n = plan.targets;
-    let mut many = Layout::new(dir)?;
-    for i in 0..n {
-        many.file_target(&scale::name(i), "")?;
+/// One agent build under figures 4 and 5: started in a layout of its own,
+/// then its bursts, then [`Scaled::finish`]; `mark` follows the name of
+/// every row.
+struct Scaled {
+    bin: PathBuf,
+    many: Layout,
+    agent: Option<Agent>,
+    events: Option<agent::Arrivals>,
+    rejected: PathBuf,
+    bursts: Vec<scale::Burst>,
+    /// VmHWM and VmRSS (KiB) right after the bursts.
+    peak: (f64, f64),
+    mark: &'static str,
+}
+
+impl Scaled {
+    async fn start(bin: &Path, dir: &Path, plan: &Plan, mark: &'static str) -> Result<Scaled> {
+        let mut many = Layout::new(dir)?;
+        for i in 0..plan.targets {
+            many.file_target(&scale::name(i), "")?;
+        }
+        let agent = Agent::start(bin, &many, &plan.wrap)?;
+        let events = agent::watch(&agent).await?;
+        Ok(Scaled {
+            bin: bin.to_owned(),
+            many,
+            agent: Some(agent),
+            events: Some(events),
+            rejected: dir.join("state/rejected"),
+            bursts: Vec::new(),
+            peak: (f64::NAN, f64::NAN),
+            mark,
+        })
     }
-    let agent = Agent::start(bin, &many, &plan.wrap)?;
-    let rejected = dir.join("state/rejected");
-    let mut events = agent::watch(&agent).await?;
-    // The first burst creates every file (no backups yet): warm-up.
-    let mut bursts = Vec::new();
-    for b in 0..=plan.bursts {
+
+    fn agent(&self) -> Result<&Agent> {
+        self.agent.as_ref().context("the agent is not running")
+    }
+
+    /// Burst `b`: 0 is the warm-up, which creates every file (no backups
+    /// yet) and is not counted.
+    async fn burst(
+        &mut self,
+        b: usize,
+        plan: &Plan,
+        round_sets: &[Vec<pki::Set>; 2],
+    ) -> Result<()> {
         eprintln!(
-            "==> 4{mark}: burst {b} of {}{}",
+            "==> 4{}: burst {b} of {}{}",
+            self.mark,
             plan.bursts,
             if b == 0 { " (warm-up)" } else { "" }
         );
+        let pid = self.agent()?.pid();
+        let events = self.events.as_mut().context("no Watch stream")?;
         let r = scale::burst(
-            agent.pid(),
-            &mut events,
-            &many.drop_dir(),
-            &rejected,
+            pid,
+            events,
+            &self.many.drop_dir(),
+            &self.rejected,
             &round_sets[b % 2],
         )
         .await?;
         if b > 0 {
-            bursts.push(r);
+            self.bursts.push(r);
         }
+        Ok(())
     }
-    drop(events);
-    let hwm_bursts = agent::vm_kib(agent.pid(), "VmHWM")?;
-    let rss_bursts = agent::vm_kib(agent.pid(), "VmRSS")?;
-    if plan.wants(4) {
-        rows.extend(scale::burst_rows(n, &bursts, hwm_bursts, rss_bursts));
+
+    /// Ends the bursts: the Watch stream goes, and the peak and current
+    /// RSS are read for figure 4.
+    fn bursts_done(&mut self) -> Result<()> {
+        self.events = None;
+        let pid = self.agent()?.pid();
+        self.peak = (agent::vm_kib(pid, "VmHWM")?, agent::vm_kib(pid, "VmRSS")?);
+        Ok(())
     }
-    // Idle before the Status load below, whose responses (50 × 1,000
-    // targets at once) are a peak of their own.
-    if plan.wants(5) {
-        eprintln!(
-            "==> 5{mark}: idle for {} s after the bursts",
-            plan.idle.as_secs()
-        );
-        rows.extend(scale::idle(agent.pid(), n, plan.idle, "after the bursts", 20.0).await?);
-    }
-    let mut status_p99 = None;
-    if plan.wants(4) {
-        eprintln!("==> 4{mark}: Status, 1 client × {} calls", plan.calls);
-        let (one_client, _, answer) = scale::status_latency(&agent, n, 1, plan.calls).await?;
-        rows.push(one_client);
-        eprintln!(
-            "==> 4{mark}: Status, {} clients × {} calls",
-            plan.clients, plan.calls
-        );
-        let rss_before = agent::vm_kib(agent.pid(), "VmRSS")?;
-        let (status_row, samples, _) =
-            scale::status_latency(&agent, n, plan.clients, plan.calls).await?;
-        status_p99 = Some(samples.p99());
-        rows.push(
-            status_row
-                .baseline(format!(
-                    "RSS before {}, peak during it {}, after {}",
-                    stats::mib(rss_before),
-                    stats::mib(agent::vm_kib(agent.pid(), "VmHWM")?),
-                    stats::mib(agent::vm_kib(agent.pid(), "VmRSS")?)
-                ))
-                .goal("p99 < 5 ms", samples.p99() < 0.005),
-        );
-        if mark.is_empty() {
-            let cores = std::thread::available_parallelism().map_or(1, usize::from);
-            rows.push(scale::status_decode_floor(&answer, n, plan.clients, cores));
+
+    /// The rest of figures 4 and 5 after the bursts: idle, Status, a
+    /// restart and idle again.
+    async fn finish(mut self, plan: &Plan) -> Result<ScaleRun> {
+        let mark = self.mark;
+        let mut rows = Vec::new();
+        let n = plan.targets;
+        let (hwm_bursts, rss_bursts) = self.peak;
+        if plan.wants(4) {
+            rows.extend(scale::burst_rows(n, &self.bursts, hwm_bursts, rss_bursts));
         }
-    }
-    drop(agent);
-    if plan.wants(5) {
-        eprintln!(
-            "==> 5{mark}: idle for {} s after a restart",
-            plan.idle.as_secs()
-        );
-        let from = std::fs::metadata(many.log()).map_or(0, |m| m.len());
-        let agent = Agent::start(bin, &many, &plan.wrap)?;
-        // Idle once started: the leftover sweep runs right after READY.
-        // (An agent without that log line is measured from the deadline.)
-        let _ = host::sweep_done(&many.log(), from, Duration::from_secs(30));
-        rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start", 15.0).await?);
-    }
-    for r in &mut rows {
-        r.what.push_str(mark);
-        if !mark.is_empty() {
-            // Goals are for this build.
-            r.goal.clear();
-            r.met = None;
+        let agent = self.agent.take().context("the agent is not running")?;
+        // Idle before the Status load below, whose responses (50 × 1,000
+        // targets at once) are a peak of their own.
+        if plan.wants(5) {
+            eprintln!(
+                "==> 5{mark}: idle for {} s after the bursts",
+                plan.idle.as_secs()
+            );
+            rows.extend(scale::idle(agent.pid(), n, plan.idle, "after the bursts", 20.0).await?);
         }
+        let mut status_p99 = None;
+        if plan.wants(4) {
+            eprintln!("==> 4{mark}: Status, 1 client × {} calls", plan.calls);
+            let (one_client, _, answer) = scale::status_latency(&agent, n, 1, plan.calls).await?;
+            rows.push(one_client);
+            eprintln!(
+                "==> 4{mark}: Status, {} clients × {} calls",
+                plan.clients, plan.calls
+            );
+            let rss_before = agent::vm_kib(agent.pid(), "VmRSS")?;
+            let (status_row, samples, _) =
+                scale::status_latency(&agent, n, plan.clients, plan.calls).await?;
+            status_p99 = Some(samples.p99());
+            rows.push(
+                status_row
+                    .baseline(format!(
+                        "RSS before {}, peak during it {}, after {}",
+                        stats::mib(rss_before),
+                        stats::mib(agent::vm_kib(agent.pid(), "VmHWM")?),
+                        stats::mib(agent::vm_kib(agent.pid(), "VmRSS")?)
+                    ))
+                    .goal("p99 < 5 ms", samples.p99() < 0.005),
+            );
+            if mark.is_empty() {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                rows.push(scale::status_decode_floor(&answer, n, plan.clients, cores));
+            }
+        }
+        drop(agent);
+        if plan.wants(5) {
+            eprintln!(
+                "==> 5{mark}: idle for {} s after a restart",
+                plan.idle.as_secs()
+            );
+            let from = std::fs::metadata(self.many.log()).map_or(0, |m| m.len());
+            let agent = Agent::start(&self.bin, &self.many, &plan.wrap)?;
+            // Idle once started: the leftover sweep runs right after READY.
+            // (An agent without that log line is measured from the deadline.)
+            let _ = host::sweep_done(&self.many.log(), from, Duration::from_secs(30));
+            rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start", 15.0).await?);
+        }
+        for r in &mut rows {
+            r.what.push_str(mark);
+            if !mark.is_empty() {
+                // Goals are for this build.
+                r.goal.clear();
+                r.met = None;
+            }
+        }
+        Ok(ScaleRun {
+            rate: scale::rate(n, &self.bursts),
+            rows,
+            status_p99,
+        })
     }
-    Ok(ScaleRun {
-        rate: scale::rate(n, &bursts),
-        rows,
-        status_p99,
-    })
 }
