@@ -90,13 +90,23 @@ impl Event {
     }
 }
 
-/// A new deploy id: UTC time to the millisecond plus 16 random bits, so ids
-/// sort by start time and two deploys in one millisecond differ.
+/// A new deploy id: UTC time to the millisecond plus 16 bits, so ids sort
+/// by start time and two deploys in one millisecond differ. The 16 bits
+/// are a counter from a random start, not a fresh random number each:
+/// a burst of drops starts dozens of deploys in one millisecond, and 16
+/// random bits made two of them share an id now and then (the journal
+/// then refused the second run). The counter repeats only after 65,536
+/// ids; the random start keeps a restarted agent's ids apart from its
+/// last ones should the clock have gone back.
 pub fn new_deploy_id(now: SystemTime) -> String {
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = *START.get_or_init(rand::random::<u16>);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(
         "{}-{:04x}",
         super::fmt::file_stamp(now),
-        rand::random::<u16>()
+        start.wrapping_add(n)
     )
 }
 
@@ -110,5 +120,17 @@ mod tests {
         let b = new_deploy_id(SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_002));
         assert!(a < b, "{a} {b}");
         assert!(a.starts_with("20261118T110640.001Z-"), "{a}");
+    }
+
+    #[test]
+    fn ids_made_in_one_millisecond_never_repeat() {
+        // Most of the counter's cycle at the same instant, as a burst of
+        // drops makes them; the rest is room for the ids other tests take
+        // meanwhile from the same counter. (16 random bits each: two of
+        // 60,000 ids alike is all but certain.)
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_001);
+        let ids: std::collections::HashSet<String> =
+            (0..60_000).map(|_| new_deploy_id(now)).collect();
+        assert_eq!(ids.len(), 60_000);
     }
 }
