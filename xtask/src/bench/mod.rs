@@ -491,8 +491,8 @@ async fn many_target_figures(
             s.push(issuer.leaf(&format!("{}.bench.test", scale::name(i)))?);
         }
     }
+    let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
     let Some(bin) = &plan.compare else {
-        let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
         for b in 0..=plan.bursts {
             this.burst(b, plan, &round_sets).await?;
         }
@@ -505,7 +505,6 @@ async fn many_target_figures(
     // inodes the kernel searches past), so one build's bursts all before
     // the other's would favour the first.
     let bin = std::path::absolute(bin)?;
-    let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
     let mut other =
         Scaled::start(&bin, &root.join("scale-compare"), plan, " (--compare-bin)").await?;
     for b in 0..=plan.bursts {
