@@ -94,8 +94,10 @@ echo "==> cargo test"
 cargo test --workspace --locked
 # The benchmark harness, a few iterations of every figure on the debug
 # binaries cargo test just built, so it cannot rot (docs/performance.md).
+# With --compare-bin (the same agent), so the comparison paths run too.
 echo "==> cargo xtask bench --smoke"
-cargo run --locked --quiet -p xtask -- bench --smoke
+cargo run --locked --quiet -p xtask -- bench --smoke \
+    --compare-bin "${CARGO_TARGET_DIR:-target}/debug/certctl-agent"
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo fmt --check"
