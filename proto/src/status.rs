@@ -9,6 +9,8 @@
 //! `targets`. Decoding reads every target into `targets`; a client never
 //! sees the difference, and the schema is the one in `agent.proto`.
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes};
 use prost::DecodeError;
 use prost::encoding::{self, DecodeContext, WireType};
@@ -24,8 +26,9 @@ pub struct StatusResponse {
     pub targets: Vec<TargetStatus>,
     /// Field 2 as well: each element one `TargetStatus` already encoded
     /// (`prost::Message::encode_to_vec`), sent after `targets`. Never
-    /// filled by decoding.
-    pub encoded_targets: Vec<Bytes>,
+    /// filled by decoding. Shared: the calls that one look at every
+    /// target answers hold the same list, not a copy each.
+    pub encoded_targets: Arc<[Bytes]>,
 }
 
 const AGENT: u32 = 1;
@@ -39,7 +42,7 @@ impl prost::Message for StatusResponse {
         for t in &self.targets {
             encoding::message::encode(TARGETS, t, buf);
         }
-        for t in &self.encoded_targets {
+        for t in self.encoded_targets.iter() {
             encoding::bytes::encode(TARGETS, t, buf);
         }
     }
@@ -86,7 +89,7 @@ impl prost::Message for StatusResponse {
     fn clear(&mut self) {
         self.agent = None;
         self.targets.clear();
-        self.encoded_targets.clear();
+        self.encoded_targets = Arc::default();
     }
 }
 
@@ -119,7 +122,7 @@ mod tests {
         let as_messages = StatusResponse {
             agent: agent(),
             targets: vec![target("a"), target("b")],
-            encoded_targets: Vec::new(),
+            encoded_targets: Arc::default(),
         };
         let as_parts = StatusResponse {
             agent: agent(),
@@ -127,7 +130,8 @@ mod tests {
             encoded_targets: vec![
                 Bytes::from(target("a").encode_to_vec()),
                 Bytes::from(target("b").encode_to_vec()),
-            ],
+            ]
+            .into(),
         };
         let wire = as_parts.encode_to_vec();
         assert_eq!(wire, as_messages.encode_to_vec());
@@ -141,7 +145,7 @@ mod tests {
         let mixed = StatusResponse {
             agent: None,
             targets: vec![target("a")],
-            encoded_targets: vec![Bytes::new(), Bytes::from(target("c").encode_to_vec())],
+            encoded_targets: vec![Bytes::new(), Bytes::from(target("c").encode_to_vec())].into(),
         };
         let back = StatusResponse::decode(mixed.encode_to_vec().as_slice()).unwrap();
         let names: Vec<_> = back.targets.iter().map(|t| t.name.as_str()).collect();
@@ -154,7 +158,7 @@ mod tests {
         let wire = StatusResponse {
             agent: agent(),
             targets: vec![target("a")],
-            encoded_targets: Vec::new(),
+            encoded_targets: Arc::default(),
         }
         .encode_to_vec();
         let err = StatusResponse::decode(&wire[..wire.len() - 3]).unwrap_err();

@@ -294,6 +294,7 @@ impl Agent for Service {
             Some(t) => {
                 let now = convert::unix_ms(SystemTime::now()) / 1000;
                 tokio::task::block_in_place(|| self.status.answer(&self.shared, &config, &[t], now))
+                    .into()
             }
             None => self.status.every(&self.shared, &config).await,
         };

@@ -186,7 +186,7 @@ impl Parts {
     /// The encoded entries of every target of `config`, from a look that
     /// began after this call (see [`Passes`]). A pass blocks its caller's
     /// thread (`block_in_place`); the others wait without a thread.
-    pub async fn every(&self, app: &App, config: &Arc<Config>) -> Vec<Bytes> {
+    pub async fn every(&self, app: &App, config: &Arc<Config>) -> Arc<[Bytes]> {
         let mut ended = self.ended.subscribe();
         let need = lock(&self.passes).begun + 1;
         loop {
@@ -194,7 +194,7 @@ impl Parts {
                 let mut passes = lock(&self.passes);
                 match &passes.latest {
                     Some(a) if a.pass >= need && Arc::ptr_eq(&a.config, config) => {
-                        return a.targets.to_vec();
+                        return a.targets.clone();
                     }
                     _ if passes.running => None,
                     _ => {
@@ -224,7 +224,7 @@ impl Parts {
                 config: config.clone(),
                 targets: bytes.clone(),
             });
-            return bytes.to_vec();
+            return bytes;
         }
     }
 
