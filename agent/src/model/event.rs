@@ -6,6 +6,8 @@
 //! [`Outcome::as_str`] and [`Op::as_str`]. The API layer converts them to
 //! the protobuf messages in exactly one place (`api::convert`).
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::check::{Attempt, ServedCheck};
@@ -96,13 +98,13 @@ impl Event {
 /// a burst of drops starts dozens of deploys in one millisecond, and 16
 /// random bits made two of them share an id now and then (the journal
 /// then refused the second run). The counter repeats only after 65,536
-/// ids; the random start keeps a restarted agent's ids apart from its
-/// last ones should the clock have gone back.
+/// ids; the random start makes a clash with an earlier run's ids unlikely
+/// should the clock have gone back.
 pub fn new_deploy_id(now: SystemTime) -> String {
-    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    static START: OnceLock<u16> = OnceLock::new();
+    static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = *START.get_or_init(rand::random::<u16>);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!(
         "{}-{:04x}",
         super::fmt::file_stamp(now),

@@ -1,6 +1,7 @@
 //! The agent process itself: `check-config`, the shipped example configs,
 //! `SIGHUP` reloads, `SIGTERM` shutdown, concurrency between deploys, access
-//! control from peer credentials, and `certctl watch`/`targets`.
+//! control from peer credentials, `certctl watch`/`targets`, and the
+//! allocator configuration it is built with.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,27 @@ fn shipped_configs_pass_check_config() {
         assert_eq!(code, 0, "{rel}: {stdout}{stderr}");
         assert!(stdout.contains(": ok"), "{rel}: {stdout}");
     }
+}
+
+/// The memory an idle agent gives back after a burst rests on jemalloc's
+/// configuration, which the build takes from `.cargo/config.toml`
+/// (docs/performance.md): a binary built without it would run with
+/// per-thread caches and keep what a burst freed, silently.
+#[test]
+fn the_agent_is_built_with_the_allocator_configuration() {
+    let cargo_config = std::fs::read_to_string(repo_root().join(".cargo/config.toml")).unwrap();
+    let conf = cargo_config
+        .lines()
+        .find_map(|l| l.strip_prefix("JEMALLOC_SYS_WITH_MALLOC_CONF = "))
+        .expect("JEMALLOC_SYS_WITH_MALLOC_CONF in .cargo/config.toml")
+        .trim_matches('"');
+    assert!(conf.contains("tcache:false"), "{conf}");
+    let binary = std::fs::read(agent_bin()).unwrap();
+    assert!(
+        binary.windows(conf.len()).any(|w| w == conf.as_bytes()),
+        "{} was built without the allocator configuration {conf:?}",
+        agent_bin().display()
+    );
 }
 
 #[test]
