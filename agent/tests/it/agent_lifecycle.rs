@@ -48,12 +48,12 @@ fn shipped_configs_pass_check_config() {
 /// per-thread caches and keep what a burst freed, silently.
 #[test]
 fn the_agent_is_built_with_the_allocator_configuration() {
-    let cargo_config = std::fs::read_to_string(repo_root().join(".cargo/config.toml")).unwrap();
-    let conf = cargo_config
-        .lines()
-        .find_map(|l| l.strip_prefix("JEMALLOC_SYS_WITH_MALLOC_CONF = "))
-        .expect("JEMALLOC_SYS_WITH_MALLOC_CONF in .cargo/config.toml")
-        .trim_matches('"');
+    let cargo_config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo_root().join(".cargo/config.toml")).unwrap())
+            .unwrap();
+    let conf = cargo_config["env"]["JEMALLOC_SYS_WITH_MALLOC_CONF"]
+        .as_str()
+        .expect("[env] JEMALLOC_SYS_WITH_MALLOC_CONF in .cargo/config.toml");
     assert!(conf.contains("tcache:false"), "{conf}");
     let binary = std::fs::read(agent_bin()).unwrap();
     assert!(

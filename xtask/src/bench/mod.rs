@@ -491,37 +491,42 @@ async fn many_target_figures(
             s.push(issuer.leaf(&format!("{}.bench.test", scale::name(i)))?);
         }
     }
-    let mut this = Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?;
-    let Some(bin) = &plan.compare else {
-        for b in 0..=plan.bursts {
-            this.burst(b, plan, &round_sets).await?;
-        }
-        this.bursts_done()?;
-        return Ok(this.finish(plan).await?.rows);
-    };
-    // Both agents run at once and take turns: burst b of one, then burst
-    // b of the other, whichever went first going second in the next round.
-    // This machine's `/tmp` gets slower from one burst to the next (freed
-    // inodes the kernel searches past), so one build's bursts all before
-    // the other's would favour the first.
-    let bin = std::path::absolute(bin)?;
-    let mut other =
-        Scaled::start(&bin, &root.join("scale-compare"), plan, " (--compare-bin)").await?;
+    let mut runs = vec![Scaled::start(&bins.agent, &root.join("scale"), plan, "").await?];
+    if let Some(bin) = &plan.compare {
+        let bin = std::path::absolute(bin)?;
+        runs.push(
+            Scaled::start(&bin, &root.join("scale-compare"), plan, " (--compare-bin)").await?,
+        );
+    }
+    // With a compared build both agents run at once and take turns: burst
+    // b of one, then burst b of the other, whichever went first going
+    // second in the next round. This machine's `/tmp` gets slower from one
+    // burst to the next (freed inodes the kernel searches past), so one
+    // build's bursts all before the other's would favour the first.
     for b in 0..=plan.bursts {
-        if b % 2 == 0 {
-            this.burst(b, plan, &round_sets).await?;
-            other.burst(b, plan, &round_sets).await?;
+        let order: Vec<usize> = if b % 2 == 0 {
+            (0..runs.len()).collect()
         } else {
-            other.burst(b, plan, &round_sets).await?;
-            this.burst(b, plan, &round_sets).await?;
+            (0..runs.len()).rev().collect()
+        };
+        for i in order {
+            runs[i].burst(b, plan, &round_sets).await?;
         }
+    }
+    for run in &mut runs {
+        run.bursts_done()?;
     }
     // One at a time from here (the other agent is idle meanwhile: no
     // drops, no calls).
-    this.bursts_done()?;
-    other.bursts_done()?;
-    let this = this.finish(plan).await?;
-    let other = other.finish(plan).await?;
+    let mut done = Vec::with_capacity(runs.len());
+    for run in runs {
+        done.push(run.finish(plan).await?);
+    }
+    let mut done = done.into_iter();
+    let this = done.next().context("no agent was measured")?;
+    let Some(other) = done.next() else {
+        return Ok(this.rows);
+    };
     let mut rows = Vec::new();
     // Each row of this build followed by the compared build's.
     let mut theirs = other.rows.into_iter().peekable();
@@ -589,7 +594,8 @@ struct ScaleRun {
 struct Scaled {
     bin: PathBuf,
     many: Layout,
-    agent: Option<Agent>,
+    agent: Agent,
+    /// The Watch stream the bursts follow; gone once they are done.
     events: Option<agent::Arrivals>,
     rejected: PathBuf,
     bursts: Vec<scale::Burst>,
@@ -609,17 +615,13 @@ impl Scaled {
         Ok(Scaled {
             bin: bin.to_owned(),
             many,
-            agent: Some(agent),
+            agent,
             events: Some(events),
             rejected: dir.join("state/rejected"),
             bursts: Vec::new(),
             peak: (f64::NAN, f64::NAN),
             mark,
         })
-    }
-
-    fn agent(&self) -> Result<&Agent> {
-        self.agent.as_ref().context("the agent is not running")
     }
 
     /// Burst `b`: 0 is the warm-up, which creates every file (no backups
@@ -636,10 +638,9 @@ impl Scaled {
             plan.bursts,
             if b == 0 { " (warm-up)" } else { "" }
         );
-        let pid = self.agent()?.pid();
-        let events = self.events.as_mut().context("no Watch stream")?;
+        let events = self.events.as_mut().context("the bursts are done")?;
         let r = scale::burst(
-            pid,
+            self.agent.pid(),
             events,
             &self.many.drop_dir(),
             &self.rejected,
@@ -656,22 +657,28 @@ impl Scaled {
     /// RSS are read for figure 4.
     fn bursts_done(&mut self) -> Result<()> {
         self.events = None;
-        let pid = self.agent()?.pid();
+        let pid = self.agent.pid();
         self.peak = (agent::vm_kib(pid, "VmHWM")?, agent::vm_kib(pid, "VmRSS")?);
         Ok(())
     }
 
     /// The rest of figures 4 and 5 after the bursts: idle, Status, a
     /// restart and idle again.
-    async fn finish(mut self, plan: &Plan) -> Result<ScaleRun> {
-        let mark = self.mark;
+    async fn finish(self, plan: &Plan) -> Result<ScaleRun> {
+        let Scaled {
+            bin,
+            many,
+            agent,
+            bursts,
+            peak: (hwm_bursts, rss_bursts),
+            mark,
+            ..
+        } = self;
         let mut rows = Vec::new();
         let n = plan.targets;
-        let (hwm_bursts, rss_bursts) = self.peak;
         if plan.wants(4) {
-            rows.extend(scale::burst_rows(n, &self.bursts, hwm_bursts, rss_bursts));
+            rows.extend(scale::burst_rows(n, &bursts, hwm_bursts, rss_bursts));
         }
-        let agent = self.agent.take().context("the agent is not running")?;
         // Idle before the Status load below, whose responses (50 × 1,000
         // targets at once) are a peak of their own.
         if plan.wants(5) {
@@ -715,11 +722,11 @@ impl Scaled {
                 "==> 5{mark}: idle for {} s after a restart",
                 plan.idle.as_secs()
             );
-            let from = std::fs::metadata(self.many.log()).map_or(0, |m| m.len());
-            let agent = Agent::start(&self.bin, &self.many, &plan.wrap)?;
+            let from = std::fs::metadata(many.log()).map_or(0, |m| m.len());
+            let agent = Agent::start(&bin, &many, &plan.wrap)?;
             // Idle once started: the leftover sweep runs right after READY.
             // (An agent without that log line is measured from the deadline.)
-            let _ = host::sweep_done(&self.many.log(), from, Duration::from_secs(30));
+            let _ = host::sweep_done(&many.log(), from, Duration::from_secs(30));
             rows.extend(scale::idle(agent.pid(), n, plan.idle, "fresh start", 15.0).await?);
         }
         for r in &mut rows {
@@ -731,7 +738,7 @@ impl Scaled {
             }
         }
         Ok(ScaleRun {
-            rate: scale::rate(n, &self.bursts),
+            rate: scale::rate(n, &bursts),
             rows,
             status_p99,
         })
